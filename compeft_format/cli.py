@@ -1,0 +1,150 @@
+"""``compeft`` command line. Every failure is one line ``<path or command>: <CODE>: <reason>`` on
+stderr and a non-zero exit; no tracebacks for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import constants as C
+from ._version import __version__
+from .compress import compress
+from .container import CompeftFile, load, save
+from .errors import CompeftError, InvalidArgument
+from .peft_io import kind_and_reference, load_safetensors_state_dict, read_source, write_peft_folder
+from .report import format_report, inspect
+
+
+def _density(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compeft", description="Compress, check and inspect fine-tuned adapters.")
+    p.add_argument("--version", action="version", version=f"compeft {__version__} (format {C.FORMAT_VERSION})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a PEFT adapter folder or a .safetensors state dict")
+    c.add_argument("src", help="PEFT adapter folder or .safetensors file")
+    c.add_argument("-o", "--output", required=True, help="output file (.cpeft.safetensors)")
+    c.add_argument("--density", type=_density, default=0.1, help="fraction of entries kept, in (0, 1] (default 0.1)")
+    c.add_argument("--alpha", type=_density, default=1.0, help="scale multiplier of sigma (default 1.0)")
+    c.add_argument("--scope", choices=C.SCOPES, default=C.SCOPE_GLOBAL, help="top-k and scale over all tensors or per tensor")
+    c.add_argument("--mode", choices=C.MODES, default=C.MODE_TERNARY, help="ternary (ComPEFT) or prune (keep values)")
+    c.add_argument("--reference", default=None,
+                   help="zero, ones or a .safetensors base state dict; default from peft_type (LoRA zero, IA3 ones)")
+    c.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="dtype tensors decode to (default: source dtype)")
+    c.add_argument("--keep-dense", action="append", default=[], metavar="GLOB",
+                   help="also keep tensors matching this name pattern dense (repeatable)")
+    c.add_argument("--min-sparse-numel", type=int, default=C.DEFAULT_MIN_SPARSE_NUMEL,
+                   help="tensors with fewer elements stay dense")
+    c.add_argument("--base-model", default=None, help="base model id (default: the PEFT config's)")
+    c.add_argument("--base-revision", default=None, help="base model revision")
+    c.add_argument("--zstd-level", type=int, default=C.DEFAULT_ZSTD_LEVEL)
+
+    d = sub.add_parser("decompress", help="turn a compeft file back into a PEFT adapter folder")
+    d.add_argument("src")
+    d.add_argument("-o", "--output", required=True, help="output folder")
+    d.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="dtype of the written tensors")
+
+    v = sub.add_parser("validate", help="check files fully; exit 0 when all are valid")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--json", action="store_true", help="one JSON object per file")
+
+    i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    sd, config = read_source(a.src)
+    kind, default_ref = kind_and_reference(config)
+    ref_arg = a.reference
+    if ref_arg is None:
+        if config is not None and default_ref is None:
+            raise InvalidArgument(f"peft_type {config.get('peft_type')!r} has no default reference; pass --reference")
+        ref_arg = default_ref or C.REFERENCE_ZERO
+    if ref_arg in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
+        reference = ref_arg
+    else:
+        reference = load_safetensors_state_dict(Path(ref_arg))
+        kind = "full" if kind == "other" else kind
+    base_id = a.base_model or (config or {}).get("base_model_name_or_path")
+    base_rev = a.base_revision or (config or {}).get("revision")
+    ca = compress(
+        sd, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, reference=reference,
+        dtype=a.dtype, dense_patterns=C.DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
+        min_sparse_numel=a.min_sparse_numel, adapter_kind=kind, peft_config=config,
+        base_model_id=base_id, base_model_revision=base_rev, source=Path(a.src).name,
+    )
+    save(ca, a.output, zstd_level=a.zstd_level)
+    r = inspect(a.output)
+    print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
+          f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32")
+    return 0
+
+
+def cmd_decompress(a: argparse.Namespace) -> int:
+    with CompeftFile(a.src) as f:
+        f.verify()
+        sd = f.state_dict(dtype=a.dtype)
+        config = f.manifest.adapter.peft_config
+    written = write_peft_folder(a.output, sd, config)
+    print(f"{a.output}: wrote {', '.join(p.name for p in written)} ({len(sd)} tensors)")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    bad = 0
+    for path in a.files:
+        try:
+            with CompeftFile(path) as f:
+                f.verify()
+            result = {"path": path, "valid": True}
+            line = f"{path}: OK"
+        except CompeftError as e:
+            bad += 1
+            result = {"path": path, "valid": False, "code": e.code, "reason": str(e)}
+            line = f"{path}: INVALID {e.code}: {e}"
+        except OSError as e:
+            bad += 1
+            result = {"path": path, "valid": False, "code": C.E_IO, "reason": e.strerror or str(e)}
+            line = f"{path}: INVALID {C.E_IO}: {result['reason']}"
+        print(json.dumps(result) if a.json else line, flush=False)
+    sys.stdout.flush()
+    return 1 if bad else 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    r = inspect(a.file)
+    print(json.dumps(r, indent=2) if a.json else format_report(r))
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CompeftError as e:
+        print(f"compeft {args.command}: {e.code}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"compeft {args.command}: {C.E_IO}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"compeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Stream framing (spec section 4.5): ``none`` stores the raw bytes; ``zstd`` stores exactly one
+zstd frame whose header declares the content size, equal to the manifest's ``raw_size``."""
+
+from __future__ import annotations
+
+import zstandard
+
+from .. import constants as C
+from ..errors import StreamCorrupt, UnknownEncoding
+
+
+def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL) -> bytes:
+    """Store ``raw`` under ``compression``."""
+    if compression == C.COMP_NONE:
+        return raw
+    if compression == C.COMP_ZSTD:
+        cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        return cctx.compress(raw)
+    raise UnknownEncoding(f"unknown stream compression {compression!r}")
+
+
+def smallest_frame(raw: bytes, level: int = C.DEFAULT_ZSTD_LEVEL) -> tuple[str, bytes]:
+    """zstd when it saves bytes, otherwise the raw bytes."""
+    z = frame(raw, C.COMP_ZSTD, level)
+    return (C.COMP_ZSTD, z) if len(z) < len(raw) else (C.COMP_NONE, raw)
+
+
+def unframe(stored, compression: str, raw_size: int) -> bytes | memoryview:
+    """Recover the raw bytes of a stream, refusing anything that would exceed ``raw_size``.
+
+    The frame header's content size is checked before any output is allocated, so a stream that
+    claims more than the manifest declares is refused without decompressing it.
+    """
+    if compression == C.COMP_NONE:
+        if len(stored) != raw_size:
+            raise StreamCorrupt(f"stream holds {len(stored)} bytes, manifest declares {raw_size}")
+        return stored
+    if compression != C.COMP_ZSTD:
+        raise UnknownEncoding(f"unknown stream compression {compression!r}")
+    try:
+        params = zstandard.get_frame_parameters(stored)
+    except zstandard.ZstdError as e:
+        raise StreamCorrupt(f"not a zstd frame: {e}") from None
+    if params.content_size != raw_size:
+        raise StreamCorrupt(
+            f"zstd frame declares {params.content_size} bytes, manifest declares {raw_size}"
+        )
+    try:
+        out = zstandard.ZstdDecompressor().decompress(
+            stored, max_output_size=raw_size, allow_extra_data=False
+        )
+    except zstandard.ZstdError as e:
+        raise StreamCorrupt(f"zstd frame does not decode: {e}") from None
+    if len(out) != raw_size:
+        raise StreamCorrupt(f"zstd frame decoded to {len(out)} bytes, expected {raw_size}")
+    return out

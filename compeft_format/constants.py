@@ -1,0 +1,135 @@
+"""Constants of the compeft on-disk format, named as ``spec/FORMAT.md`` names them.
+
+Everything a reader or writer must agree on lives here: metadata keys, the version, encoding and
+stream names, limits and error codes. Reader and writer import these names; no other module spells
+them as literals.
+"""
+
+from __future__ import annotations
+
+# --- identification (spec section 2) ----------------------------------------------------------
+FORMAT_NAME = "compeft"
+FORMAT_VERSION_MAJOR = 1
+FORMAT_VERSION_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
+
+META_FORMAT = "compeft.format"
+META_VERSION = "compeft.version"
+META_MANIFEST = "compeft.manifest"
+META_MANIFEST_SHA256 = "compeft.manifest_sha256"
+
+#: Features a version-1 reader of this library understands. A file whose manifest lists a feature
+#: in ``required_features`` that is not in this set is refused with ``UNSUPPORTED_FEATURE``.
+SUPPORTED_FEATURES: frozenset[str] = frozenset()
+
+# --- encodings (spec section 4) ---------------------------------------------------------------
+ENC_TERNARY = "ternary"
+ENC_SPARSE = "sparse"
+ENC_DENSE = "dense"
+ENCODINGS = (ENC_TERNARY, ENC_SPARSE, ENC_DENSE)
+
+POSITIONS_BITMAP = "bitmap"
+POSITION_CODINGS = (POSITIONS_BITMAP,)
+
+# stream roles
+ROLE_POSITIONS = "positions"
+ROLE_SIGNS = "signs"
+ROLE_VALUES = "values"
+
+#: Streams each encoding carries, in the order they are listed.
+ENCODING_STREAMS: dict[str, tuple[str, ...]] = {
+    ENC_TERNARY: (ROLE_POSITIONS, ROLE_SIGNS),
+    ENC_SPARSE: (ROLE_POSITIONS, ROLE_VALUES),
+    ENC_DENSE: (ROLE_VALUES,),
+}
+
+# stream compression
+COMP_NONE = "none"
+COMP_ZSTD = "zstd"
+COMPRESSIONS = (COMP_NONE, COMP_ZSTD)
+
+# --- dtypes (spec section 5) ------------------------------------------------------------------
+DTYPE_F32 = "float32"
+DTYPE_F16 = "float16"
+DTYPE_BF16 = "bfloat16"
+FLOAT_DTYPES = (DTYPE_F32, DTYPE_F16, DTYPE_BF16)
+DTYPE_ITEMSIZE = {DTYPE_F32: 4, DTYPE_F16: 2, DTYPE_BF16: 2}
+
+# --- manifest vocabularies (spec section 3) ---------------------------------------------------
+ADAPTER_KINDS = ("lora", "ia3", "full", "other")
+REPRESENTATION_WEIGHTS = "weights"
+REPRESENTATION_DELTA = "delta"
+REPRESENTATIONS = (REPRESENTATION_WEIGHTS, REPRESENTATION_DELTA)
+REFERENCE_ZERO = "zero"
+REFERENCE_ONES = "ones"
+REFERENCE_BASE = "base"
+REFERENCES = (REFERENCE_ZERO, REFERENCE_ONES, REFERENCE_BASE)
+SCOPE_GLOBAL = "global"
+SCOPE_TENSOR = "tensor"
+SCOPES = (SCOPE_GLOBAL, SCOPE_TENSOR)
+MODE_TERNARY = "ternary"
+MODE_PRUNE = "prune"
+MODES = (MODE_TERNARY, MODE_PRUNE)
+METHOD_COMPEFT = "compeft"
+METHOD_NONE = "none"
+FINGERPRINT_ALGORITHM = "sha256-state-dict-v1"
+
+# --- limits a reader enforces (spec section 8) ------------------------------------------------
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_TENSORS = 1_000_000
+MAX_RANK = 8
+MAX_ELEMENTS_PER_TENSOR = 1 << 36
+MAX_GROUP_ELEMENTS = 1 << 36
+MAX_NAME_BYTES = 1024
+
+# --- error codes (spec section 9) -------------------------------------------------------------
+E_FILE_NOT_FOUND = "FILE_NOT_FOUND"
+E_NOT_SAFETENSORS = "NOT_SAFETENSORS"
+E_TRUNCATED = "TRUNCATED"
+E_NOT_COMPEFT = "NOT_COMPEFT"
+E_UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
+E_UNSUPPORTED_FEATURE = "UNSUPPORTED_FEATURE"
+E_MANIFEST_INVALID = "MANIFEST_INVALID"
+E_MANIFEST_DIGEST_MISMATCH = "MANIFEST_DIGEST_MISMATCH"
+E_MANIFEST_MISMATCH = "MANIFEST_MISMATCH"
+E_UNKNOWN_ENCODING = "UNKNOWN_ENCODING"
+E_LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+E_STREAM_DIGEST_MISMATCH = "STREAM_DIGEST_MISMATCH"
+E_STREAM_CORRUPT = "STREAM_CORRUPT"
+E_TENSOR_DIGEST_MISMATCH = "TENSOR_DIGEST_MISMATCH"
+E_INVALID_ARGUMENT = "INVALID_ARGUMENT"
+E_INVALID_INPUT = "INVALID_INPUT"
+E_NON_FINITE_INPUT = "NON_FINITE_INPUT"
+E_UNSUPPORTED_DTYPE = "UNSUPPORTED_DTYPE"
+E_IO = "IO_ERROR"
+
+#: Codes a conforming reader returns for a file (spec section 9.1).
+READER_ERROR_CODES = (
+    E_FILE_NOT_FOUND,
+    E_NOT_SAFETENSORS,
+    E_TRUNCATED,
+    E_NOT_COMPEFT,
+    E_UNSUPPORTED_VERSION,
+    E_UNSUPPORTED_FEATURE,
+    E_MANIFEST_INVALID,
+    E_MANIFEST_DIGEST_MISMATCH,
+    E_MANIFEST_MISMATCH,
+    E_UNKNOWN_ENCODING,
+    E_LIMIT_EXCEEDED,
+    E_STREAM_DIGEST_MISMATCH,
+    E_STREAM_CORRUPT,
+    E_TENSOR_DIGEST_MISMATCH,
+)
+
+# --- writer defaults (not normative) ----------------------------------------------------------
+DEFAULT_ZSTD_LEVEL = 19
+DEFAULT_MAX_GROUP_ELEMENTS = 1 << 26
+DEFAULT_MIN_SPARSE_NUMEL = 32
+#: Tensor-name patterns kept dense by default: they are not deltas from the reference (DoRA
+#: magnitudes, ``modules_to_save`` copies) or are small and sensitive (biases, norms).
+DEFAULT_DENSE_PATTERNS = (
+    "*lora_magnitude_vector*",
+    "*modules_to_save*",
+    "*.bias",
+    "*norm*",
+)

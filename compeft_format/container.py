@@ -1,0 +1,468 @@
+"""Reading and writing compeft files (spec sections 2, 7, 8): a safetensors file whose tensors are
+U8 streams and whose ``__metadata__`` carries the manifest.
+
+``save`` writes atomically. ``CompeftFile`` (``open``) parses and checks the header and manifest
+up front, then reads streams lazily through safetensors' memory map, one group at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from . import constants as C
+from ._version import __version__
+from .codecs import get_codec
+from .codecs.streams import smallest_frame, unframe
+from .compressed import CompressedAdapter, CompressedTensor
+from .errors import (
+    CompeftError,
+    FileNotFound,
+    InputError,
+    IOFailure,
+    ManifestDigestMismatch,
+    ManifestError,
+    ManifestMismatch,
+    NotCompeft,
+    NotSafetensors,
+    StreamDigestMismatch,
+    TensorDigestMismatch,
+    TruncatedFile,
+    UnsupportedFeature,
+    VersionError,
+)
+from .integrity import sha256_hex, tensor_sha256
+from .manifest import GroupInfo, Manifest, StreamInfo, TensorInfo
+
+PathLike = str | os.PathLike
+
+_ST_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
+                "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors header
+# ---------------------------------------------------------------------------------------------
+def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Returns (tensor entries, ``__metadata__``, byte offset of the data section).
+
+    Raises:
+        FileNotFound, TruncatedFile, NotSafetensors.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if p.is_dir():
+            raise InputError(f"{p} is a directory, not a file")
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise TruncatedFile(f"file is {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > C.MAX_HEADER_BYTES:
+                raise NotSafetensors(f"header length {n} is over the {C.MAX_HEADER_BYTES}-byte limit")
+            if n > size - 8:
+                raise TruncatedFile(f"header of {n} bytes does not fit in a {size}-byte file")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FileNotFound(f"no such file: {p}") from None
+    except IsADirectoryError:
+        raise InputError(f"{p} is a directory, not a file") from None
+    except PermissionError as e:
+        raise IOFailure(f"cannot read {p}: {e.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise NotSafetensors("header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise NotSafetensors("header is not a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise NotSafetensors("__metadata__ must map strings to strings")
+    spans = []
+    for name, e in header.items():
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
+            raise NotSafetensors(f"tensor {name!r} has no dtype")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise NotSafetensors(f"tensor {name!r} has a bad shape")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            raise NotSafetensors(f"tensor {name!r} has bad data_offsets")
+        item = _ST_ITEMSIZE.get(e["dtype"])
+        if item is None:
+            raise NotSafetensors(f"tensor {name!r} has unknown dtype {e['dtype']!r}")
+        if offs[1] - offs[0] != math.prod(shape) * item:
+            raise NotSafetensors(f"tensor {name!r}: data_offsets disagree with shape and dtype")
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    end = 0
+    for a, b, name in spans:
+        if a != end:
+            raise NotSafetensors(f"tensor {name!r} data is not contiguous with the previous tensor")
+        end = b
+    data_start = 8 + n
+    available = size - data_start
+    if end > available:
+        raise TruncatedFile(f"tensors need {end} data bytes, the file has {available}")
+    if end < available:
+        raise NotSafetensors(f"{available - end} bytes follow the last tensor")
+    return header, meta, data_start
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest from metadata
+# ---------------------------------------------------------------------------------------------
+def parse_metadata(meta: dict[str, str]) -> Manifest:
+    """Check the compeft metadata keys, version, manifest digest and required features."""
+    if meta.get(C.META_FORMAT) != C.FORMAT_NAME:
+        raise NotCompeft("safetensors file without compeft metadata")
+    version = meta.get(C.META_VERSION)
+    m = _VERSION_RE.match(version or "")
+    if not m:
+        raise ManifestError(f"format version {version!r} is not MAJOR.MINOR")
+    if int(m.group(1)) != C.FORMAT_VERSION_MAJOR:
+        raise VersionError(f"format version {version} is not supported (this reader reads {C.FORMAT_VERSION_MAJOR}.x)")
+    text = meta.get(C.META_MANIFEST)
+    digest = meta.get(C.META_MANIFEST_SHA256)
+    if text is None or digest is None:
+        raise ManifestError("metadata lacks the manifest or its digest")
+    actual = sha256_hex(text.encode("utf-8"))
+    if actual != digest:
+        raise ManifestDigestMismatch(f"manifest sha256 is {actual}, metadata declares {digest}")
+    try:
+        obj = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:
+        raise ManifestError(f"manifest is not valid JSON: {e}") from None
+    if isinstance(obj, dict):
+        req = obj.get("required_features", [])
+        if isinstance(req, list):
+            unknown = [f for f in req if not isinstance(f, str) or f not in C.SUPPORTED_FEATURES]
+            if unknown:
+                raise UnsupportedFeature(f"file requires features this reader lacks: {unknown}")
+    return Manifest.from_dict(obj)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def check_streams_match(manifest: Manifest, header: dict[str, Any]) -> None:
+    """Every safetensors tensor is a U8 vector named by exactly one manifest stream, and sizes agree."""
+    declared: dict[str, StreamInfo] = {}
+    for g in manifest.groups:
+        for s in g.streams.values():
+            declared[s.name] = s
+    extra = sorted(set(header) - set(declared))
+    missing = sorted(set(declared) - set(header))
+    if extra:
+        raise ManifestMismatch(f"file holds tensors the manifest does not name: {extra[:5]}")
+    if missing:
+        raise ManifestMismatch(f"manifest names streams the file lacks: {missing[:5]}")
+    for name, s in declared.items():
+        e = header[name]
+        if e["dtype"] != "U8" or len(e["shape"]) != 1:
+            raise ManifestMismatch(f"stream {name!r} must be a 1-D U8 tensor")
+        if e["shape"][0] != s.size:
+            raise ManifestMismatch(f"stream {name!r} holds {e['shape'][0]} bytes, manifest declares {s.size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def _group_params(t: CompressedTensor) -> dict[str, Any]:
+    if t.encoding == C.ENC_TERNARY:
+        return {"positions": C.POSITIONS_BITMAP}
+    if t.encoding == C.ENC_SPARSE:
+        return {"positions": C.POSITIONS_BITMAP, "value_dtype": t.value_dtype}
+    return {"value_dtype": t.value_dtype}
+
+
+def plan_groups(tensors: list[CompressedTensor], max_group_elements: int) -> list[tuple[dict[str, Any], str, list[int]]]:
+    """Assign tensors to groups: same encoding and parameters, at most ``max_group_elements``
+    elements each (a larger tensor gets a group of its own)."""
+    groups: list[tuple[dict[str, Any], str, list[int]]] = []
+    open_group: dict[str, int] = {}
+    sizes: list[int] = []
+    for i, t in enumerate(tensors):
+        params = _group_params(t)
+        key = json.dumps([t.encoding, params], sort_keys=True)
+        gi = open_group.get(key)
+        if gi is None or (sizes[gi] + t.numel > max_group_elements and sizes[gi] > 0):
+            gi = len(groups)
+            groups.append((params, t.encoding, []))
+            sizes.append(0)
+            open_group[key] = gi
+        groups[gi][2].append(i)
+        sizes[gi] += t.numel
+    return groups
+
+
+def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
+          max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS,
+          tensor_digests: bool = True) -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
+    """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk."""
+    tensors = list(adapter.tensors.values())
+    for t in tensors:
+        if t.numel > C.MAX_ELEMENTS_PER_TENSOR or len(t.shape) > C.MAX_RANK:
+            raise InputError(f"tensor {t.name!r} is over the format's size limits")
+    group_of = [0] * len(tensors)
+    groups: list[GroupInfo] = []
+    streams: dict[str, np.ndarray] = {}
+    for gi, (params, encoding, idx) in enumerate(plan_groups(tensors, max_group_elements)):
+        codec = get_codec(encoding)
+        raw = codec.encode([tensors[i] for i in idx], params)
+        infos = {}
+        for role in codec.roles:
+            comp, stored = smallest_frame(raw[role], zstd_level)
+            name = f"g{gi}.{role}"
+            streams[name] = np.frombuffer(stored, dtype=np.uint8)
+            infos[role] = StreamInfo(name=name, compression=comp, size=len(stored),
+                                     raw_size=len(raw[role]), sha256=sha256_hex(stored))
+        groups.append(GroupInfo(encoding=encoding, params=params, streams=infos))
+        for i in idx:
+            group_of[i] = gi
+    infos_t = [
+        TensorInfo(name=t.name, shape=tuple(t.shape), dtype=t.dtype, group=group_of[i], nnz=t.nnz,
+                   scale=t.scale if t.encoding == C.ENC_TERNARY else None, offset=float(t.offset),
+                   sha256=tensor_sha256(t.to_dense()) if tensor_digests else None)
+        for i, t in enumerate(tensors)
+    ]
+    manifest = Manifest(tensors=infos_t, groups=groups, adapter=adapter.adapter,
+                        base_model=adapter.base_model, compression=adapter.compression,
+                        provenance=adapter.provenance, library_version=__version__,
+                        required_features=[])
+    manifest.check_consistency()
+    text = manifest.to_json()
+    meta = {
+        C.META_FORMAT: C.FORMAT_NAME,
+        C.META_VERSION: C.FORMAT_VERSION,
+        C.META_MANIFEST: text,
+        C.META_MANIFEST_SHA256: sha256_hex(text.encode("utf-8")),
+    }
+    return manifest, streams, meta
+
+
+def atomic_write(path: PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then move the finished file into place; never leave a partial file."""
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFound(f"output folder does not exist: {parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
+         max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS, tensor_digests: bool = True) -> Manifest:
+    """Write a compressed adapter to ``path`` atomically (temp file, fsync, rename).
+
+    Args:
+        adapter: what ``compress`` returned.
+        path: destination; its folder must exist.
+        zstd_level: zstd level for streams (a stream is stored raw when zstd does not shrink it).
+        max_group_elements: largest number of elements coded together in one group.
+        tensor_digests: record the sha256 of each decoded tensor (for conformance checks).
+
+    Returns:
+        The manifest written.
+    """
+    manifest, streams, meta = build(adapter, zstd_level=zstd_level,
+                                    max_group_elements=max_group_elements, tensor_digests=tensor_digests)
+    try:
+        atomic_write(path, lambda tmp: save_file(streams, tmp, metadata=meta))
+    except OSError as e:
+        raise IOFailure(f"cannot write {path}: {e.strerror or e}") from None
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def _as_tensor(buf) -> torch.Tensor:
+    if len(buf) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only buffers are never written to
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+class CompeftFile:
+    """An open compeft file. Header, metadata and manifest are checked on open; tensor data is
+    read lazily, one group at a time, through safetensors' memory map.
+
+    Example:
+        >>> with open_file("adapter.cpeft.safetensors") as f:
+        ...     w = f.get_tensor(f.keys()[0], dtype="float32")
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        header, meta, _ = read_safetensors_header(self.path)
+        self.manifest = parse_metadata(meta)
+        check_streams_match(self.manifest, header)
+        self.metadata = meta
+        self._header = header
+        self._index = {t.name: i for i, t in enumerate(self.manifest.tensors)}
+        self._members = self.manifest.group_members()
+        self._handle = None
+        self._cache: tuple[int, str, dict[str, torch.Tensor]] | None = None
+
+    # -- context ---------------------------------------------------------------------------
+    def __enter__(self) -> CompeftFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle = None
+        self._cache = None
+
+    # -- listing ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return [t.name for t in self.manifest.tensors]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        try:
+            return self.manifest.tensors[self._index[name]]
+        except KeyError:
+            raise InputError(f"{self.path} has no tensor {name!r}") from None
+
+    # -- streams ---------------------------------------------------------------------------
+    def _st(self):
+        if self._handle is None:
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except Exception as e:  # safetensors raises its own untyped errors
+                raise NotSafetensors(f"safetensors refused the file: {e}") from None
+        return self._handle
+
+    def stored_stream(self, info: StreamInfo) -> np.ndarray:
+        """The stream's bytes as stored in the file (before unframing)."""
+        if info.size == 0:
+            return np.zeros(0, dtype=np.uint8)
+        return self._st().get_tensor(info.name).numpy()
+
+    def _group_raw(self, gi: int, device: str | torch.device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        if self._cache is not None and self._cache[0] == gi and self._cache[1] == key:
+            return self._cache[2]
+        raw = {}
+        for role, info in self.manifest.groups[gi].streams.items():
+            stored = self.stored_stream(info)
+            actual = sha256_hex(stored)
+            if actual != info.sha256:
+                raise StreamDigestMismatch(
+                    f"stream {info.name!r}: sha256 is {actual}, manifest declares {info.sha256}")
+            raw[role] = _as_tensor(unframe(stored, info.compression, info.raw_size)).to(device)
+        self._cache = (gi, key, raw)
+        return raw
+
+    def _decode(self, gi: int, select: list[int], dtype, device) -> dict[int, torch.Tensor]:
+        g = self.manifest.groups[gi]
+        members = [self.manifest.tensors[i] for i in self._members[gi]]
+        return get_codec(g.encoding).decode(self._group_raw(gi, device), members, g.params, select, dtype)
+
+    # -- tensors ---------------------------------------------------------------------------
+    def get_tensor(self, name: str, *, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+        """Decode one tensor (in its target dtype unless ``dtype`` is given)."""
+        info = self.tensor_info(name)
+        j = self._members[info.group].index(self._index[name])
+        return self._decode(info.group, [j], dtype, device)[j]
+
+    def state_dict(self, *, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Decode every tensor, each group's streams read once."""
+        out: dict[int, torch.Tensor] = {}
+        for gi, idx in enumerate(self._members):
+            dec = self._decode(gi, list(range(len(idx))), dtype, device)
+            for j, i in enumerate(idx):
+                out[i] = dec[j]
+        self._cache = None
+        return {self.manifest.tensors[i].name: out[i] for i in range(len(self.manifest.tensors))}
+
+    def verify(self) -> Manifest:
+        """Check every stream digest, decode every tensor and check its digest when recorded."""
+        for gi, idx in enumerate(self._members):
+            dec = self._decode(gi, list(range(len(idx))), None, "cpu")
+            for j, i in enumerate(idx):
+                t = self.manifest.tensors[i]
+                if t.sha256 is not None:
+                    actual = tensor_sha256(dec[j])
+                    if actual != t.sha256:
+                        raise TensorDigestMismatch(
+                            f"tensor {t.name!r}: decoded sha256 is {actual}, manifest declares {t.sha256}")
+        self._cache = None
+        return self.manifest
+
+
+def open_file(path: PathLike) -> CompeftFile:
+    """Open a compeft file for lazy reading. Raises a ``CompeftError`` subclass when the header,
+    metadata or manifest is not valid."""
+    return CompeftFile(path)
+
+
+def load(path: PathLike, *, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Decode every tensor of a compeft file. Stream digests are checked before decoding."""
+    with CompeftFile(path) as f:
+        return f.state_dict(dtype=dtype, device=device)
+
+
+def verify(path: PathLike) -> Manifest:
+    """Fully check a file: header, manifest, every stream digest, every decoded tensor digest.
+
+    Raises the first problem found as a ``CompeftError`` subclass; returns the manifest otherwise.
+    """
+    with CompeftFile(path) as f:
+        return f.verify()
+
+
+__all__ = ["CompeftFile", "open_file", "load", "save", "verify", "build", "read_safetensors_header",
+           "CompeftError"]
