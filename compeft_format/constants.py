@@ -17,6 +17,13 @@ META_FORMAT = "compeft.format"
 META_VERSION = "compeft.version"
 META_MANIFEST = "compeft.manifest"
 META_MANIFEST_SHA256 = "compeft.manifest_sha256"
+META_MANIFEST_ENCODING = "compeft.manifest_encoding"
+
+#: How ``compeft.manifest`` holds the manifest's UTF-8 JSON text: as is, or as the standard base64
+#: (with padding) of one zstd frame that declares its content size.
+MANIFEST_JSON = "json"
+MANIFEST_ZSTD_BASE64 = "zstd+base64"
+MANIFEST_ENCODINGS = (MANIFEST_JSON, MANIFEST_ZSTD_BASE64)
 
 #: Features a version-1 reader of this library understands. A file whose manifest lists a feature
 #: in ``required_features`` that is not in this set is refused with ``UNSUPPORTED_FEATURE``.
@@ -76,6 +83,7 @@ FINGERPRINT_ALGORITHM = "sha256-state-dict-v1"
 
 # --- limits a reader enforces (spec section 8) ------------------------------------------------
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_TENSORS = 1_000_000
 MAX_RANK = 8
 MAX_ELEMENTS_PER_TENSOR = 1 << 36

@@ -7,6 +7,7 @@ up front, then reads streams lazily through safetensors' memory map, one group a
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -20,27 +21,32 @@ from typing import Any
 
 import numpy as np
 import torch
+import zstandard
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from . import constants as C
 from ._version import __version__
 from .codecs import get_codec
-from .codecs.streams import smallest_frame, unframe
+from .codecs.streams import frame, smallest_frame, unframe
 from .compressed import CompressedAdapter, CompressedTensor
 from .errors import (
     CompeftError,
     FileNotFound,
     InputError,
+    InvalidArgument,
     IOFailure,
+    LimitExceeded,
     ManifestDigestMismatch,
     ManifestError,
     ManifestMismatch,
     NotCompeft,
     NotSafetensors,
+    StreamCorrupt,
     StreamDigestMismatch,
     TensorDigestMismatch,
     TruncatedFile,
+    UnknownEncoding,
     UnsupportedFeature,
     VersionError,
 )
@@ -139,10 +145,11 @@ def parse_metadata(meta: dict[str, str]) -> Manifest:
         raise ManifestError(f"format version {version!r} is not MAJOR.MINOR")
     if int(m.group(1)) != C.FORMAT_VERSION_MAJOR:
         raise VersionError(f"format version {version} is not supported (this reader reads {C.FORMAT_VERSION_MAJOR}.x)")
-    text = meta.get(C.META_MANIFEST)
+    stored = meta.get(C.META_MANIFEST)
     digest = meta.get(C.META_MANIFEST_SHA256)
-    if text is None or digest is None:
+    if stored is None or digest is None:
         raise ManifestError("metadata lacks the manifest or its digest")
+    text = decode_manifest_text(stored, meta.get(C.META_MANIFEST_ENCODING, C.MANIFEST_JSON))
     actual = sha256_hex(text.encode("utf-8"))
     if actual != digest:
         raise ManifestDigestMismatch(f"manifest sha256 is {actual}, metadata declares {digest}")
@@ -157,6 +164,36 @@ def parse_metadata(meta: dict[str, str]) -> Manifest:
             if unknown:
                 raise UnsupportedFeature(f"file requires features this reader lacks: {unknown}")
     return Manifest.from_dict(obj)
+
+
+def decode_manifest_text(stored: str, encoding: str) -> str:
+    """The manifest's JSON text from the ``compeft.manifest`` value (spec 2.2)."""
+    if encoding == C.MANIFEST_JSON:
+        return stored
+    if encoding != C.MANIFEST_ZSTD_BASE64:
+        raise UnknownEncoding(f"unknown manifest encoding {encoding!r}")
+    try:
+        packed = base64.b64decode(stored.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise ManifestError("compressed manifest is not valid base64") from None
+    try:
+        size = zstandard.get_frame_parameters(packed).content_size
+    except zstandard.ZstdError:
+        raise ManifestError("compressed manifest is not a zstd frame") from None
+    if size > C.MAX_MANIFEST_BYTES:  # also catches an unknown size, which zstandard reports as 2**64-1
+        raise LimitExceeded(f"manifest declares {size} bytes, limit {C.MAX_MANIFEST_BYTES}")
+    try:
+        raw = unframe(packed, C.COMP_ZSTD, size)
+        return bytes(raw).decode("utf-8")
+    except (StreamCorrupt, UnicodeDecodeError):
+        raise ManifestError("compressed manifest does not decode to UTF-8 text") from None
+
+
+def encode_manifest_text(text: str, encoding: str) -> str:
+    if encoding == C.MANIFEST_JSON:
+        return text
+    packed = frame(text.encode("utf-8"), C.COMP_ZSTD, 19)
+    return base64.b64encode(packed).decode("ascii")
 
 
 def _no_constants(name: str) -> Any:
@@ -216,7 +253,7 @@ def plan_groups(tensors: list[CompressedTensor], max_group_elements: int) -> lis
 
 def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
           max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS,
-          tensor_digests: bool = True) -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
+          tensor_digests: bool = True, manifest_encoding: str = "auto") -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
     """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk."""
     tensors = list(adapter.tensors.values())
     for t in tensors:
@@ -250,13 +287,25 @@ def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
                         required_features=[])
     manifest.check_consistency()
     text = manifest.to_json()
+    if manifest_encoding == "auto":
+        packed = encode_manifest_text(text, C.MANIFEST_ZSTD_BASE64)
+        manifest_encoding = C.MANIFEST_ZSTD_BASE64 if len(packed) < len(text.encode("utf-8")) else C.MANIFEST_JSON
+    elif manifest_encoding not in C.MANIFEST_ENCODINGS:
+        raise InvalidArgument(f"manifest_encoding must be 'auto' or one of {list(C.MANIFEST_ENCODINGS)}")
     meta = {
         C.META_FORMAT: C.FORMAT_NAME,
         C.META_VERSION: C.FORMAT_VERSION,
-        C.META_MANIFEST: text,
+        C.META_MANIFEST_ENCODING: manifest_encoding,
+        C.META_MANIFEST: encode_manifest_text(text, manifest_encoding),
         C.META_MANIFEST_SHA256: sha256_hex(text.encode("utf-8")),
     }
     return manifest, streams, meta
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: PathLike, write) -> None:
@@ -269,6 +318,7 @@ def atomic_write(path: PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # temp files are created 0600; finished files follow the umask
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -289,7 +339,8 @@ def atomic_write(path: PathLike, write) -> None:
 
 
 def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
-         max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS, tensor_digests: bool = True) -> Manifest:
+         max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS, tensor_digests: bool = True,
+         manifest_encoding: str = "auto") -> Manifest:
     """Write a compressed adapter to ``path`` atomically (temp file, fsync, rename).
 
     Args:
@@ -298,12 +349,13 @@ def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFA
         zstd_level: zstd level for streams (a stream is stored raw when zstd does not shrink it).
         max_group_elements: largest number of elements coded together in one group.
         tensor_digests: record the sha256 of each decoded tensor (for conformance checks).
+        manifest_encoding: ``"json"``, ``"zstd+base64"`` or ``"auto"`` (the shorter).
 
     Returns:
         The manifest written.
     """
-    manifest, streams, meta = build(adapter, zstd_level=zstd_level,
-                                    max_group_elements=max_group_elements, tensor_digests=tensor_digests)
+    manifest, streams, meta = build(adapter, zstd_level=zstd_level, max_group_elements=max_group_elements,
+                                    tensor_digests=tensor_digests, manifest_encoding=manifest_encoding)
     try:
         atomic_write(path, lambda tmp: save_file(streams, tmp, metadata=meta))
     except OSError as e:

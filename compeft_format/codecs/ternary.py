@@ -51,7 +51,7 @@ def decode(raw: dict[str, torch.Tensor], members: Sequence[Any], params: dict[st
         m = members[j]
         tdt = to_torch(dtype or m.dtype)
         levels = torch.from_numpy(ternary_levels(m.scale, m.offset)).to(tdt).to(mask.device)
-        t = levels[0].expand(m.numel).clone()
+        t = torch.empty(m.numel, dtype=tdt, device=mask.device).fill_(levels[0])
         t.masked_scatter_(mask, torch.where(signs[first:first + m.nnz], levels[2], levels[1]))
         out[j] = t.view(m.shape)
     return out

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "spec" / "vectors"
+
+settings.register_profile("default", deadline=None, max_examples=60,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("default")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bit pattern (so -0 != +0 and NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+shapes = st.one_of(
+    st.just(()),
+    st.lists(st.integers(0, 9), min_size=1, max_size=3).map(tuple),
+    st.tuples(st.integers(1, 70), st.integers(1, 13)),
+)
+
+
+@st.composite
+def tensors(draw, shape=None, dtype=None, ties: bool | None = None):
+    shape = draw(shapes) if shape is None else shape
+    dtype = draw(st.sampled_from(DTYPES)) if dtype is None else dtype
+    n = math.prod(shape)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    tie_mode = draw(st.booleans()) if ties is None else ties
+    if tie_mode:  # few distinct magnitudes: many ties, some exact zeros
+        a = rng.integers(-3, 4, size=n).astype(np.float32) * 0.25
+    else:
+        a = rng.standard_normal(n).astype(np.float32)
+    return torch.from_numpy(a.reshape(shape)).to(dtype)
+
+
+@st.composite
+def state_dicts(draw, max_tensors: int = 4):
+    k = draw(st.integers(1, max_tensors))
+    names = draw(st.lists(st.text("abcxyz._", min_size=1, max_size=6), min_size=k, max_size=k, unique=True))
+    return {n: draw(tensors()) for n in names}
+
+
+@pytest.fixture
+def tmp_file(tmp_path):
+    return tmp_path / "a.cpeft.safetensors"

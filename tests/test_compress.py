@@ -1,0 +1,199 @@
+"""ComPEFT selection and scaling, checked against an independent reference implementation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import compeft_format as cf
+from compeft_format import constants as C
+from conftest import bits_equal, state_dicts, tensors
+
+NO_DENSE = dict(dense_patterns=(), min_sparse_numel=0)
+
+
+def reference_selection(tau: np.ndarray, density: float) -> np.ndarray:
+    """Sort by (-|tau|, index), take round-half-up(d*N), drop exact zeros: the spec's rule."""
+    n = tau.size
+    k = min(n, math.floor(density * n + 0.5))
+    order = np.lexsort((np.arange(n), -np.abs(tau)))
+    keep = np.sort(order[:k])
+    return keep[tau[keep] != 0]
+
+
+def flat_f32(sd):
+    return {k: v.to(torch.float32).reshape(-1).numpy() for k, v in sd.items()}
+
+
+densities = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False).filter(lambda d: d > 0)
+
+
+@given(sd=state_dicts(), density=densities, alpha=st.floats(0.1, 10.0))
+def test_global_selection_and_scale_match_reference(sd, density, alpha):
+    ca = cf.compress(sd, density=density, alpha=alpha, **NO_DENSE)
+    names = sorted(sd)
+    f = flat_f32(sd)
+    flat = np.concatenate([f[n] for n in names])
+    keep = reference_selection(flat, density)
+    sigma = 0.0 if flat.size == 0 else (abs(float(flat[0])) if flat.size == 1 else float(np.std(flat.astype(np.float64), ddof=1)))
+    scale = float(np.float32(alpha * sigma))
+    bounds = np.cumsum([0] + [f[n].size for n in names])
+    got = np.concatenate([ca.tensors[n].indices + bounds[i] for i, n in enumerate(names)])
+    np.testing.assert_array_equal(got, keep)
+    assert ca.compression.kept == keep.size
+    assert ca.compression.candidates == flat.size
+    for n in names:
+        t = ca.tensors[n]
+        assert t.encoding == C.ENC_TERNARY
+        assert t.scale == scale
+        np.testing.assert_array_equal(t.negative, f[n][t.indices] < 0)
+        # decoded values: +/- scale at kept positions, 0 elsewhere, rounded once to the dtype
+        dense = t.to_dense(torch.float32).reshape(-1).numpy()
+        expect = np.zeros(f[n].size, np.float32)
+        expect[t.indices] = np.where(t.negative, -np.float32(scale), np.float32(scale))
+        np.testing.assert_array_equal(dense, expect)
+        assert bits_equal(t.to_dense(), torch.from_numpy(expect).to(sd[n].dtype).reshape(sd[n].shape))
+
+
+@given(sd=state_dicts(), density=densities)
+def test_per_tensor_scope(sd, density):
+    ca = cf.compress(sd, density=density, alpha=2.0, scope="tensor", **NO_DENSE)
+    f = flat_f32(sd)
+    for n, t in ca.tensors.items():
+        np.testing.assert_array_equal(t.indices, reference_selection(f[n], density))
+        a = f[n]
+        sigma = 0.0 if a.size == 0 else (abs(float(a[0])) if a.size == 1 else float(np.std(a.astype(np.float64), ddof=1)))
+        assert t.scale == float(np.float32(2.0 * sigma))
+
+
+@given(t=tensors(), density=densities)
+def test_prune_mode_keeps_values(t, density):
+    ca = cf.compress({"w": t}, density=density, mode="prune", **NO_DENSE)
+    ct = ca.tensors["w"]
+    assert ct.encoding == C.ENC_SPARSE
+    a = t.to(torch.float32).reshape(-1).numpy()
+    np.testing.assert_array_equal(ct.indices, reference_selection(a, density))
+    expect = torch.zeros(a.size, dtype=t.dtype)
+    expect[torch.from_numpy(ct.indices)] = t.reshape(-1)[torch.from_numpy(ct.indices)]
+    assert bits_equal(ct.to_dense(), expect.reshape(t.shape))
+
+
+def test_exact_count_and_rounding():
+    t = torch.arange(1, 21, dtype=torch.float32)  # all distinct, none zero
+    for d, k in [(0.05, 1), (0.025, 1), (0.024, 0), (0.5, 10), (0.525, 11), (1.0, 20)]:
+        ca = cf.compress({"w": t}, density=d, **NO_DENSE)
+        assert ca.tensors["w"].nnz == k, (d, k)
+        np.testing.assert_array_equal(ca.tensors["w"].indices, np.arange(20 - k, 20))
+
+
+def test_ties_broken_by_lower_index_across_tensors():
+    sd = {"a": torch.tensor([1.0, -1.0, 0.5]), "b": torch.tensor([1.0, 1.0, -1.0])}
+    ca = cf.compress(sd, density=3 / 6, **NO_DENSE)
+    assert ca.tensors["a"].indices.tolist() == [0, 1]
+    assert ca.tensors["b"].indices.tolist() == [0]
+    assert ca.tensors["a"].negative.tolist() == [False, True]
+
+
+def test_zero_entries_are_never_stored():
+    sd = {"w": torch.tensor([0.0, 0.0, 3.0, 0.0])}
+    ca = cf.compress(sd, density=1.0, **NO_DENSE)
+    assert ca.tensors["w"].indices.tolist() == [2]
+
+
+def test_ones_reference_and_offset():
+    w = torch.tensor([1.0, 1.5, 0.25, 1.0, 2.0], dtype=torch.float16)
+    ca = cf.compress({"ia3_l": w}, density=0.4, reference="ones", **NO_DENSE)
+    t = ca.tensors["ia3_l"]
+    assert t.offset == 1.0 and t.indices.tolist() == [2, 4]  # |tau| = .75 and 1.0
+    dense = t.to_dense(torch.float32)
+    s = np.float32(t.scale)
+    assert dense.tolist() == [1.0, 1.0, float(np.float32(1) - s), 1.0, float(np.float32(1) + s)]
+
+
+def test_explicit_base_reference_stores_deltas():
+    base = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    ft = {"w": torch.tensor([[1.0, 2.5], [3.0, 3.0]])}
+    ca = cf.compress(ft, density=0.5, reference=base, **NO_DENSE)
+    assert ca.adapter.representation == C.REPRESENTATION_DELTA
+    assert ca.compression.reference == C.REFERENCE_BASE
+    assert ca.tensors["w"].indices.tolist() == [1, 3]
+    assert ca.tensors["w"].negative.tolist() == [False, True]
+
+
+def test_dense_overrides_defaults_and_patterns():
+    sd = {
+        "m.lora_A.weight": torch.randn(8, 64),
+        "m.bias": torch.randn(64),
+        "m.lora_magnitude_vector": torch.randn(64),
+        "m.modules_to_save.default.weight": torch.randn(4, 16),
+        "m.norm.weight": torch.randn(64),
+        "m.tiny": torch.randn(4),
+        "m.head.weight": torch.randn(16, 16),
+    }
+    ca = cf.compress(sd, density=0.1, dense_patterns=C.DEFAULT_DENSE_PATTERNS + ("*.head.*",))
+    enc = {n: t.encoding for n, t in ca.tensors.items()}
+    assert enc == {
+        "m.bias": "dense", "m.head.weight": "dense", "m.lora_A.weight": "ternary",
+        "m.lora_magnitude_vector": "dense", "m.modules_to_save.default.weight": "dense",
+        "m.norm.weight": "dense", "m.tiny": "dense",
+    }
+    for n, t in ca.tensors.items():
+        if t.encoding == "dense":
+            assert bits_equal(t.to_dense(), sd[n])
+    # dense tensors do not take part in the global top-k
+    assert ca.compression.candidates == 8 * 64
+    assert ca.tensors["m.lora_A.weight"].nnz == round(0.1 * 512)
+
+
+def test_dtype_override():
+    sd = {"w": torch.randn(10, 10, dtype=torch.float32)}
+    ca = cf.compress(sd, density=0.2, dtype="bfloat16", **NO_DENSE)
+    assert ca.tensors["w"].to_dense().dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.0001, float("nan"), "0.1"])
+def test_bad_density(density):
+    with pytest.raises(cf.InvalidArgument) as e:
+        cf.compress({"w": torch.ones(4)}, density=density)
+    assert e.value.code == "INVALID_ARGUMENT"
+
+
+def test_bad_inputs_are_typed():
+    with pytest.raises(cf.NonFiniteInput):
+        cf.compress({"w": torch.tensor([1.0, float("nan")])}, **NO_DENSE)
+    with pytest.raises(cf.NonFiniteInput):
+        cf.compress({"w": torch.tensor([1.0, float("inf")])}, **NO_DENSE)
+    with pytest.raises(cf.UnsupportedDtype) as e:
+        cf.compress({"w": torch.ones(4, dtype=torch.int64)})
+    assert e.value.code == "UNSUPPORTED_DTYPE"
+    with pytest.raises(cf.InvalidArgument):
+        cf.compress({"w": torch.ones(4)}, alpha=0)
+    with pytest.raises(cf.InvalidArgument):
+        cf.compress({"w": torch.ones(4)}, scope="layer")
+    with pytest.raises(cf.InvalidArgument):
+        cf.compress({"w": torch.ones(4)}, reference={"v": torch.ones(4)})
+    with pytest.raises(cf.InvalidArgument):
+        cf.compress({"w": torch.ones(4)}, reference={"w": torch.ones(5)})
+
+
+def test_alpha_search_picks_best_and_rescales():
+    torch.manual_seed(0)
+    target = torch.randn(40, 40)
+    ca = cf.compress({"w": target}, density=0.3, alpha=1.0, **NO_DENSE)
+
+    def evaluate(sd):  # negative reconstruction error: the best alpha minimises it
+        return -float(((sd["w"] - target) ** 2).sum())
+
+    best, scores, tuned = cf.alpha_search(evaluate, ca, grid=[0.25, 0.5, 1.0, 2.0, 4.0])
+    assert set(scores) == {0.25, 0.5, 1.0, 2.0, 4.0}
+    assert best == max(scores, key=scores.get)
+    assert tuned.compression.alpha == best
+    assert tuned.tensors["w"].indices.tolist() == ca.tensors["w"].indices.tolist()
+    assert tuned.tensors["w"].scale == float(np.float32(best * ca.tensors["w"].sigma))
+    # picking a non-trivial alpha: the top 30% of a Gaussian sit well above one sigma
+    assert best > 1.0

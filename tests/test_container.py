@@ -1,0 +1,149 @@
+"""Files: every file is safetensors, decoding equals the in-memory tensors, lazy access, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+import compeft_format as cf
+from compeft_format import constants as C
+from compeft_format.container import build
+from conftest import ROOT, bits_equal, state_dicts
+
+
+@given(sd=state_dicts(), density=st.floats(0.01, 1.0), mode=st.sampled_from(C.MODES),
+       scope=st.sampled_from(C.SCOPES), max_group=st.sampled_from([1, 17, 1 << 26]))
+def test_save_load_exact_and_safetensors(tmp_path_factory, sd, density, mode, scope, max_group):
+    path = tmp_path_factory.mktemp("f") / "x.cpeft.safetensors"
+    ca = cf.compress(sd, density=density, mode=mode, scope=scope, min_sparse_numel=3)
+    manifest = cf.save(ca, path, max_group_elements=max_group)
+    # a valid safetensors file whose tensors are exactly the manifest's U8 streams
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert meta[C.META_FORMAT] == "compeft" and meta[C.META_VERSION] == "1.0"
+        names = set(f.keys())
+        for g in manifest.groups:
+            for s in g.streams.values():
+                t = f.get_tensor(s.name)
+                assert t.dtype == torch.uint8 and t.numel() == s.size
+                names.discard(s.name)
+        assert names == set()
+    assert cf.verify(path).to_json() == manifest.to_json()
+    out = cf.load(path)
+    assert list(out) == sorted(sd)
+    for n, t in ca.tensors.items():
+        assert bits_equal(out[n], t.to_dense())
+        assert out[n].shape == sd[n].shape and out[n].dtype == sd[n].dtype
+    with cf.open_file(path) as f:  # lazy, one tensor at a time, in reverse order
+        for n in reversed(f.keys()):
+            assert bits_equal(f.get_tensor(n, dtype="float32"), ca.tensors[n].to_dense(torch.float32))
+
+
+def test_inspect_sizes_equal_file_bytes(tmp_file):
+    torch.manual_seed(1)
+    sd = {f"l{i}.lora_A.weight": torch.randn(16, 300, dtype=torch.float16) for i in range(3)}
+    sd["l0.bias"] = torch.randn(300)
+    ca = cf.compress(sd, density=0.1)
+    cf.save(ca, tmp_file)
+    r = cf.inspect(tmp_file)
+    assert r["file_bytes"] == os.path.getsize(tmp_file)
+    with safe_open(str(tmp_file), framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() for k in f.keys())
+    assert r["stream_bytes"] == stored
+    assert r["header_bytes"] == r["file_bytes"] - stored
+    for g in r["groups"]:
+        assert g["bytes"] == sum(s["size"] for s in g["streams"].values())
+    assert r["params"] == 3 * 16 * 300 + 300
+    assert r["bound_bits"] > 0 and r["file_vs_bound"] > 1.0
+    n, k = 3 * 16 * 300, ca.compression.kept
+    assert abs(r["ternary_bound_bits"] - cf.ternary_bound_bits(n, k)) < 0.05 * k  # per-tensor bound <= joint
+
+
+def test_ternary_bound_matches_anchors_table():
+    n = 1_000_000
+    for d, bits in [(0.01, 0.091), (0.05, 0.336), (0.10, 0.569), (0.20, 0.922), (0.50, 1.500)]:
+        assert abs(cf.ternary_bound_bits(n, int(d * n)) / n - bits) < 0.001
+
+
+def test_manifest_records_metadata(tmp_file):
+    sd = {"w": torch.randn(8, 8)}
+    base = {"w": torch.randn(8, 8)}
+    fp = cf.state_dict_fingerprint(base)
+    ca = cf.compress(sd, density=0.5, base_model_id="org/base", base_model_revision="abc123",
+                     base_fingerprint=fp, peft_config={"peft_type": "LORA", "r": 8}, adapter_kind="lora",
+                     min_sparse_numel=0)
+    cf.save(ca, tmp_file)
+    m = cf.verify(tmp_file)
+    assert m.base_model.id == "org/base" and m.base_model.revision == "abc123"
+    assert m.base_model.fingerprint == fp and fp["algorithm"] == C.FINGERPRINT_ALGORITHM
+    assert m.adapter.peft_config == {"peft_type": "LORA", "r": 8}
+    assert m.compression.density == 0.5 and m.compression.method == "compeft"
+    assert m.library_version == cf.__version__
+    # fingerprint changes with any weight
+    base["w"][0, 0] += 1
+    assert cf.state_dict_fingerprint(base)["value"] != fp["value"]
+
+
+def test_manifest_schema_accepts_written_manifests(tmp_file):
+    schema = json.loads((ROOT / "spec" / "manifest.schema.json").read_text())
+    ca = cf.compress({"a": torch.randn(40), "b": torch.randn(3)}, density=0.3, mode="prune")
+    cf.save(ca, tmp_file)
+    with safe_open(str(tmp_file), framework="pt") as f:
+        jsonschema.validate(json.loads(f.metadata()[C.META_MANIFEST]), schema)
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    dest = tmp_path / "out.cpeft.safetensors"
+    ca = cf.compress({"w": torch.randn(64)}, density=0.5)
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("compeft_format.container.save_file", boom)
+    with pytest.raises(cf.IOFailure):
+        cf.save(ca, dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_replaces_existing_file_whole(tmp_file):
+    cf.save(cf.compress({"w": torch.randn(64)}, density=0.5), tmp_file)
+    cf.save(cf.compress({"v": torch.randn(32)}, density=0.5), tmp_file)
+    assert list(cf.load(tmp_file)) == ["v"]
+    assert [p.name for p in tmp_file.parent.iterdir()] == [tmp_file.name]
+
+
+def test_save_into_missing_folder(tmp_path):
+    with pytest.raises(cf.FileNotFound):
+        cf.save(cf.compress({"w": torch.randn(8)}, density=0.5), tmp_path / "nope" / "x.safetensors")
+
+
+def test_groups_split_at_limit():
+    ca = cf.compress({f"t{i}": torch.randn(10) for i in range(5)}, density=0.5, min_sparse_numel=0)
+    m, streams, _ = build(ca, max_group_elements=25)
+    assert [len(ix) for ix in m.group_members()] == [2, 2, 1]
+    assert len(streams) == 6
+
+
+def test_tensor_digests_optional(tmp_file):
+    ca = cf.compress({"w": torch.randn(100)}, density=0.2)
+    m = cf.save(ca, tmp_file, tensor_digests=False)
+    assert all(t.sha256 is None for t in m.tensors)
+    cf.verify(tmp_file)
+
+
+def test_sizes_smaller_than_fp16(tmp_file):
+    torch.manual_seed(0)
+    sd = {f"layers.{i}.{p}.lora_{ab}.weight": torch.randn((8, 512) if ab == "A" else (512, 8), dtype=torch.float16)
+          for i in range(8) for p in ("q", "v") for ab in ("A", "B")}
+    cf.save(cf.compress(sd, density=0.1), tmp_file)
+    r = cf.inspect(tmp_file)
+    assert 10 <= r["ratio_vs_fp16"] <= 30, r["ratio_vs_fp16"]
+    np.testing.assert_allclose(r["bits_per_param"], 8 * r["file_bytes"] / r["params"])

@@ -1,0 +1,160 @@
+"""Bad files and bad input: typed errors with the spec's codes, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import compeft_format as cf
+from compeft_format import constants as C
+from compeft_format.container import decode_manifest_text
+
+
+def make(tmp_path, **kw):
+    path = tmp_path / "a.cpeft.safetensors"
+    cf.save(cf.compress({"w": torch.randn(50, 7), "v": torch.randn(9)}, density=0.3, min_sparse_numel=0, **kw), path)
+    return path
+
+
+def rewrite_header(path, edit):
+    """Edit the safetensors header JSON in place (data section unchanged)."""
+    b = path.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    header = json.loads(b[8:8 + n])
+    edit(header)
+    h = json.dumps(header).encode()
+    h += b" " * ((-len(h)) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b[8 + n:])
+
+
+def edit_manifest(h, fn):
+    """Apply ``fn`` to the manifest object and store it back as plain JSON with a fresh digest."""
+    meta = h["__metadata__"]
+    m = json.loads(decode_manifest_text(meta[C.META_MANIFEST], meta[C.META_MANIFEST_ENCODING]))
+    fn(m)
+    text = json.dumps(m)
+    meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_JSON
+    meta[C.META_MANIFEST] = text
+    meta[C.META_MANIFEST_SHA256] = cf.integrity.sha256_hex(text.encode())
+
+
+def code_of(path):
+    with pytest.raises(cf.CompeftError) as e:
+        cf.verify(path)
+    return e.value.code
+
+
+def test_missing_path(tmp_path):
+    assert code_of(tmp_path / "nope.safetensors") == C.E_FILE_NOT_FOUND
+    with pytest.raises(cf.FileNotFound):
+        cf.load(tmp_path / "nope.safetensors")
+
+
+def test_directory_is_input_error(tmp_path):
+    with pytest.raises(cf.InputError):
+        cf.verify(tmp_path)
+
+
+def test_plain_safetensors(tmp_path):
+    p = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(3)}, str(p))
+    assert code_of(p) == C.E_NOT_COMPEFT
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 20, -1, -30])
+def test_truncated(tmp_path, cut):
+    p = make(tmp_path)
+    b = p.read_bytes()
+    p.write_bytes(b[:cut] if cut >= 0 else b[:len(b) + cut])
+    assert code_of(p) == C.E_TRUNCATED
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "e.safetensors"
+    p.write_bytes(b"")
+    assert code_of(p) == C.E_TRUNCATED
+
+
+def test_random_bytes(tmp_path):
+    p = tmp_path / "r.safetensors"
+    p.write_bytes(bytes(range(256)) * 4)
+    assert code_of(p) == C.E_NOT_SAFETENSORS
+
+
+def test_unknown_major_version(tmp_path):
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: h["__metadata__"].update({C.META_VERSION: "3.1"}))
+    assert code_of(p) == C.E_UNSUPPORTED_VERSION
+
+
+def test_newer_minor_version_is_read(tmp_path):
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: h["__metadata__"].update({C.META_VERSION: "1.7"}))
+    cf.verify(p)
+
+
+def test_unknown_optional_fields_are_ignored(tmp_path):
+    p = make(tmp_path)
+
+    def fn(m):
+        m["future_field"] = {"x": 1}
+        m["tensors"][0]["future"] = True
+        m["groups"][0]["streams"]["positions"]["future"] = 1
+
+    rewrite_header(p, lambda h: edit_manifest(h, fn))
+    cf.verify(p)
+
+
+def test_corrupted_stream_byte(tmp_path):
+    p = make(tmp_path)
+    b = bytearray(p.read_bytes())
+    b[-3] ^= 0x40
+    p.write_bytes(bytes(b))
+    assert code_of(p) == C.E_STREAM_DIGEST_MISMATCH
+    with pytest.raises(cf.StreamDigestMismatch, match="sha256 is [0-9a-f]{64}, manifest declares [0-9a-f]{64}"):
+        cf.load(p)
+
+
+def test_manifest_disagrees_with_tensors(tmp_path):
+    p = make(tmp_path)
+
+    def fn(m):
+        m["groups"][0]["streams"]["positions"]["name"] = "elsewhere"
+
+    rewrite_header(p, lambda h: edit_manifest(h, fn))
+    assert code_of(p) == C.E_MANIFEST_MISMATCH
+
+
+def test_manifest_edited_without_digest(tmp_path):
+    p = make(tmp_path)
+
+    def edit(h):
+        digest = h["__metadata__"][C.META_MANIFEST_SHA256]
+        edit_manifest(h, lambda m: m["tensors"][0].update(nnz=m["tensors"][0]["nnz"]))
+        h["__metadata__"][C.META_MANIFEST] = h["__metadata__"][C.META_MANIFEST].replace('"nnz": ', '"nnz":  ')
+        h["__metadata__"][C.META_MANIFEST_SHA256] = digest
+
+    rewrite_header(p, edit)
+    assert code_of(p) == C.E_MANIFEST_DIGEST_MISMATCH
+
+
+@pytest.mark.parametrize("encoding", [C.MANIFEST_JSON, C.MANIFEST_ZSTD_BASE64])
+def test_both_manifest_encodings_read_back(tmp_path, encoding):
+    path = tmp_path / "m.cpeft.safetensors"
+    ca = cf.compress({"w": torch.randn(50, 7)}, density=0.3)
+    cf.save(ca, path, manifest_encoding=encoding)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        meta = json.loads(f.read(n))["__metadata__"]
+    assert meta[C.META_MANIFEST_ENCODING] == encoding
+    assert cf.verify(path).to_json() == cf.container.build(ca)[0].to_json()
+
+
+def test_errors_share_one_base_and_print_one_line():
+    e = cf.StreamCorrupt("line one\nline two")
+    assert isinstance(e, cf.CompeftError) and e.code == "STREAM_CORRUPT" and "\n" not in str(e)
+    assert cf.InvalidArgument("x").code == "INVALID_ARGUMENT"

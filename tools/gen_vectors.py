@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Regenerate the conformance vectors in spec/vectors/.
+
+Valid files come with the sha256 of every decoded tensor, computed from the in-memory compressed
+adapter (not from decoding the file). Invalid files are valid files with one defect each, with the
+error code a reader must return (spec section 9).
+
+    python tools/gen_vectors.py [--out spec/vectors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import zstandard
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import compeft_format as cf  # noqa: E402
+from compeft_format import constants as C  # noqa: E402
+from compeft_format.container import build, decode_manifest_text, encode_manifest_text  # noqa: E402
+from compeft_format.integrity import sha256_hex, tensor_sha256  # noqa: E402
+
+CREATED_AT = "2026-01-01T00:00:00Z"
+
+
+def _randn(rng: np.random.Generator, shape, dtype) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+
+
+def valid_adapters() -> dict[str, cf.CompressedAdapter]:
+    rng = np.random.default_rng(20260101)
+    lora = {
+        "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": _randn(rng, (4, 37), torch.float16),
+        "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": _randn(rng, (37, 4), torch.float16) * 0.01,
+        "base_model.model.layers.0.self_attn.v_proj.lora_A.weight": _randn(rng, (4, 37), torch.bfloat16),
+        "base_model.model.layers.0.self_attn.v_proj.lora_B.weight": _randn(rng, (21, 4), torch.bfloat16) * 0.01,
+        "base_model.model.layers.1.mlp.lora_A.weight": _randn(rng, (3, 5, 7), torch.float32),
+        "base_model.model.score.bias": _randn(rng, (5,), torch.float32),
+        "extra.scalar": torch.tensor(-0.75, dtype=torch.float32),
+        "extra.empty": torch.zeros((0, 3), dtype=torch.float16),
+    }
+    lora["base_model.model.layers.1.mlp.lora_A.weight"][0, 0, :3] = 0.0  # zeros are never stored
+    ia3 = {
+        "base_model.model.layers.0.mlp.down_proj.ia3_l": 1 + _randn(rng, (1, 50), torch.float16) * 0.1,
+        "base_model.model.layers.0.self_attn.k_proj.ia3_l": 1 + _randn(rng, (33, 1), torch.float32) * 0.1,
+    }
+    full_base = {"w": _randn(rng, (9, 11), torch.float32), "b": _randn(rng, (11,), torch.float32)}
+    full_ft = {k: v + _randn(rng, tuple(v.shape), torch.float32) * 0.02 for k, v in full_base.items()}
+    common = dict(min_sparse_numel=0, created_at=CREATED_AT)
+    return {
+        "v1_ternary_global": cf.compress(lora, density=0.3, alpha=1.5, adapter_kind="lora",
+                                         base_model_id="example/tiny-llama", base_model_revision="main", **common),
+        "v1_ternary_tensor": cf.compress(lora, density=0.5, alpha=1.0, scope="tensor", dtype="float32", **common),
+        "v1_ternary_ones": cf.compress(ia3, density=0.2, alpha=2.0, reference="ones", adapter_kind="ia3", **common),
+        "v1_sparse_prune": cf.compress(lora, density=0.25, mode="prune", **common),
+        "v1_sparse_ones_prune": cf.compress(ia3, density=0.4, mode="prune", reference="ones", **common),
+        "v1_delta_base": cf.compress(full_ft, density=0.1, reference=full_base, adapter_kind="full",
+                                     dense_patterns=("b",), **common),
+        "v1_dense_only": cf.compress(lora, density=1.0, dense_patterns=("*",), **common),
+    }
+
+
+VALID_OPTIONS: dict[str, dict[str, Any]] = {
+    "v1_ternary_tensor": {"max_group_elements": 64, "manifest_encoding": C.MANIFEST_JSON},
+    "v1_sparse_prune": {"manifest_encoding": C.MANIFEST_ZSTD_BASE64, "tensor_digests": False},
+}
+
+
+# --- defects ----------------------------------------------------------------------------------
+class Parts:
+    """A compeft file taken apart: streams and metadata, editable, written back as safetensors."""
+
+    def __init__(self, manifest, streams, meta):
+        self.streams = {k: v.copy() for k, v in streams.items()}
+        self.meta = dict(meta)
+        self.encoding = meta[C.META_MANIFEST_ENCODING]
+        self.manifest = json.loads(decode_manifest_text(meta[C.META_MANIFEST], self.encoding))
+
+    def stream(self, gi: int, role: str) -> dict[str, Any]:
+        return self.manifest["groups"][gi]["streams"][role]
+
+    def set_stream(self, gi: int, role: str, data: bytes, raw_size: int | None = None) -> None:
+        s = self.stream(gi, role)
+        self.streams[s["name"]] = np.frombuffer(data, dtype=np.uint8).copy()
+        s["size"] = len(data)
+        s["sha256"] = sha256_hex(data)
+        if raw_size is not None:
+            s["raw_size"] = raw_size
+
+    def seal(self) -> None:
+        text = json.dumps(self.manifest, separators=(",", ":"))
+        self.meta[C.META_MANIFEST] = encode_manifest_text(text, self.encoding)
+        self.meta[C.META_MANIFEST_SHA256] = sha256_hex(text.encode())
+
+    def write(self, path: Path) -> None:
+        save_file(self.streams, str(path), metadata=self.meta)
+        path.chmod(0o644)
+
+
+def _group_of(parts: Parts, encoding: str) -> int:
+    return next(i for i, g in enumerate(parts.manifest["groups"]) if g["encoding"] == encoding)
+
+
+def d_unknown_major(p: Parts):
+    p.meta[C.META_VERSION] = "2.0"
+
+
+def d_unknown_feature(p: Parts):
+    p.manifest["required_features"] = ["positions-from-the-future"]
+    p.seal()
+
+
+def d_manifest_digest(p: Parts):
+    p.meta[C.META_MANIFEST_SHA256] = "0" * 64
+
+
+def d_manifest_invalid(p: Parts):
+    del p.manifest["tensors"][0]["shape"]
+    p.seal()
+
+
+def d_manifest_raw_size(p: Parts):
+    gi = _group_of(p, C.ENC_TERNARY)
+    p.stream(gi, C.ROLE_SIGNS)["raw_size"] += 1
+    p.seal()
+
+
+def d_manifest_mismatch(p: Parts):
+    p.streams["stray"] = np.zeros(3, dtype=np.uint8)
+
+
+def d_stream_size_mismatch(p: Parts):
+    gi = _group_of(p, C.ENC_TERNARY)
+    p.stream(gi, C.ROLE_POSITIONS)["size"] += 1
+    p.seal()
+
+
+def d_unknown_encoding(p: Parts):
+    p.manifest["groups"][_group_of(p, C.ENC_TERNARY)]["encoding"] = "quaternary"
+    p.seal()
+
+
+def d_unknown_compression(p: Parts):
+    gi = _group_of(p, C.ENC_TERNARY)
+    p.stream(gi, C.ROLE_POSITIONS)["compression"] = "lzma"
+    p.seal()
+
+
+def d_limit_elements(p: Parts):
+    p.manifest["tensors"][0]["shape"] = [1 << 20, 1 << 20]
+    p.seal()
+
+
+def d_limit_rank(p: Parts):
+    p.manifest["tensors"][0]["shape"] = [1] * 9 + p.manifest["tensors"][0]["shape"]
+    p.seal()
+
+
+def d_stream_digest(p: Parts):
+    gi = _group_of(p, C.ENC_TERNARY)
+    name = p.stream(gi, C.ROLE_SIGNS)["name"]
+    p.streams[name][-1] ^= 0x01
+
+
+def d_zstd_bomb(p: Parts):
+    # A frame that declares far more content than the manifest's raw_size.
+    gi = _group_of(p, C.ENC_TERNARY)
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\xff" * (1 << 20))
+    p.set_stream(gi, C.ROLE_POSITIONS, bomb)
+    p.stream(gi, C.ROLE_POSITIONS)["compression"] = C.COMP_ZSTD
+    p.seal()
+
+
+def d_padding_bits(p: Parts):
+    gi = _group_of(p, C.ENC_TERNARY)
+    s = p.stream(gi, C.ROLE_POSITIONS)
+    raw = bytearray(_raw_stream(p, gi, C.ROLE_POSITIONS))
+    raw[-1] |= 0x80
+    p.set_stream(gi, C.ROLE_POSITIONS, bytes(raw))
+    s["compression"] = C.COMP_NONE
+    p.seal()
+
+
+def d_popcount(p: Parts):
+    gi = _group_of(p, C.ENC_TERNARY)
+    raw = bytearray(_raw_stream(p, gi, C.ROLE_POSITIONS))
+    i = next(j for j, b in enumerate(raw) if b != 0xFF)
+    raw[i] |= (~raw[i] & -(~raw[i])) & 0xFF  # set the lowest clear bit: one entry too many
+    p.set_stream(gi, C.ROLE_POSITIONS, bytes(raw))
+    p.stream(gi, C.ROLE_POSITIONS)["compression"] = C.COMP_NONE
+    p.seal()
+
+
+def d_tensor_digest(p: Parts):
+    t = next(t for t in p.manifest["tensors"] if "sha256" in t)
+    t["sha256"] = "f" * 64
+    p.seal()
+
+
+def d_scale_not_binary32(p: Parts):
+    t = next(t for t in p.manifest["tensors"] if "scale" in t)
+    t["scale"] = 0.1
+    p.seal()
+
+
+def d_manifest_encoding(p: Parts):
+    p.meta[C.META_MANIFEST_ENCODING] = "brotli+base64"
+
+
+def d_manifest_base64(p: Parts):
+    p.meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_ZSTD_BASE64
+    p.meta[C.META_MANIFEST] = "%%%not base64%%%"
+
+
+def d_manifest_bomb(p: Parts):
+    p.encoding = C.MANIFEST_ZSTD_BASE64
+    p.meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_ZSTD_BASE64
+    bomb = zstandard.ZstdCompressor(level=19).compress(b" " * (C.MAX_MANIFEST_BYTES + 1))
+    p.meta[C.META_MANIFEST] = __import__("base64").b64encode(bomb).decode()
+
+
+def _raw_stream(p: Parts, gi: int, role: str) -> bytes:
+    s = p.stream(gi, role)
+    data = p.streams[s["name"]].tobytes()
+    return zstandard.ZstdDecompressor().decompress(data) if s["compression"] == C.COMP_ZSTD else data
+
+
+DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
+    "unknown_major": (d_unknown_major, C.E_UNSUPPORTED_VERSION),
+    "unknown_feature": (d_unknown_feature, C.E_UNSUPPORTED_FEATURE),
+    "manifest_digest": (d_manifest_digest, C.E_MANIFEST_DIGEST_MISMATCH),
+    "manifest_invalid": (d_manifest_invalid, C.E_MANIFEST_INVALID),
+    "manifest_raw_size": (d_manifest_raw_size, C.E_MANIFEST_INVALID),
+    "scale_not_binary32": (d_scale_not_binary32, C.E_MANIFEST_INVALID),
+    "extra_tensor": (d_manifest_mismatch, C.E_MANIFEST_MISMATCH),
+    "stream_size_mismatch": (d_stream_size_mismatch, C.E_MANIFEST_MISMATCH),
+    "unknown_encoding": (d_unknown_encoding, C.E_UNKNOWN_ENCODING),
+    "unknown_manifest_encoding": (d_manifest_encoding, C.E_UNKNOWN_ENCODING),
+    "manifest_base64": (d_manifest_base64, C.E_MANIFEST_INVALID),
+    "manifest_bomb": (d_manifest_bomb, C.E_LIMIT_EXCEEDED),
+    "unknown_compression": (d_unknown_compression, C.E_UNKNOWN_ENCODING),
+    "limit_elements": (d_limit_elements, C.E_LIMIT_EXCEEDED),
+    "limit_rank": (d_limit_rank, C.E_LIMIT_EXCEEDED),
+    "stream_digest": (d_stream_digest, C.E_STREAM_DIGEST_MISMATCH),
+    "zstd_bomb": (d_zstd_bomb, C.E_STREAM_CORRUPT),
+    "padding_bits": (d_padding_bits, C.E_STREAM_CORRUPT),
+    "popcount": (d_popcount, C.E_STREAM_CORRUPT),
+    "tensor_digest": (d_tensor_digest, C.E_TENSOR_DIGEST_MISMATCH),
+}
+
+
+def generate(out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("*.safetensors")) + list(out.glob("*.bin")):
+        old.unlink()
+    index: dict[str, Any] = {"format_version": C.FORMAT_VERSION, "valid": [], "invalid": []}
+    built = {}
+    for name, adapter in valid_adapters().items():
+        path = out / f"{name}.cpeft.safetensors"
+        cf.save(adapter, path, **VALID_OPTIONS.get(name, {}))
+        built[name] = build(adapter, **VALID_OPTIONS.get(name, {}))
+        index["valid"].append({
+            "file": path.name,
+            "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
+                        for n, t in adapter.tensors.items()},
+        })
+    base = built["v1_ternary_global"]
+    for name, (mutate, code) in DEFECTS.items():
+        parts = Parts(*base)
+        mutate(parts)
+        path = out / f"bad_{name}.cpeft.safetensors"
+        parts.write(path)
+        index["invalid"].append({"file": path.name, "code": code})
+    # Defects of the container itself.
+    good = (out / "v1_ternary_global.cpeft.safetensors").read_bytes()
+    (out / "bad_truncated.cpeft.safetensors").write_bytes(good[: len(good) - 7])
+    index["invalid"].append({"file": "bad_truncated.cpeft.safetensors", "code": C.E_TRUNCATED})
+    (out / "bad_trailing_bytes.cpeft.safetensors").write_bytes(good + b"\0")
+    index["invalid"].append({"file": "bad_trailing_bytes.cpeft.safetensors", "code": C.E_NOT_SAFETENSORS})
+    junk = struct.pack("<Q", 12) + b"not json!!!!"
+    (out / "bad_not_safetensors.bin").write_bytes(junk)
+    index["invalid"].append({"file": "bad_not_safetensors.bin", "code": C.E_NOT_SAFETENSORS})
+    save_file({"w": np.ones((2, 2), dtype=np.float32)}, str(out / "bad_plain.safetensors"), metadata={"format": "pt"})
+    (out / "bad_plain.safetensors").chmod(0o644)
+    index["invalid"].append({"file": "bad_plain.safetensors", "code": C.E_NOT_COMPEFT})
+    (out / "vectors.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "spec" / "vectors")
+    a = ap.parse_args()
+    idx = generate(a.out)
+    print(f"{a.out}: {len(idx['valid'])} valid, {len(idx['invalid'])} invalid vectors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
