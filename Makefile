@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine: `make demo` (the end-to-end job) and `make test`.
+# Both create .venv and install torch (the CPU wheel, pinned) before the project.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+
+.PHONY: demo test install vectors lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python tools/demo.py
+
+test: install
+	$(BIN)/python -m pytest
+
+vectors: install
+	$(BIN)/python tools/gen_vectors.py
+
+lint: install
+	$(BIN)/ruff check compeft_format cpet_adapters tools tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis
