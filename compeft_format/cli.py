@@ -12,7 +12,7 @@ from pathlib import Path
 from . import constants as C
 from ._version import __version__
 from .compress import compress
-from .container import CompeftFile, load, save
+from .container import CompeftFile, save
 from .errors import CompeftError, InvalidArgument
 from .peft_io import kind_and_reference, load_safetensors_state_dict, read_source, write_peft_folder
 from .report import format_report, inspect

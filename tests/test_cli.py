@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import VECTORS, bits_equal
 from safetensors.torch import load_file, save_file
 
 import compeft_format as cf
 from compeft_format.cli import main
-from conftest import VECTORS, bits_equal
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_validate_many_files_mixed(capsys):
     assert len(lines) == len(files)
     index = json.loads((VECTORS / "vectors.json").read_text())
     codes = {v["file"]: v["code"] for v in index["invalid"]}
-    for f, line in zip(files, lines):
+    for f, line in zip(files, lines, strict=True):
         name = f.rsplit("/", 1)[1]
         if name in codes:
             assert line.startswith(f"{f}: INVALID {codes[name]}: ")

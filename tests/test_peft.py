@@ -24,7 +24,7 @@ def base_model() -> LlamaForCausalLM:
 def perturb_trainables(model, scale: float) -> None:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 

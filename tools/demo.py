@@ -105,7 +105,7 @@ def main() -> int:
 
     alpha, scores, _ = cf.alpha_search(evaluate, ca, grid=[0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
     set_peft_model_state_dict(model, sd)
-    print(f"alpha search (val loss): " + ", ".join(f"{k:g}: {-v:.4f}" for k, v in scores.items()) + f" -> alpha={alpha:g}")
+    print("alpha search (val loss): " + ", ".join(f"{k:g}: {-v:.4f}" for k, v in scores.items()) + f" -> alpha={alpha:g}")
 
     # 3. the CLI: compress, validate, inspect, decompress
     packed = a.out / "lora.cpeft.safetensors"

@@ -9,8 +9,9 @@ I/O happen in ``container``; nothing here touches a file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .. import constants as C
 from ..errors import UnknownEncoding

@@ -19,6 +19,6 @@ def positions_bitmap(numels: Sequence[int], indices: Sequence[np.ndarray]) -> np
     offs = element_offsets(numels)
     mask = np.zeros(int(offs[-1]), dtype=bool)
     if indices:
-        flat = np.concatenate([np.asarray(ix, dtype=np.int64) + o for ix, o in zip(indices, offs[:-1])])
+        flat = np.concatenate([np.asarray(ix, dtype=np.int64) + o for ix, o in zip(indices, offs[:-1], strict=True)])
         mask[flat] = True
     return mask
