@@ -238,6 +238,8 @@ def _make_sparse(name: str, t: torch.Tensor, tau: np.ndarray, keep: np.ndarray, 
     # An entry whose task value is exactly zero has sign 0 in the paper's formula: it is not stored.
     keep = keep[tau[keep] != 0]
     tdtype = target or name_of(t.dtype)
+    if mode == C.MODE_TERNARY and not math.isfinite(float(np.float32(alpha * sigma))):
+        raise InvalidArgument(f"alpha * sigma = {alpha * sigma:g} overflows binary32 for tensor {name!r}")
     shape = tuple(int(d) for d in t.shape)
     if mode == C.MODE_TERNARY:
         return CompressedTensor(name, shape, tdtype, C.ENC_TERNARY, indices=keep,

@@ -90,8 +90,8 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, s
         raise FileNotFound(f"no such file: {p}") from None
     except IsADirectoryError:
         raise InputError(f"{p} is a directory, not a file") from None
-    except PermissionError as e:
-        raise IOFailure(f"cannot read {p}: {e.strerror}") from None
+    except OSError as e:
+        raise IOFailure(f"cannot read {p}: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -140,7 +140,7 @@ def parse_metadata(meta: dict[str, str]) -> Manifest:
     if meta.get(C.META_FORMAT) != C.FORMAT_NAME:
         raise NotCompeft("safetensors file without compeft metadata")
     version = meta.get(C.META_VERSION)
-    m = _VERSION_RE.match(version or "")
+    m = _VERSION_RE.fullmatch(version or "")
     if not m:
         raise ManifestError(f"format version {version!r} is not MAJOR.MINOR")
     if int(m.group(1)) != C.FORMAT_VERSION_MAJOR:
@@ -150,7 +150,10 @@ def parse_metadata(meta: dict[str, str]) -> Manifest:
     if stored is None or digest is None:
         raise ManifestError("metadata lacks the manifest or its digest")
     text = decode_manifest_text(stored, meta.get(C.META_MANIFEST_ENCODING, C.MANIFEST_JSON))
-    actual = sha256_hex(text.encode("utf-8"))
+    try:
+        actual = sha256_hex(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ManifestError("manifest is not valid Unicode text") from None
     if actual != digest:
         raise ManifestDigestMismatch(f"manifest sha256 is {actual}, metadata declares {digest}")
     try:
@@ -180,7 +183,9 @@ def decode_manifest_text(stored: str, encoding: str) -> str:
         size = zstandard.get_frame_parameters(packed).content_size
     except zstandard.ZstdError:
         raise ManifestError("compressed manifest is not a zstd frame") from None
-    if size > C.MAX_MANIFEST_BYTES:  # also catches an unknown size, which zstandard reports as 2**64-1
+    if size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise ManifestError("compressed manifest frame does not declare its size")
+    if size > C.MAX_MANIFEST_BYTES:
         raise LimitExceeded(f"manifest declares {size} bytes, limit {C.MAX_MANIFEST_BYTES}")
     try:
         raw = unframe(packed, C.COMP_ZSTD, size)
@@ -256,9 +261,16 @@ def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
           tensor_digests: bool = True, manifest_encoding: str = "auto") -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
     """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk."""
     tensors = list(adapter.tensors.values())
+    if len(tensors) > C.MAX_TENSORS:
+        raise LimitExceeded(f"{len(tensors)} tensors, the format allows {C.MAX_TENSORS}")
     for t in tensors:
         if t.numel > C.MAX_ELEMENTS_PER_TENSOR or len(t.shape) > C.MAX_RANK:
-            raise InputError(f"tensor {t.name!r} is over the format's size limits")
+            raise LimitExceeded(f"tensor {t.name!r} is over the format's size limits")
+        try:
+            if len(t.name.encode("utf-8")) > C.MAX_NAME_BYTES:
+                raise LimitExceeded(f"tensor name {t.name[:40]!r}... is over {C.MAX_NAME_BYTES} bytes")
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"tensor name {t.name!r} is not valid Unicode text") from None
     group_of = [0] * len(tensors)
     groups: list[GroupInfo] = []
     streams: dict[str, np.ndarray] = {}

@@ -237,22 +237,36 @@ def _opt_str(x: Any, what: str) -> str | None:
     return None if x is None else _str(x, what)
 
 
-def _f32(x: Any, what: str) -> float:
-    """A finite JSON number that is exactly a binary32 value."""
+def _finite(x: Any, what: str) -> float:
+    """A JSON number read as binary64; integers too large for binary64 are not finite."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ManifestError(f"{what} must be a number")
-    v = float(x)
-    if not math.isfinite(v) or float(np.float32(v)) != v:
-        raise ManifestError(f"{what} must be a finite value exactly representable in binary32")
+    try:
+        v = float(x)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise ManifestError(f"{what} must be a finite number")
     return v
 
 
+def _f32(x: Any, what: str) -> float:
+    """A finite JSON number that is exactly a binary32 value (negative zero reads as zero)."""
+    v = _finite(x, what)
+    if float(np.float32(v)) != v:
+        raise ManifestError(f"{what} must be a finite value exactly representable in binary32")
+    return v + 0.0
+
+
 def _opt_num(x: Any, what: str) -> float | None:
-    if x is None:
-        return None
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
-        raise ManifestError(f"{what} must be a finite number")
-    return float(x)
+    return None if x is None else _finite(x, what)
+
+
+def _utf8_len(s: str, what: str) -> int:
+    try:
+        return len(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} is not valid Unicode text") from None
 
 
 def _hex64(x: Any, what: str) -> str:
@@ -299,14 +313,14 @@ def _parse_group(g: Any, i: int) -> GroupInfo:
 def _parse_tensor(t: Any, i: int, groups: list[GroupInfo]) -> TensorInfo:
     t = _obj(t, f"tensors[{i}]")
     name = _str(t.get("name"), f"tensors[{i}].name")
-    if len(name.encode()) > C.MAX_NAME_BYTES:
+    if _utf8_len(name, f"tensors[{i}].name") > C.MAX_NAME_BYTES:
         raise LimitExceeded(f"tensors[{i}] name is over {C.MAX_NAME_BYTES} bytes")
     shape = _list(t.get("shape"), f"tensors[{i}].shape")
     if len(shape) > C.MAX_RANK:
         raise LimitExceeded(f"tensor {name!r} has rank {len(shape)}, limit {C.MAX_RANK}")
     dims = tuple(_int(d, f"tensor {name!r} shape") for d in shape)
     numel = math.prod(dims)
-    if numel > C.MAX_ELEMENTS_PER_TENSOR:
+    if numel > C.MAX_ELEMENTS_PER_TENSOR or any(d > C.MAX_ELEMENTS_PER_TENSOR for d in dims):
         raise LimitExceeded(f"tensor {name!r} has {numel} elements, limit {C.MAX_ELEMENTS_PER_TENSOR}")
     dtype = _str(t.get("dtype"), f"tensor {name!r} dtype")
     if dtype not in C.FLOAT_DTYPES:

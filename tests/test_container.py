@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import compeft_format as cf
 from compeft_format import constants as C
-from compeft_format.container import build
+from compeft_format.container import build, decode_manifest_text
 
 
 @given(sd=state_dicts(), density=st.floats(0.01, 1.0), mode=st.sampled_from(C.MODES),
@@ -94,10 +94,19 @@ def test_manifest_records_metadata(tmp_file):
 
 def test_manifest_schema_accepts_written_manifests(tmp_file):
     schema = json.loads((ROOT / "spec" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
     ca = cf.compress({"a": torch.randn(40), "b": torch.randn(3)}, density=0.3, mode="prune")
     cf.save(ca, tmp_file)
-    with safe_open(str(tmp_file), framework="pt") as f:
-        jsonschema.validate(json.loads(f.metadata()[C.META_MANIFEST]), schema)
+    files = [tmp_file] + sorted((ROOT / "spec" / "vectors").glob("v1_*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        text = decode_manifest_text(meta[C.META_MANIFEST], meta[C.META_MANIFEST_ENCODING])
+        jsonschema.validate(json.loads(text), schema)
+    bad = json.loads(text)
+    bad["groups"][0]["streams"]["positions"]["sha256"] = "ABC"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):

@@ -158,3 +158,42 @@ def test_errors_share_one_base_and_print_one_line():
     e = cf.StreamCorrupt("line one\nline two")
     assert isinstance(e, cf.CompeftError) and e.code == "STREAM_CORRUPT" and "\n" not in str(e)
     assert cf.InvalidArgument("x").code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("edit, code", [
+    (lambda m: m["tensors"][0].update(name="bad\ud800name"), C.E_MANIFEST_INVALID),
+    (lambda m: m["tensors"][0].update(scale=10 ** 400), C.E_MANIFEST_INVALID),
+    (lambda m: m["compression"].update(alpha=-(10 ** 400)), C.E_MANIFEST_INVALID),
+    (lambda m: m["tensors"][1].update(shape=[0, 1 << 40]), C.E_LIMIT_EXCEEDED),
+    (lambda m: m["tensors"][0].update(nnz=10 ** 9), C.E_MANIFEST_INVALID),
+    (lambda m: m["groups"].append(m["groups"][0]), C.E_MANIFEST_INVALID),
+])
+def test_hostile_manifests_get_codes_not_crashes(tmp_path, edit, code):
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: edit_manifest(h, edit))
+    assert code_of(p) == code
+
+
+def test_version_must_match_exactly(tmp_path):
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: h["__metadata__"].update({C.META_VERSION: "1.0\n"}))
+    assert code_of(p) == C.E_MANIFEST_INVALID
+
+
+def test_negative_zero_offset_reads_as_zero(tmp_path):
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: edit_manifest(h, lambda m: m["tensors"][0].update(offset=-0.0)))
+    assert cf.verify(p).tensors[0].offset == 0.0
+    assert str(cf.verify(p).tensors[0].offset) == "0.0"
+
+
+def test_scale_overflow_is_refused():
+    with pytest.raises(cf.InvalidArgument, match="overflows"):
+        cf.compress({"w": torch.tensor([1e30, -1e30, 3.0, 4.0])}, alpha=1e10, min_sparse_numel=0)
+
+
+def test_writer_enforces_reader_limits(tmp_path):
+    ca = cf.compress({"x" * 2000: torch.randn(40)}, density=0.5)
+    with pytest.raises(cf.LimitExceeded):
+        cf.save(ca, tmp_path / "long.cpeft.safetensors")
+    assert list(tmp_path.iterdir()) == []
