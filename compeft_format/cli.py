@@ -11,10 +11,9 @@ from pathlib import Path
 
 from . import constants as C
 from ._version import __version__
-from .compress import compress
 from .container import CompeftFile, save
-from .errors import CompeftError, InvalidArgument
-from .peft_io import kind_and_reference, load_safetensors_state_dict, read_source, write_peft_folder
+from .errors import CompeftError
+from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_dict
 from .report import format_report, inspect
 
 
@@ -47,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", default=None, help="base model id (default: the PEFT config's)")
     c.add_argument("--base-revision", default=None, help="base model revision")
     c.add_argument("--zstd-level", type=int, default=C.DEFAULT_ZSTD_LEVEL)
+    c.add_argument("--no-tensor-digests", action="store_true",
+                   help="do not record the sha256 of each decoded tensor (smaller header)")
 
     d = sub.add_parser("decompress", help="turn a compeft file back into a PEFT adapter folder")
     d.add_argument("src")
@@ -64,27 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    sd, config = read_source(a.src)
-    kind, default_ref = kind_and_reference(config)
-    ref_arg = a.reference
-    if ref_arg is None:
-        if config is not None and default_ref is None:
-            raise InvalidArgument(f"peft_type {config.get('peft_type')!r} has no default reference; pass --reference")
-        ref_arg = default_ref or C.REFERENCE_ZERO
-    if ref_arg in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
-        reference = ref_arg
-    else:
-        reference = load_safetensors_state_dict(Path(ref_arg))
-        kind = "full" if kind == "other" else kind
-    base_id = a.base_model or (config or {}).get("base_model_name_or_path")
-    base_rev = a.base_revision or (config or {}).get("revision")
-    ca = compress(
-        sd, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, reference=reference,
+    reference: str | dict | None = a.reference
+    if reference is not None and reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
+        reference = load_safetensors_state_dict(Path(reference))
+    ca = compress_peft(
+        a.src, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, reference=reference,
         dtype=a.dtype, dense_patterns=C.DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
-        min_sparse_numel=a.min_sparse_numel, adapter_kind=kind, peft_config=config,
-        base_model_id=base_id, base_model_revision=base_rev, source=Path(a.src).name,
+        min_sparse_numel=a.min_sparse_numel, base_model_id=a.base_model, base_model_revision=a.base_revision,
     )
-    save(ca, a.output, zstd_level=a.zstd_level)
+    save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=not a.no_tensor_digests)
     r = inspect(a.output)
     print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
           f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32")
@@ -92,12 +81,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
 
 def cmd_decompress(a: argparse.Namespace) -> int:
-    with CompeftFile(a.src) as f:
-        f.verify()
-        sd = f.state_dict(dtype=a.dtype)
-        config = f.manifest.adapter.peft_config
-    written = write_peft_folder(a.output, sd, config)
-    print(f"{a.output}: wrote {', '.join(p.name for p in written)} ({len(sd)} tensors)")
+    written = decompress_to_peft(a.src, a.output, dtype=a.dtype)
+    print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
     return 0
 
 

@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import constants as C
-from .container import atomic_write, read_safetensors_header
-from .errors import FileNotFound, InputError, IOFailure
+from .compress import compress
+from .compressed import CompressedAdapter
+from .container import CompeftFile, atomic_write, read_safetensors_header
+from .errors import FileNotFound, InputError, InvalidArgument, IOFailure
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -103,3 +105,47 @@ def write_peft_folder(out_dir: str | os.PathLike, state_dict: Mapping[str, torch
     except OSError as e:
         raise IOFailure(f"cannot write into {d}: {e.strerror or e}") from None
     return written
+
+
+def compress_peft(src: str | os.PathLike, *, density: float = 0.1, alpha: float = 1.0,
+                  **kwargs: Any) -> CompressedAdapter:
+    """Compress a PEFT adapter folder (or a ``.safetensors`` state dict) with the reference and
+    metadata its ``adapter_config.json`` implies.
+
+    The reference defaults from ``peft_type`` (LoRA zero, IA3 ones; a plain file without config:
+    zero); a base state dict passed as ``reference`` makes the file a full fine-tuning delta. The
+    PEFT config, base model id and revision are recorded in the manifest. Other keyword arguments
+    go to ``compress``.
+
+    Raises:
+        FileNotFound, InputError: the source cannot be read.
+        InvalidArgument: a PEFT type without a known reference and no ``reference`` given.
+    """
+    sd, config = read_source(src)
+    kind, ref = kind_and_reference(config)
+    if kwargs.get("reference") is None:
+        if config is not None and ref is None:
+            raise InvalidArgument(
+                f"peft_type {config.get('peft_type')!r} has no default reference; pass --reference (CLI) or reference= (Python)")
+        kwargs["reference"] = ref or C.REFERENCE_ZERO
+    elif not isinstance(kwargs["reference"], str) and kind == "other":
+        kind = "full"
+    kwargs.setdefault("adapter_kind", kind)
+    kwargs.setdefault("peft_config", config)
+    if kwargs.get("base_model_id") is None:
+        kwargs["base_model_id"] = (config or {}).get("base_model_name_or_path")
+    if kwargs.get("base_model_revision") is None:
+        kwargs["base_model_revision"] = (config or {}).get("revision")
+    kwargs.setdefault("source", Path(src).name)
+    return compress(sd, density=density, alpha=alpha, **kwargs)
+
+
+def decompress_to_peft(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       dtype: str | torch.dtype | None = None) -> list[Path]:
+    """Verify a compeft file fully, then write it out as a PEFT adapter folder (each file
+    atomically). Returns the paths written."""
+    with CompeftFile(src) as f:
+        f.verify()
+        sd = f.state_dict(dtype=dtype)
+        config = f.manifest.adapter.peft_config
+    return write_peft_folder(out_dir, sd, config)

@@ -44,36 +44,47 @@ def ids():
     return torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def test_lora_round_trip_through_peft(tmp_path, ids):
-    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    pm = get_peft_model(base_model(), lcfg)
-    perturb_trainables(pm, 0.05)
-    src = tmp_path / "lora"
-    pm.save_pretrained(src)
+def round_trip(tmp_path, peft_config, perturb: float, density: float):
+    """Train-like perturbation, save_pretrained, compress, decompress, reload with peft.
 
-    out = tmp_path / "lora.cpeft.safetensors"
-    ca = cf.compress_peft(src, density=0.2, alpha=1.0)
-    assert ca.adapter.kind == "lora" and ca.compression.reference == "zero"
+    Returns (compressed adapter, reloaded PeftModel, decoded float32 tensors)."""
+    pm = get_peft_model(base_model(), peft_config)
+    perturb_trainables(pm, perturb)
+    src = tmp_path / "src"
+    pm.save_pretrained(src)
+    out = tmp_path / "a.cpeft.safetensors"
+    ca = cf.compress_peft(src, density=density, alpha=1.0)
     cf.save(ca, out)
     dest = tmp_path / "restored"
     cf.decompress_to_peft(out, dest)
-    assert json.loads((dest / "adapter_config.json").read_text())["r"] == 4
-
+    assert json.loads((dest / "adapter_config.json").read_text())["peft_type"] == peft_config.peft_type.value
     reloaded = PeftModel.from_pretrained(base_model(), dest).eval()
-    decoded = cf.load(out, dtype=torch.float32)
+    return ca, reloaded, cf.load(out, dtype=torch.float32)
 
-    # merge by hand: W + (alpha / r) * B @ A for every targeted projection
-    merged = base_model()
-    sd = merged.state_dict()
-    n_modules = 0
-    for name in list(sd):
-        if name.endswith(("q_proj.weight", "v_proj.weight")):
-            path = name.removesuffix(".weight")
-            a, b = decoded[peft_key(path, "lora_A")], decoded[peft_key(path, "lora_B")]
-            sd[name] = sd[name] + (8 / 4) * (b @ a)
-            n_modules += 1
-    assert n_modules == 2 * CFG.num_hidden_layers
-    merged.load_state_dict(sd)
+
+def merged_model(edit) -> LlamaForCausalLM:
+    """The base model with ``edit(name, weight) -> weight`` applied to its state dict."""
+    m = base_model()
+    sd = m.state_dict()
+    m.load_state_dict({k: edit(k, v) for k, v in sd.items()})
+    return m
+
+
+def test_lora_round_trip_through_peft(tmp_path, ids):
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ca, reloaded, decoded = round_trip(tmp_path, lcfg, 0.05, 0.2)
+    assert ca.adapter.kind == "lora" and ca.compression.reference == "zero"
+    touched = []
+
+    def edit(name, w):  # merge by hand: W + (alpha / r) * B @ A for every targeted projection
+        if not name.endswith(("q_proj.weight", "v_proj.weight")):
+            return w
+        path = name.removesuffix(".weight")
+        touched.append(name)
+        return w + (8 / 4) * (decoded[peft_key(path, "lora_B")] @ decoded[peft_key(path, "lora_A")])
+
+    merged = merged_model(edit)
+    assert len(touched) == 2 * CFG.num_hidden_layers
     torch.testing.assert_close(logits(reloaded, ids), logits(merged, ids), rtol=1e-5, atol=1e-5)
     # and the compressed adapter does change the model
     assert not torch.allclose(logits(reloaded, ids), logits(base_model(), ids), atol=1e-4)
@@ -81,30 +92,18 @@ def test_lora_round_trip_through_peft(tmp_path, ids):
 
 def test_ia3_round_trip_through_peft(tmp_path, ids):
     icfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    pm = get_peft_model(base_model(), icfg)
-    perturb_trainables(pm, 0.2)
-    src = tmp_path / "ia3"
-    pm.save_pretrained(src)
-
-    out = tmp_path / "ia3.cpeft.safetensors"
-    ca = cf.compress_peft(src, density=0.3, alpha=1.0)
+    ca, reloaded, decoded = round_trip(tmp_path, icfg, 0.2, 0.3)
     assert ca.adapter.kind == "ia3" and ca.compression.reference == "ones"
-    cf.save(ca, out)
-    dest = tmp_path / "restored"
-    cf.decompress_to_peft(out, dest)
-    reloaded = PeftModel.from_pretrained(base_model(), dest).eval()
-    decoded = cf.load(out, dtype=torch.float32)
     # untouched entries decode to exactly 1 (the (IA)3 identity)
-    vec = decoded[peft_key("model.layers.0.self_attn.k_proj", "ia3_l")]
-    assert int((vec != 1.0).sum()) == ca.tensors[peft_key("model.layers.0.self_attn.k_proj", "ia3_l")].nnz
+    key = peft_key("model.layers.0.self_attn.k_proj", "ia3_l")
+    assert int((decoded[key] != 1.0).sum()) == ca.tensors[key].nnz > 0
 
-    merged = base_model()
-    sd = merged.state_dict()
-    for name in list(sd):
+    def edit(name, w):  # (IA)3 scales rows (k, v) or columns (down_proj, feed-forward) of W
         if name.endswith(("k_proj.weight", "v_proj.weight", "down_proj.weight")):
-            sd[name] = sd[name] * decoded[peft_key(name.removesuffix(".weight"), "ia3_l")]
-    merged.load_state_dict(sd)
-    torch.testing.assert_close(logits(reloaded, ids), logits(merged, ids), rtol=1e-5, atol=1e-5)
+            return w * decoded[peft_key(name.removesuffix(".weight"), "ia3_l")]
+        return w
+
+    torch.testing.assert_close(logits(reloaded, ids), logits(merged_model(edit), ids), rtol=1e-5, atol=1e-5)
 
 
 def test_legacy_bin_adapter_loads_weights_only(tmp_path):
