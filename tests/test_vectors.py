@@ -53,3 +53,14 @@ def test_generator_reproduces_declarations(tmp_path):
     assert regenerated == INDEX
     for vec in regenerated["valid"]:
         cf.verify(tmp_path / vec["file"])
+
+
+def test_lazy_reads_check_counts_before_the_tensor():
+    """A bit-plane with one entry too many early in a group is caught when a later tensor of the
+    group is read on its own (the count of bits before it disagrees with the declared nnz)."""
+    with cf.open_file(VECTORS / "bad_popcount.cpeft.safetensors") as f:
+        g0 = [n for n in f.keys() if f.tensor_info(n).group == 0]
+        with pytest.raises(cf.StreamCorrupt, match="disagrees with nnz"):
+            f.get_tensor(g0[-1])
+    with cf.open_file(VECTORS / "v1_ternary_global.cpeft.safetensors") as f:
+        f.get_tensor(g0[-1])

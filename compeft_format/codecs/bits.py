@@ -8,7 +8,8 @@ import torch
 
 from ..errors import StreamCorrupt
 
-_SHIFTS = {}
+_SHIFTS: dict = {}
+_POPCOUNT: dict = {}
 
 
 def pack_bits(mask: np.ndarray) -> bytes:
@@ -26,9 +27,24 @@ def unpack_bits(buf: torch.Tensor, count: int) -> torch.Tensor:
         raise StreamCorrupt(f"bit stream has {buf.numel()} bytes, {count} bits need {nbytes}")
     if count % 8 and int(buf[-1]) >> (count % 8):
         raise StreamCorrupt("padding bits of a bit stream are not zero")
-    key = buf.device
-    shifts = _SHIFTS.get(key)
+    return unpack_range(buf, 0, count)
+
+
+def unpack_range(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bits ``start`` to ``stop - 1`` of a packed stream, unpacking only the bytes that hold them
+    (no length or padding checks)."""
+    lo, hi = start // 8, (stop + 7) // 8
+    shifts = _SHIFTS.get(buf.device)
     if shifts is None:
-        shifts = _SHIFTS[key] = torch.arange(8, dtype=torch.uint8, device=buf.device)
-    bits = (buf.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)
-    return bits[:count].view(torch.bool)
+        shifts = _SHIFTS[buf.device] = torch.arange(8, dtype=torch.uint8, device=buf.device)
+    bits = (buf[lo:hi].unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)
+    return bits[start - 8 * lo:stop - 8 * lo].view(torch.bool)
+
+
+def popcount(buf: torch.Tensor) -> int:
+    """Number of 1 bits in a uint8 tensor."""
+    table = _POPCOUNT.get(buf.device)
+    if table is None:
+        table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=buf.device)
+        _POPCOUNT[buf.device] = table
+    return int(table[buf.long()].sum()) if buf.numel() else 0

@@ -12,7 +12,7 @@ import torch
 from .. import constants as C
 from ..dtypes import ternary_levels, to_torch
 from ..errors import StreamCorrupt
-from .bits import pack_bits, unpack_bits
+from .bits import pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
 
 
@@ -24,20 +24,27 @@ def encode(members: Sequence[Any], params: dict[str, Any]) -> dict[str, bytes]:
 
 def kept_masks(raw_positions: torch.Tensor, members: Sequence[Any], select: Sequence[int]):
     """Yield (member index, kept mask, first entry index) for the selected members, checking that
-    the bit-plane's counts agree with the declared ``nnz`` values."""
+    the bit-plane's counts agree with the declared ``nnz`` values (spec 4.6)."""
     offs = element_offsets([m.numel for m in members])
-    bits = unpack_bits(raw_positions, int(offs[-1]))
     declared = np.concatenate([[0], np.cumsum([m.nnz for m in members], dtype=np.int64)])
-    if len(select) == len(members):
-        total = int(bits.sum())
-        if total != int(declared[-1]):
-            raise StreamCorrupt(f"position bit-plane holds {total} entries, manifest declares {declared[-1]}")
-    for j in select:
+    if len(select) == len(members):  # whole group: one unpack, each member's own count
+        bits = unpack_bits(raw_positions, int(offs[-1]))
+        for j in select:
+            mask = bits[int(offs[j]):int(offs[j + 1])]
+            if int(mask.sum()) != members[j].nnz:
+                raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
+            yield j, mask, int(declared[j])
+        return
+    n = int(offs[-1])
+    if raw_positions.numel() != (n + 7) // 8:
+        raise StreamCorrupt(f"position bit-plane has {raw_positions.numel()} bytes, {n} bits need {(n + 7) // 8}")
+    if n % 8 and int(raw_positions[-1]) >> (n % 8):
+        raise StreamCorrupt("padding bits of a bit stream are not zero")
+    for j in select:  # one member: unpack its bytes only, count the bits before it by bytes
         a, b = int(offs[j]), int(offs[j + 1])
-        mask = bits[a:b]
-        before = int(bits[:a].sum()) if len(select) != len(members) else int(declared[j])
-        got = int(mask.sum())
-        if before != int(declared[j]) or got != members[j].nnz:
+        mask = unpack_range(raw_positions, a, b)
+        before = popcount(raw_positions[:a // 8]) + int(unpack_range(raw_positions, 8 * (a // 8), a).sum())
+        if before != int(declared[j]) or int(mask.sum()) != members[j].nnz:
             raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
         yield j, mask, before
 
