@@ -401,7 +401,6 @@ class CompeftFile:
         self.manifest = parse_metadata(meta)
         check_streams_match(self.manifest, header)
         self.metadata = meta
-        self._header = header
         self._index = {t.name: i for i, t in enumerate(self.manifest.tensors)}
         self._members = self.manifest.group_members()
         self._handle = None
