@@ -1,0 +1,370 @@
+"""Independent reader of the compeft 1.0 format, written from spec/FORMAT.md alone (without the
+reference implementation) so that the conformance vectors can be checked against the spec text."""
+import base64
+import hashlib
+import json
+import math
+import re
+import struct
+
+import numpy as np
+import zstandard
+
+MI, LE, UE, SC = "MANIFEST_INVALID", "LIMIT_EXCEEDED", "UNKNOWN_ENCODING", "STREAM_CORRUPT"
+NS, MM = "NOT_SAFETENSORS", "MANIFEST_MISMATCH"
+MIB64, MAXEL, MAXTENSORS = 1 << 26, 1 << 36, 1_000_000
+ST_SIZES = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+            "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+ROLES = {"ternary": ("positions", "signs"), "sparse": ("positions", "values"), "dense": ("values",)}
+HEX = re.compile(r"[0-9a-f]{64}")
+VERSION = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
+B64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class SpecError(Exception):
+    def __init__(self, code, message=""):
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+
+
+def _req(cond, code, message=""):
+    if not cond:
+        raise SpecError(code, message)
+
+
+def _nat(v):
+    return type(v) is int and v >= 0
+
+
+def _one_of(v, options):
+    return isinstance(v, str) and v in options
+
+
+def _str_or_null(v):
+    return v is None or isinstance(v, str)
+
+
+def _number(v):
+    return type(v) is int or (type(v) is float and math.isfinite(v))
+
+
+def _f32(v):
+    """The binary32 value of an "f32" field (3.1), or None when the field is not one."""
+    if type(v) not in (int, float):
+        return None
+    try:
+        x = float(v)
+        y = struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return None
+    return np.float32(x) if math.isfinite(x) and y == x else None
+
+
+def _reject_constant(name):
+    raise ValueError(name)
+
+
+def _json(text, code):
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise SpecError(code, "not JSON") from None
+
+
+def _container(buf):
+    _req(len(buf) >= 8, "TRUNCATED", "shorter than 8 bytes")
+    n = struct.unpack_from("<Q", buf)[0]
+    _req(n <= MIB64, NS, "header over 64 MiB")
+    _req(n <= len(buf) - 8, "TRUNCATED", "header beyond end of file")
+    try:
+        text = buf[8:8 + n].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(NS, "header not UTF-8") from None
+    hdr = _json(text, NS)
+    _req(isinstance(hdr, dict), NS, "header not an object")
+    meta = hdr.get("__metadata__")
+    meta = {} if meta is None else meta
+    _req(isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values()), NS, "bad __metadata__")
+    tensors = {}
+    for name, t in hdr.items():
+        if name == "__metadata__":
+            continue
+        _req(isinstance(t, dict) and _one_of(t.get("dtype"), ST_SIZES), NS, f"bad entry {name!r}")
+        shape, offs = t.get("shape"), t.get("data_offsets")
+        _req(isinstance(shape, list) and all(_nat(d) for d in shape), NS, f"bad shape {name!r}")
+        _req(isinstance(offs, list) and len(offs) == 2 and all(_nat(x) for x in offs)
+             and offs[0] <= offs[1], NS, f"bad data_offsets {name!r}")
+        _req(offs[1] - offs[0] == math.prod(shape) * ST_SIZES[t["dtype"]], NS, f"size of {name!r}")
+        tensors[name] = (t["dtype"], shape, offs[0], offs[1])
+    end = 0
+    for b, e in sorted((b, e) for (_, _, b, e) in tensors.values()):
+        _req(b == end, NS, "gap or overlap in data section")
+        end = e
+    _req(len(buf) - 8 - n >= end, "TRUNCATED", "data section too short")
+    _req(len(buf) - 8 - n == end, NS, "trailing bytes")
+    return 8 + n, meta, tensors
+
+
+def _frame_content_size(b, code):
+    """Parse a zstd frame header (RFC 8878 3.1.1); return Frame_Content_Size or None."""
+    _req(len(b) >= 5 and b[:4] == ZSTD_MAGIC, code, "not a zstd frame")
+    fhd = b[4]
+    single, did_flag, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
+    _req(not fhd & 0x08, code, "reserved frame header bit set")
+    i = 5 + (1 - single)
+    dsz, fsz = (0, 1, 2, 4)[did_flag], (single, 2, 4, 8)[fcs_flag]
+    _req(len(b) >= i + dsz + fsz, code, "short frame header")
+    _req(int.from_bytes(b[i:i + dsz], "little") == 0, code, "frame names a dictionary")
+    if fsz == 0:
+        return None
+    fcs = int.from_bytes(b[i + dsz:i + dsz + fsz], "little")
+    return fcs + 256 if fsz == 2 else fcs
+
+
+def _inflate(b, size, code):
+    try:
+        out = zstandard.ZstdDecompressor().decompress(b, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise SpecError(code, f"zstd: {e}") from None
+    _req(len(out) == size, code, "decompressed length")
+    return out
+
+
+def _manifest_text(meta):
+    _req("compeft.manifest" in meta and "compeft.manifest_sha256" in meta, MI, "manifest key missing")
+    for key in ("compeft.manifest", "compeft.manifest_sha256", "compeft.manifest_encoding"):
+        try:
+            meta.get(key, "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(MI, f"{key} is not valid Unicode") from None
+    enc, stored = meta.get("compeft.manifest_encoding", "json"), meta["compeft.manifest"]
+    if enc == "json":
+        data = stored.encode("utf-8")
+    elif enc == "zstd+base64":
+        _req(B64.fullmatch(stored) is not None, MI, "bad base64")
+        frame = base64.b64decode(stored, validate=True)
+        fcs = _frame_content_size(frame, MI)
+        _req(fcs is not None, MI, "manifest frame without content size")
+        _req(fcs <= MIB64, LE, "manifest over 64 MiB")
+        data = _inflate(frame, fcs, MI)
+    else:
+        raise SpecError(UE, f"manifest encoding {enc!r}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(MI, "manifest not UTF-8") from None
+    _req(meta["compeft.manifest_sha256"] == hashlib.sha256(data).hexdigest(), "MANIFEST_DIGEST_MISMATCH")
+    return text
+
+
+def _check_groups(G):
+    groups = []
+    for g in G:
+        _req(isinstance(g, dict) and "encoding" in g, MI, "bad group")
+        enc = g["encoding"]
+        _req(_one_of(enc, ROLES), UE, f"encoding {enc!r}")
+        params = g.get("params", {})
+        _req(isinstance(params, dict), MI, "params")
+        if enc != "dense":
+            _req(params.get("positions") == "bitmap", UE, "params.positions")
+        vd = params.get("value_dtype") if enc != "ternary" else None
+        _req(enc == "ternary" or _one_of(vd, ITEMSIZE), UE, "params.value_dtype")
+        S = g.get("streams")
+        _req(isinstance(S, dict) and set(S) == set(ROLES[enc]), MI, "stream roles")
+        streams = []
+        for role in ROLES[enc]:
+            s = S[role]
+            _req(isinstance(s, dict) and "compression" in s, MI, f"stream {role}")
+            _req(_one_of(s["compression"], ("none", "zstd")), UE, "stream compression")
+            _req(isinstance(s.get("name"), str), MI, "stream name")
+            _req(_nat(s.get("size")) and _nat(s.get("raw_size")), MI, "stream size")
+            _req(isinstance(s.get("sha256"), str) and HEX.fullmatch(s["sha256"]), MI, "stream sha256")
+            streams.append(dict(s, role=role))
+        groups.append({"enc": enc, "vd": vd, "streams": streams, "members": []})
+    return groups
+
+
+def _check_tensor(t, groups):
+    _req(isinstance(t, dict) and isinstance(t.get("name"), str), MI, "bad tensor")
+    try:
+        _req(len(t["name"].encode("utf-8")) <= 1024, LE, "tensor name over 1024 bytes")
+    except UnicodeEncodeError:
+        raise SpecError(MI, "tensor name not Unicode scalar values") from None
+    shape = t.get("shape")
+    _req(isinstance(shape, list), MI, "shape")
+    _req(len(shape) <= 8, LE, "rank over 8")
+    for d in shape:
+        _req(_nat(d), MI, "dimension")
+        _req(d <= MAXEL, LE, "dimension over 2^36")
+    numel = math.prod(shape)
+    _req(numel <= MAXEL, LE, "numel over 2^36")
+    _req(_one_of(t.get("dtype"), ITEMSIZE), MI, "dtype")
+    gi = t.get("group")
+    _req(_nat(gi) and gi < len(groups), MI, "group")
+    enc, nnz = groups[gi]["enc"], t.get("nnz")
+    _req(_nat(nnz) and nnz <= numel and (enc != "dense" or nnz == numel), MI, "nnz")
+    scale = _f32(t.get("scale"))
+    _req(scale is not None if enc == "ternary" else t.get("scale") is None, MI, "scale")
+    offset = _f32(t.get("offset", 0))
+    _req(offset is not None and (enc != "dense" or offset == 0), MI, "offset")
+    sha = t.get("sha256")
+    _req(sha is None or (isinstance(sha, str) and HEX.fullmatch(sha)), MI, "sha256")
+    return {"name": t["name"], "shape": tuple(shape), "numel": numel, "dtype": t["dtype"], "group": gi,
+            "nnz": nnz, "scale": scale, "offset": offset + np.float32(0), "sha256": sha}
+
+
+def _check_descriptive(m):
+    _req(isinstance(m.get("required_features", []), list), MI, "required_features")
+    ad, bm = m.get("adapter", {}), m.get("base_model", {})
+    co, pr = m.get("compression", {}), m.get("provenance", {})
+    _req(all(isinstance(x, dict) for x in (ad, bm, co, pr)), MI, "descriptive member not an object")
+    _req(_one_of(ad.get("representation", "weights"), ("weights", "delta")), MI, "representation")
+    _req(ad.get("peft_config") is None or isinstance(ad["peft_config"], dict), MI, "peft_config")
+    fp = bm.get("fingerprint")
+    _req(_str_or_null(bm.get("id")) and _str_or_null(bm.get("revision")), MI, "base_model")
+    _req(fp is None or (isinstance(fp, dict) and isinstance(fp.get("algorithm"), str)
+                        and isinstance(fp.get("value"), str)), MI, "fingerprint")
+    _req(isinstance(co.get("method", "none"), str), MI, "compression.method")
+    _req(all(co.get(k) is None or _number(co[k]) for k in ("density", "alpha", "sigma")), MI, "numbers")
+    _req(all(_str_or_null(co.get(k)) for k in ("scope", "mode", "reference")), MI, "compression strings")
+    _req(_nat(co.get("candidates", 0)) and _nat(co.get("kept", 0)), MI, "candidates/kept")
+    _req(isinstance(pr.get("tool", ""), str), MI, "provenance.tool")
+    _req(_str_or_null(pr.get("created_at")) and _str_or_null(pr.get("source")), MI, "provenance")
+    _req(_str_or_null(m.get("library_version", "")), MI, "library_version")
+
+
+def _check_manifest(m):
+    _req(isinstance(m, dict), MI, "manifest not an object")
+    T, G = m.get("tensors"), m.get("groups")
+    _req(isinstance(T, list) and isinstance(G, list), MI, "tensors/groups")
+    _req(len(T) <= MAXTENSORS, LE, "too many tensors")
+    groups = _check_groups(G)
+    tensors = [_check_tensor(t, groups) for t in T]
+    _check_descriptive(m)
+    _req(len({t["name"] for t in tensors}) == len(tensors), MI, "duplicate tensor names")
+    snames = [s["name"] for g in groups for s in g["streams"]]
+    _req(len(set(snames)) == len(snames), MI, "duplicate stream names")
+    for t in tensors:
+        groups[t["group"]]["members"].append(t)
+    for g in groups:
+        _req(g["members"], MI, "group without members")
+        n, k = sum(t["numel"] for t in g["members"]), sum(t["nnz"] for t in g["members"])
+        _req(n <= MAXEL, LE, "group over 2^36 elements")
+        b = ITEMSIZE.get(g["vd"], 0)
+        implied = {"positions": -(-n // 8), "signs": -(-k // 8), "values": (k if g["enc"] == "sparse" else n) * b}
+        for s in g["streams"]:
+            _req(s["raw_size"] == implied[s["role"]], MI, f"raw_size of {s['name']!r}")
+        for s in g["streams"]:
+            _req(s["compression"] != "none" or s["size"] == s["raw_size"], MI, f"size of {s['name']!r}")
+    return groups, tensors
+
+
+def _unframe(stored, s):
+    if s["compression"] == "none":
+        _req(len(stored) == s["raw_size"], SC, "stored length")
+        return stored
+    fcs = _frame_content_size(stored, SC)
+    _req(fcs is not None and fcs == s["raw_size"], SC, "Frame_Content_Size")
+    return _inflate(stored, fcs, SC)
+
+
+def _plane(raw, n):
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+    _req(not bits[n:].any(), SC, "nonzero padding bits")
+    return bits[:n].astype(bool)
+
+
+def _to_f32(raw, dtype):
+    if dtype == "bfloat16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, "<f4" if dtype == "float32" else "<f2").astype(np.float32)
+
+
+def _from_f32(x, dtype):
+    """Round binary32 values once, RNE, to the target dtype; NaN maps to a quiet NaN of the same sign."""
+    x = np.ascontiguousarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    nan = np.isnan(x)
+    if dtype == "float32":
+        return x.astype("<f4").tobytes()
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            h = x.astype("<f2").view("<u2").copy()
+        h[nan] = ((u[nan] >> 16) & 0x8000) | 0x7E00 | ((u[nan] >> 13) & 0x3FF)
+        return h.astype("<u2").tobytes()
+    h = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    h[nan] = (u[nan] >> 16) | 0x0040
+    return h.astype("<u2").tobytes()
+
+
+def _decode_group(g, raw):
+    members, n = g["members"], sum(t["numel"] for t in g["members"])
+    starts = np.cumsum([0] + [t["numel"] for t in members])
+    kstarts = np.cumsum([0] + [t["nnz"] for t in members])
+    out = []
+    if g["enc"] == "dense":
+        vals = raw["values"]
+        b = ITEMSIZE[g["vd"]]
+        for t, e in zip(members, starts[:-1], strict=True):
+            chunk = vals[e * b:(e + t["numel"]) * b]
+            out.append(chunk if g["vd"] == t["dtype"] else _from_f32(_to_f32(chunk, g["vd"]), t["dtype"]))
+        return out
+    k = int(kstarts[-1])
+    pos = _plane(raw["positions"], n)
+    signs = _plane(raw["signs"], k) if g["enc"] == "ternary" else None
+    for t, e in zip(members, starts[:-1], strict=True):
+        _req(np.count_nonzero(pos[e:e + t["numel"]]) == t["nnz"], SC, f"popcount of {t['name']!r}")
+    idx = np.flatnonzero(pos)
+    values = _to_f32(raw["values"], g["vd"]) if g["enc"] == "sparse" else None
+    for t, e, kk in zip(members, starts[:-1], kstarts[:-1], strict=True):
+        o, sel = t["offset"], slice(int(kk), int(kk) + t["nnz"])
+        if g["enc"] == "ternary":
+            s = t["scale"]
+            bg, p, q = (np.float32(0), s, -s) if o == 0 else (o, o + s, o - s)
+            v = np.where(signs[sel], np.float32(q), np.float32(p)).astype(np.float32)
+        else:
+            bg, v = o, (values[sel] if o == 0 else values[sel] + o)
+        x = np.full(t["numel"], bg, np.float32)
+        x[idx[sel] - e] = v
+        out.append(_from_f32(x, t["dtype"]))
+    return out
+
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except OSError as e:
+        code = {FileNotFoundError: "FILE_NOT_FOUND", IsADirectoryError: "INVALID_INPUT"}.get(type(e), "IO_ERROR")
+        raise SpecError(code, str(e)) from None
+    data_start, meta, table = _container(buf)
+    _req(meta.get("compeft.format") == "compeft", "NOT_COMPEFT")
+    version = meta.get("compeft.version")
+    _req(isinstance(version, str) and VERSION.fullmatch(version) is not None, MI, "compeft.version")
+    _req(version.split(".")[0] == "1", "UNSUPPORTED_VERSION", version)
+    manifest = _json(_manifest_text(meta), MI)
+    if isinstance(manifest, dict) and isinstance(manifest.get("required_features"), list):
+        _req(not manifest["required_features"], "UNSUPPORTED_FEATURE", str(manifest["required_features"]))
+    groups, tensors = _check_manifest(manifest)
+    streams = [s for g in groups for s in g["streams"]]
+    names = {s["name"] for s in streams}
+    _req(set(table) <= names, MM, "safetensors tensor not in manifest")
+    _req(names <= set(table), MM, "manifest stream missing")
+    for s in streams:
+        dtype, shape, _, _ = table[s["name"]]
+        _req(dtype == "U8" and len(shape) == 1 and shape[0] == s["size"], MM, f"stream {s['name']!r}")
+    result = {}
+    for g in groups:
+        raw = {}
+        for s in g["streams"]:
+            _, _, b, e = table[s["name"]]
+            stored = buf[data_start + b:data_start + e]
+            _req(hashlib.sha256(stored).hexdigest() == s["sha256"], "STREAM_DIGEST_MISMATCH", s["name"])
+            raw[s["role"]] = _unframe(stored, s)
+        for t, data in zip(g["members"], _decode_group(g, raw), strict=True):
+            _req(t["sha256"] is None or hashlib.sha256(data).hexdigest() == t["sha256"],
+                 "TENSOR_DIGEST_MISMATCH", t["name"])
+            result[t["name"]] = (t["dtype"], t["shape"], data)
+    return result
