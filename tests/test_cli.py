@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import VECTORS, bits_equal
 from safetensors.torch import load_file, save_file
 
 import compeft_format as cf
 from compeft_format.cli import main
+from conftest import VECTORS, bits_equal
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from conftest import bits_equal, state_dicts
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +15,7 @@ from compeft_format.codecs import REGISTRY, get_codec
 from compeft_format.codecs.bits import pack_bits, unpack_bits
 from compeft_format.codecs.streams import frame, smallest_frame, unframe
 from compeft_format.manifest import TensorInfo
+from conftest import bits_equal, state_dicts
 
 
 @given(st.lists(st.booleans(), max_size=200))

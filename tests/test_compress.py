@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import bits_equal, state_dicts, tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
 import compeft_format as cf
 from compeft_format import constants as C
+from conftest import bits_equal, state_dicts, tensors
 
 NO_DENSE = dict(dense_patterns=(), min_sparse_numel=0)
 

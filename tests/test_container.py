@@ -9,7 +9,6 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, bits_equal, state_dicts
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -17,6 +16,7 @@ from safetensors import safe_open
 import compeft_format as cf
 from compeft_format import constants as C
 from compeft_format.container import build, decode_manifest_text
+from conftest import ROOT, bits_equal, state_dicts
 
 
 @given(sd=state_dicts(), density=st.floats(0.01, 1.0), mode=st.sampled_from(C.MODES),

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, VECTORS
 from safetensors import safe_open
 
 import compeft_format as cf
 from compeft_format import constants as C
+from conftest import ROOT, VECTORS
 
 INDEX = json.loads((VECTORS / "vectors.json").read_text())
 
