@@ -65,7 +65,7 @@ def read_source(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     legacy = p / ADAPTER_WEIGHTS_BIN
     if legacy.is_file():
         try:
-            sd = torch.load(str(legacy), map_location="cpu", weights_only=True)
+            sd = torch.load(legacy, weights_only=True, map_location="cpu")
         except Exception as e:  # the weights-only unpickler refuses anything but tensors
             raise InputError(f"cannot read {legacy} as a weights-only checkpoint: {e}") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
