@@ -163,3 +163,26 @@ def test_unknown_peft_type_needs_reference(tmp_path, capsys):
     assert main(["compress", str(d), "-o", str(tmp_path / "o.safetensors")]) == 1
     assert "--reference" in capsys.readouterr().err
     assert main(["compress", str(d), "-o", str(tmp_path / "o.safetensors"), "--reference", "zero"]) == 0
+
+
+class _Exploit:
+    """A pickle payload that would create a file when unpickled by an unrestricted loader."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_legacy_bin_is_refused_without_running_code(tmp_path, capsys):
+    d = tmp_path / "evil"
+    d.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"x.lora_A.weight": torch.randn(8, 8), "payload": _Exploit(str(marker))}, str(d / "adapter_model.bin"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert main(["compress", str(d), "-o", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID_INPUT" in err and "weights-only" in err
+    assert not marker.exists()
+    assert not (tmp_path / "o.safetensors").exists()
