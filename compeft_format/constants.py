@@ -36,19 +36,34 @@ ENC_DENSE = "dense"
 ENCODINGS = (ENC_TERNARY, ENC_SPARSE, ENC_DENSE)
 
 POSITIONS_BITMAP = "bitmap"
-POSITION_CODINGS = (POSITIONS_BITMAP,)
+POSITIONS_GOLOMB = "golomb"
+POSITION_CODINGS = (POSITIONS_BITMAP, POSITIONS_GOLOMB)
 
 # stream roles
 ROLE_POSITIONS = "positions"
+ROLE_UNARY = "unary"
+ROLE_REMAINDERS = "remainders"
+ROLE_EXTRA = "extra"
 ROLE_SIGNS = "signs"
 ROLE_VALUES = "values"
 
-#: Streams each encoding carries, in the order they are listed.
+#: Streams of each position coding, then of each encoding after its positions, in order.
+POSITION_STREAMS: dict[str, tuple[str, ...]] = {
+    POSITIONS_BITMAP: (ROLE_POSITIONS,),
+    POSITIONS_GOLOMB: (ROLE_UNARY, ROLE_REMAINDERS, ROLE_EXTRA),
+}
 ENCODING_STREAMS: dict[str, tuple[str, ...]] = {
-    ENC_TERNARY: (ROLE_POSITIONS, ROLE_SIGNS),
-    ENC_SPARSE: (ROLE_POSITIONS, ROLE_VALUES),
+    ENC_TERNARY: (ROLE_SIGNS,),
+    ENC_SPARSE: (ROLE_VALUES,),
     ENC_DENSE: (ROLE_VALUES,),
 }
+
+
+def stream_roles(encoding: str, params: dict) -> tuple[str, ...]:
+    """The stream roles of a group, in order: position streams (when the encoding has positions)
+    then the encoding's own."""
+    pos = POSITION_STREAMS[params["positions"]] if encoding in (ENC_TERNARY, ENC_SPARSE) else ()
+    return pos + ENCODING_STREAMS[encoding]
 
 # stream compression
 COMP_NONE = "none"
@@ -131,6 +146,8 @@ READER_ERROR_CODES = (
 
 # --- writer defaults (not normative) ----------------------------------------------------------
 DEFAULT_ZSTD_LEVEL = 19
+#: Above this fraction of kept elements in a group the writer codes positions as a bitmap.
+GOLOMB_MAX_DENSITY = 0.4
 DEFAULT_MAX_GROUP_ELEMENTS = 1 << 26
 DEFAULT_MIN_SPARSE_NUMEL = 32
 #: Tensor-name patterns kept dense by default: they are not deltas from the reference (DoRA

@@ -228,22 +228,29 @@ def check_streams_match(manifest: Manifest, header: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def _group_params(t: CompressedTensor) -> dict[str, Any]:
-    if t.encoding == C.ENC_TERNARY:
-        return {"positions": C.POSITIONS_BITMAP}
-    if t.encoding == C.ENC_SPARSE:
-        return {"positions": C.POSITIONS_BITMAP, "value_dtype": t.value_dtype}
-    return {"value_dtype": t.value_dtype}
+def _group_params(t: CompressedTensor, positions: str) -> dict[str, Any]:
+    """Parameters of the group a tensor joins. ``positions="auto"`` codes positions with Golomb
+    codes unless the tensor keeps more than ``GOLOMB_MAX_DENSITY`` of its elements."""
+    params: dict[str, Any] = {}
+    if t.encoding in (C.ENC_TERNARY, C.ENC_SPARSE):
+        if positions == "auto":
+            dense_enough = t.numel and t.nnz > C.GOLOMB_MAX_DENSITY * t.numel
+            positions = C.POSITIONS_BITMAP if dense_enough else C.POSITIONS_GOLOMB
+        params["positions"] = positions
+    if t.encoding in (C.ENC_SPARSE, C.ENC_DENSE):
+        params["value_dtype"] = t.value_dtype
+    return params
 
 
-def plan_groups(tensors: list[CompressedTensor], max_group_elements: int) -> list[tuple[dict[str, Any], str, list[int]]]:
+def plan_groups(tensors: list[CompressedTensor], max_group_elements: int,
+                positions: str = "auto") -> list[tuple[dict[str, Any], str, list[int]]]:
     """Assign tensors to groups: same encoding and parameters, at most ``max_group_elements``
     elements each (a larger tensor gets a group of its own)."""
     groups: list[tuple[dict[str, Any], str, list[int]]] = []
     open_group: dict[str, int] = {}
     sizes: list[int] = []
     for i, t in enumerate(tensors):
-        params = _group_params(t)
+        params = _group_params(t, positions)
         key = json.dumps([t.encoding, params], sort_keys=True)
         gi = open_group.get(key)
         if gi is None or (sizes[gi] + t.numel > max_group_elements and sizes[gi] > 0):
@@ -258,7 +265,8 @@ def plan_groups(tensors: list[CompressedTensor], max_group_elements: int) -> lis
 
 def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
           max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS,
-          tensor_digests: bool = True, manifest_encoding: str = "auto") -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
+          tensor_digests: bool = True, manifest_encoding: str = "auto",
+          positions: str = "auto") -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
     """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk."""
     tensors = list(adapter.tensors.values())
     if len(tensors) > C.MAX_TENSORS:
@@ -274,11 +282,12 @@ def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
     group_of = [0] * len(tensors)
     groups: list[GroupInfo] = []
     streams: dict[str, np.ndarray] = {}
-    for gi, (params, encoding, idx) in enumerate(plan_groups(tensors, max_group_elements)):
-        codec = get_codec(encoding)
-        raw = codec.encode([tensors[i] for i in idx], params)
+    if positions not in ("auto",) + C.POSITION_CODINGS:
+        raise InvalidArgument(f"positions must be 'auto' or one of {list(C.POSITION_CODINGS)}")
+    for gi, (params, encoding, idx) in enumerate(plan_groups(tensors, max_group_elements, positions)):
+        raw = get_codec(encoding).encode([tensors[i] for i in idx], params)
         infos = {}
-        for role in codec.roles:
+        for role in C.stream_roles(encoding, params):
             comp, stored = smallest_frame(raw[role], zstd_level)
             name = f"g{gi}.{role}"
             streams[name] = np.frombuffer(stored, dtype=np.uint8)
@@ -352,7 +361,7 @@ def atomic_write(path: PathLike, write) -> None:
 
 def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
          max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS, tensor_digests: bool = True,
-         manifest_encoding: str = "auto") -> Manifest:
+         manifest_encoding: str = "auto", positions: str = "auto") -> Manifest:
     """Write a compressed adapter to ``path`` atomically (temp file, fsync, rename).
 
     Args:
@@ -362,12 +371,16 @@ def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFA
         max_group_elements: largest number of elements coded together in one group.
         tensor_digests: record the sha256 of each decoded tensor (for conformance checks).
         manifest_encoding: ``"json"``, ``"zstd+base64"`` or ``"auto"`` (the shorter).
+        positions: position coding of ternary and sparse groups: ``"golomb"`` (near the
+            information bound), ``"bitmap"`` (one bit per element) or ``"auto"`` (Golomb unless a
+            tensor keeps more than 40% of its elements).
 
     Returns:
         The manifest written.
     """
     manifest, streams, meta = build(adapter, zstd_level=zstd_level, max_group_elements=max_group_elements,
-                                    tensor_digests=tensor_digests, manifest_encoding=manifest_encoding)
+                                    tensor_digests=tensor_digests, manifest_encoding=manifest_encoding,
+                                    positions=positions)
     try:
         atomic_write(path, lambda tmp: save_file(streams, tmp, metadata=meta))
     except OSError as e:
@@ -404,7 +417,8 @@ class CompeftFile:
         self._index = {t.name: i for i, t in enumerate(self.manifest.tensors)}
         self._members = self.manifest.group_members()
         self._handle = None
-        self._cache: tuple[int, str, dict[str, torch.Tensor]] | None = None
+        # the last group read: (index, device, raw streams, decoding memo)
+        self._cache: tuple[int, str, dict[str, torch.Tensor], dict] | None = None
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> CompeftFile:
@@ -451,10 +465,10 @@ class CompeftFile:
             return np.zeros(0, dtype=np.uint8)
         return self._st().get_tensor(info.name).numpy()
 
-    def _group_raw(self, gi: int, device: str | torch.device) -> dict[str, torch.Tensor]:
+    def _group_raw(self, gi: int, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict]:
         key = str(device)
         if self._cache is not None and self._cache[0] == gi and self._cache[1] == key:
-            return self._cache[2]
+            return self._cache[2], self._cache[3]
         raw = {}
         for role, info in self.manifest.groups[gi].streams.items():
             stored = self.stored_stream(info)
@@ -463,13 +477,14 @@ class CompeftFile:
                 raise StreamDigestMismatch(
                     f"stream {info.name!r}: sha256 is {actual}, manifest declares {info.sha256}")
             raw[role] = _as_tensor(unframe(stored, info.compression, info.raw_size)).to(device)
-        self._cache = (gi, key, raw)
-        return raw
+        self._cache = (gi, key, raw, {})
+        return raw, self._cache[3]
 
     def _decode(self, gi: int, select: list[int], dtype, device) -> dict[int, torch.Tensor]:
         g = self.manifest.groups[gi]
         members = [self.manifest.tensors[i] for i in self._members[gi]]
-        return get_codec(g.encoding).decode(self._group_raw(gi, device), members, g.params, select, dtype)
+        raw, memo = self._group_raw(gi, device)
+        return get_codec(g.encoding).decode(raw, members, g.params, select, dtype, memo)
 
     # -- tensors ---------------------------------------------------------------------------
     def get_tensor(self, name: str, *, dtype: str | torch.dtype | None = None,

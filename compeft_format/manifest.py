@@ -158,19 +158,24 @@ class Manifest:
             members[t.group].append(i)
         return members
 
-    def expected_raw_sizes(self, gi: int) -> dict[str, int]:
-        """Decoded byte size of each stream of group ``gi``, derived from shapes and counts."""
+    def expected_raw_sizes(self, gi: int) -> dict[str, tuple[int, bool]]:
+        """Decoded byte size of each stream of group ``gi`` implied by shapes and counts, as
+        (size, exact); ``exact`` False means the size is an upper bound (spec 8.4)."""
+        from .codecs.positions import raw_sizes
+
         g = self.groups[gi]
         members = [self.tensors[i] for i in self.group_members()[gi]]
-        n = sum(t.numel for t in members)
         k = sum(t.nnz for t in members)
+        out: dict[str, tuple[int, bool]] = {}
+        if g.encoding in (C.ENC_TERNARY, C.ENC_SPARSE):
+            out.update(raw_sizes(g.params["positions"], members))
         if g.encoding == C.ENC_TERNARY:
-            return {C.ROLE_POSITIONS: (n + 7) // 8, C.ROLE_SIGNS: (k + 7) // 8}
-        if g.encoding == C.ENC_SPARSE:
+            out[C.ROLE_SIGNS] = ((k + 7) // 8, True)
+        else:
             item = C.DTYPE_ITEMSIZE[g.params["value_dtype"]]
-            return {C.ROLE_POSITIONS: (n + 7) // 8, C.ROLE_VALUES: k * item}
-        item = C.DTYPE_ITEMSIZE[g.params["value_dtype"]]
-        return {C.ROLE_VALUES: n * item}
+            count = k if g.encoding == C.ENC_SPARSE else sum(t.numel for t in members)
+            out[C.ROLE_VALUES] = (count * item, True)
+        return out
 
     def check_consistency(self) -> None:
         """Cross-field rules: unique names, every group used, group sizes within limits, raw
@@ -195,10 +200,11 @@ class Manifest:
                 raise LimitExceeded(f"group {gi} holds {total} elements, limit {C.MAX_GROUP_ELEMENTS}")
             expected = self.expected_raw_sizes(gi)
             for role, info in self.groups[gi].streams.items():
-                if info.raw_size != expected[role]:
+                size, exact = expected[role]
+                if info.raw_size > size or (exact and info.raw_size != size):
                     raise ManifestError(
                         f"group {gi} stream {role!r} declares raw_size {info.raw_size}, "
-                        f"shapes imply {expected[role]}"
+                        f"shapes imply {'' if exact else 'at most '}{size}"
                     )
                 if info.compression == C.COMP_NONE and info.size != info.raw_size:
                     raise ManifestError(f"uncompressed stream {info.name!r} has size != raw_size")
@@ -291,7 +297,7 @@ def _parse_group(g: Any, i: int) -> GroupInfo:
         if vd not in C.FLOAT_DTYPES:
             raise UnknownEncoding(f"groups[{i}] uses unknown value dtype {vd!r}")
     raw_streams = _obj(g.get("streams"), f"groups[{i}].streams")
-    roles = C.ENCODING_STREAMS[enc]
+    roles = C.stream_roles(enc, params)
     if set(raw_streams) != set(roles):
         raise ManifestError(f"groups[{i}] ({enc}) must have exactly the streams {list(roles)}")
     streams = {}

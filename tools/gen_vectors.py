@@ -62,6 +62,8 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
         "v1_ternary_global": cf.compress(lora, density=0.3, alpha=1.5, adapter_kind="lora",
                                          base_model_id="example/tiny-llama", base_model_revision="main", **common),
         "v1_ternary_tensor": cf.compress(lora, density=0.5, alpha=1.0, scope="tensor", dtype="float32", **common),
+        "v1_ternary_golomb": cf.compress(lora, density=0.05, alpha=1.0, **common),
+        "v1_ternary_bitmap": cf.compress(lora, density=0.3, alpha=1.5, **common),
         "v1_ternary_ones": cf.compress(ia3, density=0.2, alpha=2.0, reference="ones", adapter_kind="ia3", **common),
         "v1_sparse_prune": cf.compress(lora, density=0.25, mode="prune", **common),
         "v1_sparse_ones_prune": cf.compress(ia3, density=0.4, mode="prune", reference="ones", **common),
@@ -72,8 +74,11 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
 
 
 VALID_OPTIONS: dict[str, dict[str, Any]] = {
-    "v1_ternary_tensor": {"max_group_elements": 64, "manifest_encoding": C.MANIFEST_JSON},
-    "v1_sparse_prune": {"manifest_encoding": C.MANIFEST_ZSTD_BASE64, "tensor_digests": False},
+    "v1_ternary_global": {"positions": "auto"},
+    "v1_ternary_tensor": {"max_group_elements": 64, "manifest_encoding": C.MANIFEST_JSON, "positions": "bitmap"},
+    "v1_ternary_golomb": {"positions": "golomb"},
+    "v1_ternary_bitmap": {"positions": "bitmap"},
+    "v1_sparse_prune": {"manifest_encoding": C.MANIFEST_ZSTD_BASE64, "tensor_digests": False, "positions": "golomb"},
 }
 
 
@@ -108,8 +113,9 @@ class Parts:
         path.chmod(0o644)
 
 
-def _group_of(parts: Parts, encoding: str) -> int:
-    return next(i for i, g in enumerate(parts.manifest["groups"]) if g["encoding"] == encoding)
+def _group_of(parts: Parts, encoding: str, positions: str | None = None) -> int:
+    return next(i for i, g in enumerate(parts.manifest["groups"]) if g["encoding"] == encoding
+                and (positions is None or g["params"].get("positions") == positions))
 
 
 def d_unknown_major(p: Parts):
@@ -141,9 +147,9 @@ def d_manifest_mismatch(p: Parts):
 
 
 def d_stream_size_mismatch(p: Parts):
-    gi = _group_of(p, C.ENC_TERNARY)
-    p.stream(gi, C.ROLE_POSITIONS)["size"] += 1
-    p.seal()
+    # the file's tensor grows by a byte; the manifest still declares the old size
+    name = p.stream(0, C.ROLE_SIGNS)["name"]
+    p.streams[name] = np.concatenate([p.streams[name], np.zeros(1, dtype=np.uint8)])
 
 
 def d_unknown_encoding(p: Parts):
@@ -152,7 +158,7 @@ def d_unknown_encoding(p: Parts):
 
 
 def d_unknown_compression(p: Parts):
-    gi = _group_of(p, C.ENC_TERNARY)
+    gi = _group_of(p, C.ENC_TERNARY, C.POSITIONS_BITMAP)
     p.stream(gi, C.ROLE_POSITIONS)["compression"] = "lzma"
     p.seal()
 
@@ -175,7 +181,7 @@ def d_stream_digest(p: Parts):
 
 def d_zstd_bomb(p: Parts):
     # A frame that declares far more content than the manifest's raw_size.
-    gi = _group_of(p, C.ENC_TERNARY)
+    gi = _group_of(p, C.ENC_TERNARY, C.POSITIONS_BITMAP)
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\xff" * (1 << 20))
     p.set_stream(gi, C.ROLE_POSITIONS, bomb)
     p.stream(gi, C.ROLE_POSITIONS)["compression"] = C.COMP_ZSTD
@@ -183,7 +189,7 @@ def d_zstd_bomb(p: Parts):
 
 
 def d_padding_bits(p: Parts):
-    gi = _group_of(p, C.ENC_TERNARY)
+    gi = _group_of(p, C.ENC_TERNARY, C.POSITIONS_BITMAP)
     s = p.stream(gi, C.ROLE_POSITIONS)
     raw = bytearray(_raw_stream(p, gi, C.ROLE_POSITIONS))
     raw[-1] |= 0x80
@@ -193,7 +199,7 @@ def d_padding_bits(p: Parts):
 
 
 def d_popcount(p: Parts):
-    gi = _group_of(p, C.ENC_TERNARY)
+    gi = _group_of(p, C.ENC_TERNARY, C.POSITIONS_BITMAP)
     raw = bytearray(_raw_stream(p, gi, C.ROLE_POSITIONS))
     i = next(j for j, b in enumerate(raw) if b != 0xFF)
     raw[i] |= (~raw[i] & -(~raw[i])) & 0xFF  # set the lowest clear bit: one entry too many
@@ -230,11 +236,43 @@ def d_manifest_bomb(p: Parts):
     p.meta[C.META_MANIFEST] = __import__("base64").b64encode(bomb).decode()
 
 
+def _golomb_stream(p: Parts, role: str, edit: Callable[[bytearray], bytes | bytearray]) -> None:
+    gi = _group_of(p, C.ENC_TERNARY, C.POSITIONS_GOLOMB)
+    raw = edit(bytearray(_raw_stream(p, gi, role)))
+    p.set_stream(gi, role, bytes(raw), raw_size=len(raw))
+    p.stream(gi, role)["compression"] = C.COMP_NONE
+    p.seal()
+
+
+def d_golomb_missing_code(p: Parts):
+    # clear the last terminator: one code fewer than the manifest's nnz declares
+    def edit(raw):
+        last = max(i for i, b in enumerate(raw) if b)
+        raw[last] &= ~(1 << (raw[last].bit_length() - 1)) & 0xFF
+        return raw if raw[-1] else raw[:-1]
+    _golomb_stream(p, C.ROLE_UNARY, edit)
+
+
+def d_golomb_trailing(p: Parts):
+    _golomb_stream(p, C.ROLE_UNARY, lambda raw: raw + b"\0")
+
+
+def d_golomb_overrun(p: Parts):
+    # a long run of zero bits before the last code pushes a position past its tensor's end
+    def edit(raw):
+        last = max(i for i, b in enumerate(raw) if b)
+        return raw[:last] + b"\0" * 40 + raw[last:]
+    _golomb_stream(p, C.ROLE_UNARY, edit)
+
+
 def _raw_stream(p: Parts, gi: int, role: str) -> bytes:
     s = p.stream(gi, role)
     data = p.streams[s["name"]].tobytes()
     return zstandard.ZstdDecompressor().decompress(data) if s["compression"] == C.COMP_ZSTD else data
 
+
+BITMAP_DEFECTS = {"zstd_bomb", "padding_bits", "popcount", "unknown_compression"}
+GOLOMB_DEFECTS = {"golomb_missing_code", "golomb_trailing_byte", "golomb_overrun"}
 
 DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "unknown_major": (d_unknown_major, C.E_UNSUPPORTED_VERSION),
@@ -257,6 +295,9 @@ DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "padding_bits": (d_padding_bits, C.E_STREAM_CORRUPT),
     "popcount": (d_popcount, C.E_STREAM_CORRUPT),
     "tensor_digest": (d_tensor_digest, C.E_TENSOR_DIGEST_MISMATCH),
+    "golomb_missing_code": (d_golomb_missing_code, C.E_STREAM_CORRUPT),
+    "golomb_trailing_byte": (d_golomb_trailing, C.E_STREAM_CORRUPT),
+    "golomb_overrun": (d_golomb_overrun, C.E_STREAM_CORRUPT),
 }
 
 
@@ -275,9 +316,10 @@ def generate(out: Path) -> dict[str, Any]:
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
                         for n, t in adapter.tensors.items()},
         })
-    base = built["v1_ternary_global"]
     for name, (mutate, code) in DEFECTS.items():
-        parts = Parts(*base)
+        base = ("v1_ternary_bitmap" if name in BITMAP_DEFECTS else
+                "v1_ternary_golomb" if name in GOLOMB_DEFECTS else "v1_ternary_global")
+        parts = Parts(*built[base])
         mutate(parts)
         path = out / f"bad_{name}.cpeft.safetensors"
         parts.write(path)

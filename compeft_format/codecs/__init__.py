@@ -1,6 +1,6 @@
 """Codec registry: encoding name -> codec (spec section 4).
 
-A codec is two pure functions over one group:
+A codec is two pure functions over one group (its streams are ``constants.stream_roles``):
 ``encode(members, params) -> {role: raw bytes}`` and
 ``decode(raw, members, params, select, dtype) -> {member index: tensor}``, where ``raw`` maps each
 role to a uint8 tensor on the device that will hold the output. Framing (zstd), hashing and file
@@ -21,15 +21,14 @@ from . import dense, sparse, ternary
 @dataclass(frozen=True)
 class Codec:
     name: str
-    roles: tuple[str, ...]
     encode: Callable[..., dict[str, bytes]]
     decode: Callable[..., dict[int, Any]]
 
 
 REGISTRY: dict[str, Codec] = {
-    C.ENC_TERNARY: Codec(C.ENC_TERNARY, C.ENCODING_STREAMS[C.ENC_TERNARY], ternary.encode, ternary.decode),
-    C.ENC_SPARSE: Codec(C.ENC_SPARSE, C.ENCODING_STREAMS[C.ENC_SPARSE], sparse.encode, sparse.decode),
-    C.ENC_DENSE: Codec(C.ENC_DENSE, C.ENCODING_STREAMS[C.ENC_DENSE], dense.encode, dense.decode),
+    C.ENC_TERNARY: Codec(C.ENC_TERNARY, ternary.encode, ternary.decode),
+    C.ENC_SPARSE: Codec(C.ENC_SPARSE, sparse.encode, sparse.decode),
+    C.ENC_DENSE: Codec(C.ENC_DENSE, dense.encode, dense.decode),
 }
 
 

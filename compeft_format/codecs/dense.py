@@ -18,7 +18,7 @@ def encode(members: Sequence[Any], params: dict[str, Any]) -> dict[str, bytes]:
 
 
 def decode(raw: dict[str, torch.Tensor], members: Sequence[Any], params: dict[str, Any],
-           select: Sequence[int], dtype: str | torch.dtype | None) -> dict[int, torch.Tensor]:
+           select: Sequence[int], dtype: str | torch.dtype | None, memo: dict | None = None) -> dict[int, torch.Tensor]:
     values = values_view(raw[C.ROLE_VALUES], params["value_dtype"])
     offs = element_offsets([m.numel for m in members])
     out: dict[int, torch.Tensor] = {}

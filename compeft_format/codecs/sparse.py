@@ -1,4 +1,4 @@
-"""``sparse`` (spec 4.3): a position bit-plane and the kept values in ``value_dtype``,
+"""``sparse`` (spec 4.3): the group's positions (4.7) and the kept values in ``value_dtype``,
 little-endian, in position order."""
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import torch
 
 from .. import constants as C
 from ..dtypes import to_torch
-from .bits import pack_bits
-from .layout import positions_bitmap
-from .ternary import kept_masks
+from . import positions
 
 
 def values_bytes(values: Sequence[torch.Tensor], value_dtype: str) -> bytes:
@@ -29,24 +27,21 @@ def values_view(raw: torch.Tensor, value_dtype: str) -> torch.Tensor:
 
 
 def encode(members: Sequence[Any], params: dict[str, Any]) -> dict[str, bytes]:
-    mask = positions_bitmap([m.numel for m in members], [m.indices for m in members])
-    return {
-        C.ROLE_POSITIONS: pack_bits(mask),
-        C.ROLE_VALUES: values_bytes([m.values for m in members], params["value_dtype"]),
-    }
+    return {**positions.encode(params["positions"], members),
+            C.ROLE_VALUES: values_bytes([m.values for m in members], params["value_dtype"])}
 
 
 def decode(raw: dict[str, torch.Tensor], members: Sequence[Any], params: dict[str, Any],
-           select: Sequence[int], dtype: str | torch.dtype | None) -> dict[int, torch.Tensor]:
+           select: Sequence[int], dtype: str | torch.dtype | None, memo: dict | None = None) -> dict[int, torch.Tensor]:
     values = values_view(raw[C.ROLE_VALUES], params["value_dtype"])
     out: dict[int, torch.Tensor] = {}
-    for j, mask, first in kept_masks(raw[C.ROLE_POSITIONS], members, select):
+    for j, where, first in positions.locate(params["positions"], raw, members, select, memo):
         m = members[j]
         tdt = to_torch(dtype or m.dtype)
         v = values[first:first + m.nnz]
         if m.offset != 0.0:
             v = v.to(torch.float32) + float(np.float32(m.offset))
-        t = torch.full((m.numel,), float(np.float32(m.offset)), dtype=tdt, device=mask.device)
-        t.masked_scatter_(mask, v.to(tdt))
+        t = torch.full((m.numel,), float(np.float32(m.offset)), dtype=tdt, device=where.device)
+        t[where] = v.to(tdt)
         out[j] = t.view(m.shape)
     return out

@@ -1,0 +1,207 @@
+"""Position codings (spec 4.7): where the kept entries of a group are. Shared by ``ternary`` and
+``sparse``.
+
+``bitmap``: one bit per element (4.1). ``golomb``: per member, the gaps between consecutive kept
+positions (zeros before each kept element, restarting at the member's first element), Golomb-coded
+with a parameter ``m`` derived from the member's ``numel`` and ``nnz``; the quotient in unary, the
+remainder in truncated binary split into a fixed-width field and one extra bit where needed, so
+that decoding is a handful of prefix sums and gathers (vectorised, on any device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import constants as C
+from ..errors import StreamCorrupt
+from .bits import pack_bits, popcount, unpack_bits, unpack_range
+from .layout import element_offsets, positions_bitmap
+
+
+def golomb_m(numel: int, nnz: int) -> int:
+    """Golomb parameter of a member: ``max(1, floor(((n-k)*45426 + k*32768) / (k*65536)))``, i.e.
+    ln 2 * (n-k)/k rounded, in exact integer arithmetic (spec 4.7.2); 1 when ``nnz`` is 0."""
+    if nnz <= 0:
+        return 1
+    return max(1, ((numel - nnz) * 45426 + nnz * 32768) // (nnz * 65536))
+
+
+def golomb_widths(m: int) -> tuple[int, int]:
+    """(field width w, cutoff u) of the truncated-binary remainder for parameter m."""
+    if m == 1:
+        return 0, 0
+    b = (m - 1).bit_length()  # ceil(log2 m)
+    return b - 1, (1 << b) - m
+
+
+# --- sizes ----------------------------------------------------------------------------------
+def raw_sizes(coding: str, members: Sequence[Any]) -> dict[str, tuple[int, bool]]:
+    """Per role: (size, exact). ``exact`` False means ``size`` is an upper bound (spec 8.4)."""
+    n = sum(m.numel for m in members)
+    k = sum(m.nnz for m in members)
+    if coding == C.POSITIONS_BITMAP:
+        return {C.ROLE_POSITIONS: ((n + 7) // 8, True)}
+    fields = sum(m.nnz * golomb_widths(golomb_m(m.numel, m.nnz))[0] for m in members)
+    return {
+        C.ROLE_UNARY: ((n + k + 7) // 8, False),
+        C.ROLE_REMAINDERS: ((fields + 7) // 8, True),
+        C.ROLE_EXTRA: ((k + 7) // 8, False),
+    }
+
+
+# --- encoding -------------------------------------------------------------------------------
+def encode(coding: str, members: Sequence[Any]) -> dict[str, bytes]:
+    """Streams of the group's positions; ``members`` carry ``numel`` and sorted ``indices``."""
+    if coding == C.POSITIONS_BITMAP:
+        return {C.ROLE_POSITIONS: pack_bits(positions_bitmap([m.numel for m in members],
+                                                             [m.indices for m in members]))}
+    unary, fields, extra = [], [], []
+    for mem in members:
+        idx = np.asarray(mem.indices, dtype=np.int64)
+        if idx.size == 0:
+            continue
+        m = golomb_m(mem.numel, idx.size)
+        w, u = golomb_widths(m)
+        gaps = np.diff(idx, prepend=-1) - 1
+        q, r = np.divmod(gaps, m)
+        bits = np.zeros(int(q.sum()) + idx.size, dtype=bool)
+        bits[np.cumsum(q + 1) - 1] = True
+        unary.append(bits)
+        if m > 1:
+            big = r >= u
+            x = np.where(big, (r + u) >> 1, r)
+            fields.append(((x[:, None] >> np.arange(w)) & 1).astype(bool).reshape(-1))
+            extra.append(((r[big] + u) & 1).astype(bool))
+    return {C.ROLE_UNARY: pack_bits(_cat(unary)), C.ROLE_REMAINDERS: pack_bits(_cat(fields)),
+            C.ROLE_EXTRA: pack_bits(_cat(extra))}
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+# --- decoding -------------------------------------------------------------------------------
+def locate(coding: str, raw: dict[str, torch.Tensor], members: Sequence[Any],
+           select: Sequence[int], memo: dict | None = None) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """Yield (member index, where, first entry) for the selected members: ``where`` is a bool
+    mask over the member's elements (bitmap) or its kept flat indices in increasing order
+    (golomb); ``first`` is the index of its first entry in the group's entry sequence.
+
+    ``memo``, when given, keeps group-wide decoding work between calls on the same streams."""
+    if coding == C.POSITIONS_BITMAP:
+        yield from _bitmap_masks(raw[C.ROLE_POSITIONS], members, select)
+        return
+    memo = {} if memo is None else memo
+    if "golomb" not in memo:
+        memo["golomb"] = _golomb_running_sums(raw, members)
+    csum = memo["golomb"]
+    first = np.concatenate([[0], np.cumsum([m.nnz for m in members], dtype=np.int64)])
+    for j in select:
+        a, b = int(first[j]), int(first[j + 1])
+        if a == b:
+            yield j, torch.zeros(0, dtype=torch.int64, device=csum.device), a
+            continue
+        idx = csum[a:b] - (csum[a - 1] if a else 0) - 1
+        if int(idx[-1]) >= members[j].numel:
+            raise StreamCorrupt(f"tensor {members[j].name!r}: a decoded position is beyond its {members[j].numel} elements")
+        yield j, idx, a
+
+
+def _bitmap_masks(raw_positions: torch.Tensor, members: Sequence[Any], select: Sequence[int]):
+    offs = element_offsets([m.numel for m in members])
+    declared = np.concatenate([[0], np.cumsum([m.nnz for m in members], dtype=np.int64)])
+    if len(select) == len(members):  # whole group: one unpack, each member's own count
+        bits = unpack_bits(raw_positions, int(offs[-1]))
+        for j in select:
+            mask = bits[int(offs[j]):int(offs[j + 1])]
+            if int(mask.sum()) != members[j].nnz:
+                raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
+            yield j, mask, int(declared[j])
+        return
+    n = int(offs[-1])
+    if raw_positions.numel() != (n + 7) // 8:
+        raise StreamCorrupt(f"position bit-plane has {raw_positions.numel()} bytes, {n} bits need {(n + 7) // 8}")
+    if n % 8 and int(raw_positions[-1]) >> (n % 8):
+        raise StreamCorrupt("padding bits of a bit stream are not zero")
+    for j in select:  # one member: unpack its bytes only, count the bits before it by bytes
+        a, b = int(offs[j]), int(offs[j + 1])
+        mask = unpack_range(raw_positions, a, b)
+        before = popcount(raw_positions[:a // 8]) + int(unpack_range(raw_positions, 8 * (a // 8), a).sum())
+        if before != int(declared[j]) or int(mask.sum()) != members[j].nnz:
+            raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
+        yield j, mask, before
+
+
+def read_fields(buf: torch.Tensor, start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Unsigned little-endian bit fields: field i is ``width[i]`` bits from bit ``start[i]``
+    (widths up to 56), gathered through 8-byte windows."""
+    if start.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=buf.device)
+    span = (7 + int(width.max()) + 7) // 8  # bytes a field can touch
+    padded = torch.cat([buf, buf.new_zeros(span)]).to(torch.int64)
+    byte = start >> 3
+    window = padded[byte]
+    for i in range(1, span):  # assemble the little-endian word at each field's first byte
+        window |= padded[byte + i] << (8 * i)
+    return (window >> (start & 7)) & ((1 << width) - 1)
+
+
+def _ones(buf: torch.Tensor, name: str) -> torch.Tensor:
+    """Indices of the 1 bits of a bit stream whose last 1 bit ends the data (the rest is zero
+    padding within the last byte)."""
+    bits = unpack_range(buf, 0, 8 * buf.numel())
+    ones = torch.nonzero(bits).reshape(-1)
+    if buf.numel() and (ones.numel() == 0 or int(ones[-1]) < 8 * (buf.numel() - 1)):
+        raise StreamCorrupt(f"{name} stream has trailing bytes")
+    return ones
+
+
+def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -> torch.Tensor:
+    """Decode all of a group's Golomb codes; entry i of the result is (position + 1) summed from
+    its member's first entry, i.e. ``position = csum[i] - csum[first - 1] - 1``."""
+    dev = raw[C.ROLE_UNARY].device
+    nnz = [m.nnz for m in members]
+    total = sum(nnz)
+    params = [golomb_m(m.numel, m.nnz) for m in members]
+    widths = [golomb_widths(m) for m in params]
+
+    # quotients: the unary stream holds exactly `total` one bits, the last one in its last byte
+    ends = _ones(raw[C.ROLE_UNARY], "unary")
+    if ends.numel() != total:
+        raise StreamCorrupt(f"unary stream holds {ends.numel()} codes, manifest declares {total}")
+    q = torch.diff(ends, prepend=ends.new_full((1,), -1)) - 1
+
+    # remainder fields: member j's entries have width w_j, packed back to back
+    kk = torch.tensor(nnz, dtype=torch.int64, device=dev)
+    m_e = torch.repeat_interleave(torch.tensor(params, dtype=torch.int64, device=dev), kk, output_size=total)
+    w_e = torch.repeat_interleave(torch.tensor([w for w, _ in widths], dtype=torch.int64, device=dev), kk,
+                                  output_size=total)
+    u_e = torch.repeat_interleave(torch.tensor([u for _, u in widths], dtype=torch.int64, device=dev), kk,
+                                  output_size=total)
+    nfield = int(w_e.sum())
+    rem = raw[C.ROLE_REMAINDERS]
+    if rem.numel() != (nfield + 7) // 8 or (nfield % 8 and int(rem[-1]) >> (nfield % 8)):
+        raise StreamCorrupt("remainders stream size or padding disagrees with the manifest")
+    x = read_fields(rem, torch.cumsum(w_e, 0) - w_e, w_e)
+
+    # extra bits: one for each entry whose field is at or above the cutoff, in entry order
+    need = (m_e > 1) & (x >= u_e)
+    nextra = int(need.sum())
+    ext = raw[C.ROLE_EXTRA]
+    if ext.numel() != (nextra + 7) // 8 or (nextra % 8 and int(ext[-1]) >> (nextra % 8)):
+        raise StreamCorrupt("extra-bit stream size or padding disagrees with the manifest")
+    if nextra:
+        e = unpack_range(ext, 0, nextra).to(torch.int64)
+        e_at = e[(torch.cumsum(need, 0) - 1).clamp_(min=0)]
+        r = torch.where(need, 2 * x + e_at - u_e, x)
+    else:
+        r = x
+    if bool(((m_e > 1) & (r >= m_e)).any()):
+        raise StreamCorrupt("a Golomb remainder is out of range")
+
+    # gap + 1 summed over the group; members restart by subtracting the sum before them
+    return torch.cumsum(q * m_e + r + 1, 0)
