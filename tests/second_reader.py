@@ -16,7 +16,8 @@ MIB64, MAXEL, MAXTENSORS = 1 << 26, 1 << 36, 1_000_000
 ST_SIZES = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
             "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-ROLES = {"ternary": ("positions", "signs"), "sparse": ("positions", "values"), "dense": ("values",)}
+CODINGS = {"bitmap": ("positions",), "golomb": ("unary", "remainders", "extra")}
+TAIL = {"ternary": ("signs",), "sparse": ("values",), "dense": ("values",)}
 HEX = re.compile(r"[0-9a-f]{64}")
 VERSION = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 B64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
@@ -164,17 +165,18 @@ def _check_groups(G):
     for g in G:
         _req(isinstance(g, dict) and "encoding" in g, MI, "bad group")
         enc = g["encoding"]
-        _req(_one_of(enc, ROLES), UE, f"encoding {enc!r}")
+        _req(_one_of(enc, TAIL), UE, f"encoding {enc!r}")
         params = g.get("params", {})
         _req(isinstance(params, dict), MI, "params")
-        if enc != "dense":
-            _req(params.get("positions") == "bitmap", UE, "params.positions")
+        pc = params.get("positions") if enc != "dense" else None
+        _req(enc == "dense" or _one_of(pc, CODINGS), UE, "params.positions")
         vd = params.get("value_dtype") if enc != "ternary" else None
         _req(enc == "ternary" or _one_of(vd, ITEMSIZE), UE, "params.value_dtype")
+        roles = CODINGS.get(pc, ()) + TAIL[enc]
         S = g.get("streams")
-        _req(isinstance(S, dict) and set(S) == set(ROLES[enc]), MI, "stream roles")
+        _req(isinstance(S, dict) and set(S) == set(roles), MI, "stream roles")
         streams = []
-        for role in ROLES[enc]:
+        for role in roles:
             s = S[role]
             _req(isinstance(s, dict) and "compression" in s, MI, f"stream {role}")
             _req(_one_of(s["compression"], ("none", "zstd")), UE, "stream compression")
@@ -182,7 +184,7 @@ def _check_groups(G):
             _req(_nat(s.get("size")) and _nat(s.get("raw_size")), MI, "stream size")
             _req(isinstance(s.get("sha256"), str) and HEX.fullmatch(s["sha256"]), MI, "stream sha256")
             streams.append(dict(s, role=role))
-        groups.append({"enc": enc, "vd": vd, "streams": streams, "members": []})
+        groups.append({"enc": enc, "pc": pc, "vd": vd, "streams": streams, "members": []})
     return groups
 
 
@@ -253,9 +255,12 @@ def _check_manifest(m):
         n, k = sum(t["numel"] for t in g["members"]), sum(t["nnz"] for t in g["members"])
         _req(n <= MAXEL, LE, "group over 2^36 elements")
         b = ITEMSIZE.get(g["vd"], 0)
-        implied = {"positions": -(-n // 8), "signs": -(-k // 8), "values": (k if g["enc"] == "sparse" else n) * b}
+        F = sum(t["nnz"] * _golomb_param(t["numel"], t["nnz"])[1] for t in g["members"])
+        implied = {"positions": -(-n // 8), "unary": -(-(n + k) // 8), "remainders": -(-F // 8),
+                   "extra": -(-k // 8), "signs": -(-k // 8), "values": (k if g["enc"] == "sparse" else n) * b}
         for s in g["streams"]:
-            _req(s["raw_size"] == implied[s["role"]], MI, f"raw_size of {s['name']!r}")
+            want, at_most = implied[s["role"]], s["role"] in ("unary", "extra")
+            _req(s["raw_size"] <= want if at_most else s["raw_size"] == want, MI, f"raw_size of {s['name']!r}")
         for s in g["streams"]:
             _req(s["compression"] != "none" or s["size"] == s["raw_size"], MI, f"size of {s['name']!r}")
     return groups, tensors
@@ -270,10 +275,59 @@ def _unframe(stored, s):
     return _inflate(stored, fcs, SC)
 
 
+def _bits(raw):
+    return np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+
+
 def _plane(raw, n):
-    bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+    bits = _bits(raw)
     _req(not bits[n:].any(), SC, "nonzero padding bits")
     return bits[:n].astype(bool)
+
+
+def _golomb_param(numel, nnz):
+    """(m, w, u) of a member (4.7.2), in exact integer arithmetic."""
+    m = max(1, ((numel - nnz) * 45426 + nnz * 32768) // (nnz * 65536)) if nnz else 1
+    b = (m - 1).bit_length()
+    return (m, b - 1, (1 << b) - m) if m > 1 else (1, 0, 0)
+
+
+def _golomb(members, raw):
+    """Concatenated element indices of the entries of a `golomb` group (4.7.2), with every check."""
+    nnz = np.array([t["nnz"] for t in members], np.int64)
+    k = int(nnz.sum())
+    par = np.array([_golomb_param(t["numel"], t["nnz"]) for t in members], np.int64).reshape(-1, 3)
+    mid = np.repeat(np.arange(len(members)), nnz)
+    m, w, u = par[mid, 0], par[mid, 1], par[mid, 2]
+    numel = np.array([t["numel"] for t in members], np.int64)[mid]
+    ones = np.flatnonzero(_bits(raw["unary"]))
+    _req(len(ones) == k, SC, "unary does not hold exactly k one bits")
+    _req(len(raw["unary"]) == (int(ones[-1]) // 8 + 1 if k else 0), SC, "bytes after the last unary code")
+    q = np.diff(ones, prepend=-1) - 1
+    _req(not (q > (numel - 1) // m).any(), SC, "position beyond numel")  # q*m >= numel; no overflow below
+    F = int(w.sum())
+    rbits = _bits(raw["remainders"])
+    _req(len(raw["remainders"]) == -(-F // 8) and not rbits[F:].any(), SC, "remainders length or padding")
+    offs, x = np.cumsum(w) - w, np.zeros(k, np.int64)
+    for bit in range(int(w.max(initial=0))):
+        sel = w > bit
+        x[sel] |= rbits[offs[sel] + bit].astype(np.int64) << bit
+    need = (m > 1) & (x >= u)
+    E = int(np.count_nonzero(need))
+    ebits = _bits(raw["extra"])
+    _req(len(raw["extra"]) == -(-E // 8) and not ebits[E:].any(), SC, "extra length or padding")
+    e = np.zeros(k, np.int64)
+    e[need] = ebits[:E]
+    r = np.where(need, 2 * x + e - u, x)
+    _req(not (r >= m).any(), SC, "remainder not below m")
+    step = q * m + r + 1
+    idx, K, base = np.empty(k, np.int64), 0, 0
+    for t in members:
+        p = np.cumsum(step[K:K + t["nnz"]]) - 1
+        _req(not t["nnz"] or p[-1] < t["numel"], SC, f"position beyond numel in {t['name']!r}")
+        idx[K:K + t["nnz"]] = p + base
+        K, base = K + t["nnz"], base + t["numel"]
+    return idx
 
 
 def _to_f32(raw, dtype):
@@ -312,11 +366,14 @@ def _decode_group(g, raw):
             out.append(chunk if g["vd"] == t["dtype"] else _from_f32(_to_f32(chunk, g["vd"]), t["dtype"]))
         return out
     k = int(kstarts[-1])
-    pos = _plane(raw["positions"], n)
+    if g["pc"] == "bitmap":
+        pos = _plane(raw["positions"], n)
+        for t, e in zip(members, starts[:-1], strict=True):
+            _req(np.count_nonzero(pos[e:e + t["numel"]]) == t["nnz"], SC, f"popcount of {t['name']!r}")
+        idx = np.flatnonzero(pos)
+    else:
+        idx = _golomb(members, raw)
     signs = _plane(raw["signs"], k) if g["enc"] == "ternary" else None
-    for t, e in zip(members, starts[:-1], strict=True):
-        _req(np.count_nonzero(pos[e:e + t["numel"]]) == t["nnz"], SC, f"popcount of {t['name']!r}")
-    idx = np.flatnonzero(pos)
     values = _to_f32(raw["values"], g["vd"]) if g["enc"] == "sparse" else None
     for t, e, kk in zip(members, starts[:-1], kstarts[:-1], strict=True):
         o, sel = t["offset"], slice(int(kk), int(kk) + t["nnz"])
