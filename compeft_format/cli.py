@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-model", default=None, help="base model id (default: the PEFT config's)")
     c.add_argument("--base-revision", default=None, help="base model revision")
     c.add_argument("--zstd-level", type=int, default=C.DEFAULT_ZSTD_LEVEL)
-    c.add_argument("--no-tensor-digests", action="store_true",
-                   help="do not record the sha256 of each decoded tensor (smaller header)")
+    c.add_argument("--tensor-digests", action="store_true",
+                   help="also record the sha256 of each decoded tensor (32 bytes per tensor)")
 
     d = sub.add_parser("decompress", help="turn a compeft file back into a PEFT adapter folder")
     d.add_argument("src")
@@ -73,7 +73,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         dtype=a.dtype, dense_patterns=C.DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
         min_sparse_numel=a.min_sparse_numel, base_model_id=a.base_model, base_model_revision=a.base_revision,
     )
-    save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=not a.no_tensor_digests)
+    save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests)
     r = inspect(a.output)
     print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
           f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32")

@@ -50,7 +50,7 @@ from .errors import (
     UnsupportedFeature,
     VersionError,
 )
-from .integrity import sha256_hex, tensor_sha256
+from .integrity import group_sha256, sha256_hex, tensor_sha256
 from .manifest import GroupInfo, Manifest, StreamInfo, TensorInfo
 
 PathLike = str | os.PathLike
@@ -263,9 +263,9 @@ def plan_groups(tensors: list[CompressedTensor], max_group_elements: int,
     return groups
 
 
-def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
+def build(adapter: CompressedAdapter, *, zstd_level: int | None = C.DEFAULT_ZSTD_LEVEL,
           max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS,
-          tensor_digests: bool = True, manifest_encoding: str = "auto",
+          tensor_digests: bool = False, group_digests: bool = True, manifest_encoding: str = "auto",
           positions: str = "auto") -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
     """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk."""
     tensors = list(adapter.tensors.values())
@@ -293,7 +293,8 @@ def build(adapter: CompressedAdapter, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
             streams[name] = np.frombuffer(stored, dtype=np.uint8)
             infos[role] = StreamInfo(name=name, compression=comp, size=len(stored),
                                      raw_size=len(raw[role]), sha256=sha256_hex(stored))
-        groups.append(GroupInfo(encoding=encoding, params=params, streams=infos))
+        digest = group_sha256([tensors[i].to_dense() for i in idx]) if group_digests else None
+        groups.append(GroupInfo(encoding=encoding, params=params, streams=infos, decoded_sha256=digest))
         for i in idx:
             group_of[i] = gi
     infos_t = [
@@ -359,17 +360,19 @@ def atomic_write(path: PathLike, write) -> None:
         pass
 
 
-def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFAULT_ZSTD_LEVEL,
-         max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS, tensor_digests: bool = True,
-         manifest_encoding: str = "auto", positions: str = "auto") -> Manifest:
+def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int | None = C.DEFAULT_ZSTD_LEVEL,
+         max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS, tensor_digests: bool = False,
+         group_digests: bool = True, manifest_encoding: str = "auto", positions: str = "auto") -> Manifest:
     """Write a compressed adapter to ``path`` atomically (temp file, fsync, rename).
 
     Args:
         adapter: what ``compress`` returned.
         path: destination; its folder must exist.
-        zstd_level: zstd level for streams (a stream is stored raw when zstd does not shrink it).
+        zstd_level: zstd level for streams (a stream is stored raw when zstd does not shrink it);
+            None stores every stream raw.
         max_group_elements: largest number of elements coded together in one group.
-        tensor_digests: record the sha256 of each decoded tensor (for conformance checks).
+        tensor_digests: record the sha256 of each decoded tensor (32 bytes per tensor).
+        group_digests: record one sha256 of each group's decoded tensors (32 bytes per group).
         manifest_encoding: ``"json"``, ``"zstd+base64"`` or ``"auto"`` (the shorter).
         positions: position coding of ternary and sparse groups: ``"golomb"`` (near the
             information bound), ``"bitmap"`` (one bit per element) or ``"auto"`` (Golomb unless a
@@ -379,8 +382,8 @@ def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int = C.DEFA
         The manifest written.
     """
     manifest, streams, meta = build(adapter, zstd_level=zstd_level, max_group_elements=max_group_elements,
-                                    tensor_digests=tensor_digests, manifest_encoding=manifest_encoding,
-                                    positions=positions)
+                                    tensor_digests=tensor_digests, group_digests=group_digests,
+                                    manifest_encoding=manifest_encoding, positions=positions)
     try:
         atomic_write(path, lambda tmp: save_file(streams, tmp, metadata=meta))
     except OSError as e:
@@ -506,9 +509,16 @@ class CompeftFile:
         return {self.manifest.tensors[i].name: out[i] for i in range(len(self.manifest.tensors))}
 
     def verify(self) -> Manifest:
-        """Check every stream digest, decode every tensor and check its digest when recorded."""
+        """Check every stream digest, decode every tensor and check the decoded digests recorded
+        for groups and tensors."""
         for gi, idx in enumerate(self._members):
             dec = self._decode(gi, list(range(len(idx))), None, "cpu")
+            expected = self.manifest.groups[gi].decoded_sha256
+            if expected is not None:
+                actual = group_sha256([dec[j] for j in range(len(idx))])
+                if actual != expected:
+                    raise TensorDigestMismatch(
+                        f"group {gi}: decoded sha256 is {actual}, manifest declares {expected}")
             for j, i in enumerate(idx):
                 t = self.manifest.tensors[i]
                 if t.sha256 is not None:

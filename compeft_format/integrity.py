@@ -25,6 +25,16 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def group_sha256(tensors: list[torch.Tensor]) -> str:
+    """sha256 of several decoded tensors, each as ``tensor_sha256`` hashes it, one after another."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def state_dict_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Fingerprint of a model's weights (``sha256-state-dict-v1``, spec 3.4).
 

@@ -36,6 +36,8 @@ class GroupInfo:
     encoding: str
     params: dict[str, Any]
     streams: dict[str, StreamInfo]
+    #: sha256 of the members' decoded tensors, concatenated in member order (spec 7.3)
+    decoded_sha256: str | None = None
 
 
 @dataclass
@@ -112,6 +114,9 @@ class Manifest:
                 del t["sha256"]
             if t["offset"] == 0.0:
                 del t["offset"]
+        for g in d["groups"]:
+            if g["decoded_sha256"] is None:
+                del g["decoded_sha256"]
         return d
 
     def to_json(self) -> str:
@@ -313,7 +318,9 @@ def _parse_group(g: Any, i: int) -> GroupInfo:
             raw_size=_int(s.get("raw_size"), f"groups[{i}].streams.{role}.raw_size"),
             sha256=_hex64(s.get("sha256"), f"groups[{i}].streams.{role}.sha256"),
         )
-    return GroupInfo(encoding=enc, params=dict(params), streams=streams)
+    dsha = g.get("decoded_sha256")
+    return GroupInfo(encoding=enc, params=dict(params), streams=streams,
+                     decoded_sha256=None if dsha is None else _hex64(dsha, f"groups[{i}].decoded_sha256"))
 
 
 def _parse_tensor(t: Any, i: int, groups: list[GroupInfo]) -> TensorInfo:

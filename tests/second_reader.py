@@ -184,7 +184,9 @@ def _check_groups(G):
             _req(_nat(s.get("size")) and _nat(s.get("raw_size")), MI, "stream size")
             _req(isinstance(s.get("sha256"), str) and HEX.fullmatch(s["sha256"]), MI, "stream sha256")
             streams.append(dict(s, role=role))
-        groups.append({"enc": enc, "pc": pc, "vd": vd, "streams": streams, "members": []})
+        dsha = g.get("decoded_sha256")
+        _req(dsha is None or (isinstance(dsha, str) and HEX.fullmatch(dsha)), MI, "group decoded_sha256")
+        groups.append({"enc": enc, "pc": pc, "vd": vd, "streams": streams, "members": [], "dsha": dsha})
     return groups
 
 
@@ -420,7 +422,10 @@ def read(path):
             stored = buf[data_start + b:data_start + e]
             _req(hashlib.sha256(stored).hexdigest() == s["sha256"], "STREAM_DIGEST_MISMATCH", s["name"])
             raw[s["role"]] = _unframe(stored, s)
-        for t, data in zip(g["members"], _decode_group(g, raw), strict=True):
+        decoded = _decode_group(g, raw)
+        _req(g["dsha"] is None or hashlib.sha256(b"".join(decoded)).hexdigest() == g["dsha"],
+             "TENSOR_DIGEST_MISMATCH", "group decoded_sha256")
+        for t, data in zip(g["members"], decoded, strict=True):
             _req(t["sha256"] is None or hashlib.sha256(data).hexdigest() == t["sha256"],
                  "TENSOR_DIGEST_MISMATCH", t["name"])
             result[t["name"]] = (t["dtype"], t["shape"], data)

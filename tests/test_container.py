@@ -141,10 +141,16 @@ def test_groups_split_at_limit():
     assert len(streams) == 6
 
 
-def test_tensor_digests_optional(tmp_file):
-    ca = cf.compress({"w": torch.randn(100)}, density=0.2)
-    m = cf.save(ca, tmp_file, tensor_digests=False)
+def test_decoded_digests_group_by_default_tensor_on_request(tmp_file):
+    ca = cf.compress({"a": torch.randn(100), "b": torch.randn(60)}, density=0.2)
+    m = cf.save(ca, tmp_file)
     assert all(t.sha256 is None for t in m.tensors)
+    assert m.groups[0].decoded_sha256 == cf.integrity.group_sha256([ca.tensors["a"].to_dense(),
+                                                                     ca.tensors["b"].to_dense()])
+    cf.verify(tmp_file)
+    m = cf.save(ca, tmp_file, tensor_digests=True, group_digests=False)
+    assert m.groups[0].decoded_sha256 is None
+    assert [t.sha256 for t in m.tensors] == [cf.tensor_sha256(ca.tensors[n].to_dense()) for n in ("a", "b")]
     cf.verify(tmp_file)
 
 

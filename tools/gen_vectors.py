@@ -74,10 +74,10 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
 
 
 VALID_OPTIONS: dict[str, dict[str, Any]] = {
-    "v1_ternary_global": {"positions": "auto"},
+    "v1_ternary_global": {"positions": "auto", "tensor_digests": True},
     "v1_ternary_tensor": {"max_group_elements": 64, "manifest_encoding": C.MANIFEST_JSON, "positions": "bitmap"},
     "v1_ternary_golomb": {"positions": "golomb"},
-    "v1_ternary_bitmap": {"positions": "bitmap"},
+    "v1_ternary_bitmap": {"positions": "bitmap", "tensor_digests": True, "group_digests": False},
     "v1_sparse_prune": {"manifest_encoding": C.MANIFEST_ZSTD_BASE64, "tensor_digests": False, "positions": "golomb"},
 }
 
@@ -214,6 +214,11 @@ def d_tensor_digest(p: Parts):
     p.seal()
 
 
+def d_group_digest(p: Parts):
+    p.manifest["groups"][-1]["decoded_sha256"] = "0" * 64
+    p.seal()
+
+
 def d_scale_not_binary32(p: Parts):
     t = next(t for t in p.manifest["tensors"] if "scale" in t)
     t["scale"] = 0.1
@@ -295,6 +300,7 @@ DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "padding_bits": (d_padding_bits, C.E_STREAM_CORRUPT),
     "popcount": (d_popcount, C.E_STREAM_CORRUPT),
     "tensor_digest": (d_tensor_digest, C.E_TENSOR_DIGEST_MISMATCH),
+    "group_digest": (d_group_digest, C.E_TENSOR_DIGEST_MISMATCH),
     "golomb_missing_code": (d_golomb_missing_code, C.E_STREAM_CORRUPT),
     "golomb_trailing_byte": (d_golomb_trailing, C.E_STREAM_CORRUPT),
     "golomb_overrun": (d_golomb_overrun, C.E_STREAM_CORRUPT),

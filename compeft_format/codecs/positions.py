@@ -203,5 +203,22 @@ def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -
     if bool(((m_e > 1) & (r >= m_e)).any()):
         raise StreamCorrupt("a Golomb remainder is out of range")
 
+    # Each member's gaps + 1 must add up to at most its numel. Check that in binary64, exact for
+    # every valid group (sums below 2^36) and overflow-free for hostile quotients, before the
+    # int64 running sum that cannot overflow once the check has passed.
+    step = q * m_e + r + 1 if total else q
+    if total:
+        step_f = q.to(torch.float64) * m_e.to(torch.float64) + r.to(torch.float64) + 1
+        csum_f = torch.cumsum(step_f, 0)
+        ends_at = torch.tensor(np.cumsum(nnz, dtype=np.int64), device=dev)
+        starts_at = ends_at - kk
+        has = kk > 0
+        before = torch.where(starts_at > 0, csum_f[(starts_at - 1).clamp(min=0)], 0.0)
+        spans = csum_f[(ends_at - 1).clamp(min=0)] - before
+        limit = torch.tensor([m.numel for m in members], dtype=torch.float64, device=dev)
+        bad = has & (spans > limit)
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad)[0])
+            raise StreamCorrupt(f"tensor {members[j].name!r}: a decoded position is beyond its {members[j].numel} elements")
     # gap + 1 summed over the group; members restart by subtracting the sum before them
-    return torch.cumsum(q * m_e + r + 1, 0)
+    return torch.cumsum(step, 0)

@@ -19,8 +19,10 @@ def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL) -> by
     raise UnknownEncoding(f"unknown stream compression {compression!r}")
 
 
-def smallest_frame(raw: bytes, level: int = C.DEFAULT_ZSTD_LEVEL) -> tuple[str, bytes]:
-    """zstd when it saves bytes, otherwise the raw bytes."""
+def smallest_frame(raw: bytes, level: int | None = C.DEFAULT_ZSTD_LEVEL) -> tuple[str, bytes]:
+    """zstd when it saves bytes, otherwise the raw bytes; ``level=None`` always stores raw."""
+    if level is None:
+        return C.COMP_NONE, raw
     z = frame(raw, C.COMP_ZSTD, level)
     return (C.COMP_ZSTD, z) if len(z) < len(raw) else (C.COMP_NONE, raw)
 
