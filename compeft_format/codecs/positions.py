@@ -21,6 +21,9 @@ from ..errors import StreamCorrupt
 from .bits import pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
 
+#: Sums below this cannot overflow int64; larger possible sums are checked in binary64 first.
+INT64_SAFE_SUM = 1 << 62
+
 
 def golomb_m(numel: int, nnz: int) -> int:
     """Golomb parameter of a member: ``max(1, floor(((n-k)*45426 + k*32768) / (k*65536)))``, i.e.
@@ -160,6 +163,10 @@ def _ones(buf: torch.Tensor, name: str) -> torch.Tensor:
     return ones
 
 
+def step_f64(q: torch.Tensor, m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float64) * m.to(torch.float64) + r.to(torch.float64) + 1
+
+
 def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -> torch.Tensor:
     """Decode all of a group's Golomb codes; entry i of the result is (position + 1) summed from
     its member's first entry, i.e. ``position = csum[i] - csum[first - 1] - 1``."""
@@ -203,22 +210,23 @@ def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -
     if bool(((m_e > 1) & (r >= m_e)).any()):
         raise StreamCorrupt("a Golomb remainder is out of range")
 
-    # Each member's gaps + 1 must add up to at most its numel. Check that in binary64, exact for
-    # every valid group (sums below 2^36) and overflow-free for hostile quotients, before the
-    # int64 running sum that cannot overflow once the check has passed.
+    # Each member's gaps + 1 must add up to at most its numel. When the largest quotient shows
+    # that no int64 sum can overflow, check that on the int64 running sum; otherwise (a hostile
+    # stream) check in binary64 first, which is exact below 2^53 and cannot overflow.
     step = q * m_e + r + 1 if total else q
     if total:
-        step_f = q.to(torch.float64) * m_e.to(torch.float64) + r.to(torch.float64) + 1
-        csum_f = torch.cumsum(step_f, 0)
         ends_at = torch.tensor(np.cumsum(nnz, dtype=np.int64), device=dev)
         starts_at = ends_at - kk
-        has = kk > 0
-        before = torch.where(starts_at > 0, csum_f[(starts_at - 1).clamp(min=0)], 0.0)
-        spans = csum_f[(ends_at - 1).clamp(min=0)] - before
-        limit = torch.tensor([m.numel for m in members], dtype=torch.float64, device=dev)
-        bad = has & (spans > limit)
+        limit = torch.tensor([m.numel for m in members], dtype=torch.int64, device=dev)
+        safe = (int(q.max()) + 1) * max(params) * total < INT64_SAFE_SUM
+        csum = torch.cumsum(step if safe else step_f64(q, m_e, r), 0)
+        before = torch.where(starts_at > 0, csum[(starts_at - 1).clamp(min=0)], 0)
+        spans = csum[(ends_at - 1).clamp(min=0)] - before
+        bad = (kk > 0) & (spans > limit)
         if bool(bad.any()):
             j = int(torch.nonzero(bad)[0])
             raise StreamCorrupt(f"tensor {members[j].name!r}: a decoded position is beyond its {members[j].numel} elements")
+        if safe:
+            return csum
     # gap + 1 summed over the group; members restart by subtracting the sum before them
     return torch.cumsum(step, 0)
