@@ -69,6 +69,7 @@ def measure(adapter_fp16: dict[str, torch.Tensor], ca: cf.CompressedAdapter, wor
     copy_s, _ = timed(lambda: {k: v.clone() for k, v in out.items()}, repeat)
     ref = ca.state_dict(dtype=torch.float16)
     assert all(torch.equal(out[k].view(torch.int16), ref[k].view(torch.int16)) for k in out), "decode mismatch"
+    peak, out_bytes = peak_decode_memory(path)
     params = r["params"]
     ternary_streams = sum(g["bytes"] for g in r["groups"] if g["encoding"] == "ternary")
     return {
@@ -87,7 +88,38 @@ def measure(adapter_fp16: dict[str, torch.Tensor], ca: cf.CompressedAdapter, wor
         "decode_vs_copy": dec_s / copy_s,
         "encode_vs_copy": enc_s / copy_s,
         "decoded_mb_per_s": 2 * params / dec_s / 1e6,
+        "peak_decode_bytes": peak,
+        "peak_vs_output": peak / out_bytes,
     }
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+import compeft_format as cf
+
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+f = cf.open_file(sys.argv[1])
+with open("/proc/self/clear_refs", "w") as c:  # reset the peak resident set to the current one
+    c.write("5")
+before = kib("VmRSS:")
+out = f.state_dict(dtype=torch.float16)
+print(kib("VmHWM:") - before, sum(t.numel() * t.element_size() for t in out.values()))
+"""
+
+
+def peak_decode_memory(path: Path) -> tuple[int, int]:
+    """(growth of the peak resident set while decoding, output included; bytes of decoded output),
+    measured in a fresh process with the peak reset just before decoding (Linux)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout.split()
+    return int(out[0]), int(out[1])
 
 
 def baselines(adapter_fp16: dict[str, torch.Tensor], workdir: Path, repeat: int) -> dict[str, Any]:
@@ -197,15 +229,16 @@ def demo_lora() -> tuple[dict[str, torch.Tensor], str]:
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"Tensor of {res['random']['params']:,} entries (random normal, fp16), one CPU thread.", "",
              "| density | encoding | bound bits/param | streams bits/param | streams / bound | file bytes "
-             "| x fp16 | x zstd fp16 | decode / copy | encode / copy | decode MB/s |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x fp16 | x zstd fp16 | decode / copy | encode / copy | decode MB/s | peak RSS growth / output |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = res["random"]["baselines"]
     for row in res["random"]["rows"]:
         lines.append(
             f"| {row['density']:.0%} | {row['encoding']} | {row['bound_bits'] / row['params']:.4f} "
             f"| {row['stream_bits_per_param']:.4f} | {row['streams_vs_bound']:.4f} | {row['file_bytes']:,} "
             f"| {base['fp16_bytes'] / row['file_bytes']:.1f} | {base['fp16_zstd19_bytes'] / row['file_bytes']:.1f} "
-            f"| {row['decode_vs_copy']:.1f} | {row['encode_vs_copy']:.1f} | {row['decoded_mb_per_s']:.0f} |")
+            f"| {row['decode_vs_copy']:.1f} | {row['encode_vs_copy']:.1f} | {row['decoded_mb_per_s']:.0f} "
+            f"| {row['peak_vs_output']:.2f} |")
     a = res["adapter"]
     lines += ["", f"Whole files, LoRA-shaped adapter of {a['params']:,} params in {a['tensors']} tensors "
               "(header included):", "",
