@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import constants as C
-from .dtypes import TORCH_DTYPES, name_of, ternary_levels, to_torch
+from .dtypes import TORCH_DTYPES, name_of, rounded_scalar, ternary_levels, to_torch
 from .manifest import AdapterInfo, BaseModelInfo, CompressionInfo, ProvenanceInfo
 
 
@@ -66,8 +66,7 @@ class CompressedTensor:
         if self.encoding == C.ENC_TERNARY:
             assert self.negative is not None and self.scale is not None
             levels = torch.from_numpy(ternary_levels(self.scale, self.offset)).to(tdt)
-            out = torch.full((self.numel,), 0, dtype=tdt, device=device)
-            out.fill_(levels[0].item())
+            out = torch.empty(self.numel, dtype=tdt, device=device).fill_(levels[0].to(device))
             out[idx] = torch.where(
                 torch.from_numpy(self.negative).to(device), levels[2].to(device), levels[1].to(device)
             )
@@ -76,8 +75,7 @@ class CompressedTensor:
             v = self.values.to(device)
             if self.offset != 0.0:
                 v = v.to(torch.float32) + torch.tensor(self.offset, dtype=torch.float32, device=device)
-            out = torch.full((self.numel,), 0, dtype=tdt, device=device)
-            out.fill_(float(np.float32(self.offset)))
+            out = torch.empty(self.numel, dtype=tdt, device=device).fill_(rounded_scalar(self.offset, tdt, device))
             out[idx] = v.to(tdt)
         return out.reshape(self.shape)
 

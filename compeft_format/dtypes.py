@@ -43,3 +43,9 @@ def ternary_levels(scale: float, offset: float) -> np.ndarray:
     if offset == 0.0:
         return np.array([np.float32(0.0), s, -s], dtype=np.float32)
     return np.array([o, o + s, o - s], dtype=np.float32)
+
+
+def rounded_scalar(value: float, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A 0-d tensor holding binary32(value) rounded once (RNE) to ``dtype``; values beyond the
+    dtype's range round to infinity as IEEE conversion does, instead of raising."""
+    return torch.tensor(np.float32(value), dtype=torch.float32, device=device).to(dtype)

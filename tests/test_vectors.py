@@ -68,10 +68,11 @@ def test_lazy_reads_check_counts_before_the_tensor():
 
 @pytest.mark.parametrize("vec", [v for v in INDEX["valid"] + INDEX["invalid"] if "golomb" in v["file"]],
                          ids=lambda v: v["file"])
-def test_golomb_overflow_guard_path(monkeypatch, vec):
-    """The binary64 path that hostile quotients take decodes valid files identically and refuses
-    the same defects."""
-    monkeypatch.setattr("compeft_format.codecs.positions.INT64_SAFE_SUM", 0)
+@pytest.mark.parametrize("block", [1, 3, 7])
+def test_golomb_blocked_decoding(monkeypatch, vec, block):
+    """Decoding in blocks of any size (blocks cut across tensors) gives the same tensors and
+    refuses the same defects."""
+    monkeypatch.setattr("compeft_format.codecs.positions.DECODE_BLOCK", block)
     if "code" in vec:
         with pytest.raises(cf.CompeftError) as e:
             cf.verify(VECTORS / vec["file"])

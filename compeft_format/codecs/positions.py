@@ -21,8 +21,8 @@ from ..errors import StreamCorrupt
 from .bits import pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
 
-#: Sums below this cannot overflow int64; larger possible sums are checked in binary64 first.
-INT64_SAFE_SUM = 1 << 62
+#: Entries decoded at a time by the Golomb decoder (bounds its temporaries).
+DECODE_BLOCK = 1 << 18
 
 
 def golomb_m(numel: int, nnz: int) -> int:
@@ -139,17 +139,17 @@ def _bitmap_masks(raw_positions: torch.Tensor, members: Sequence[Any], select: S
         yield j, mask, before
 
 
-def read_fields(buf: torch.Tensor, start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+def read_fields(padded: torch.Tensor, start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """Unsigned little-endian bit fields: field i is ``width[i]`` bits from bit ``start[i]``
-    (widths up to 56), gathered through 8-byte windows."""
+    (widths up to 56) of a uint8 stream followed by at least 8 zero bytes, gathered through
+    little-endian words at each field's first byte."""
     if start.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=buf.device)
+        return torch.zeros(0, dtype=torch.int64, device=padded.device)
     span = (7 + int(width.max()) + 7) // 8  # bytes a field can touch
-    padded = torch.cat([buf, buf.new_zeros(span)]).to(torch.int64)
     byte = start >> 3
-    window = padded[byte]
-    for i in range(1, span):  # assemble the little-endian word at each field's first byte
-        window |= padded[byte + i] << (8 * i)
+    window = padded[byte].to(torch.int64)
+    for i in range(1, span):
+        window |= padded[byte + i].to(torch.int64) << (8 * i)
     return (window >> (start & 7)) & ((1 << width) - 1)
 
 
@@ -163,70 +163,83 @@ def _ones(buf: torch.Tensor, name: str) -> torch.Tensor:
     return ones
 
 
-def step_f64(q: torch.Tensor, m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float64) * m.to(torch.float64) + r.to(torch.float64) + 1
-
-
 def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -> torch.Tensor:
     """Decode all of a group's Golomb codes; entry i of the result is (position + 1) summed from
-    its member's first entry, i.e. ``position = csum[i] - csum[first - 1] - 1``."""
+    the group's first entry, so member j's positions are ``csum[i] - csum[first_j - 1] - 1``.
+
+    Entries are decoded in blocks of ``DECODE_BLOCK`` so that only the result and one block's
+    temporaries are alive at a time."""
     dev = raw[C.ROLE_UNARY].device
     nnz = [m.nnz for m in members]
     total = sum(nnz)
     params = [golomb_m(m.numel, m.nnz) for m in members]
     widths = [golomb_widths(m) for m in params]
 
-    # quotients: the unary stream holds exactly `total` one bits, the last one in its last byte
+    # the unary stream holds exactly `total` one bits, the last one in its last byte
     ends = _ones(raw[C.ROLE_UNARY], "unary")
     if ends.numel() != total:
         raise StreamCorrupt(f"unary stream holds {ends.numel()} codes, manifest declares {total}")
-    q = torch.diff(ends, prepend=ends.new_full((1,), -1)) - 1
 
-    # remainder fields: member j's entries have width w_j, packed back to back
-    kk = torch.tensor(nnz, dtype=torch.int64, device=dev)
-    m_e = torch.repeat_interleave(torch.tensor(params, dtype=torch.int64, device=dev), kk, output_size=total)
-    w_e = torch.repeat_interleave(torch.tensor([w for w, _ in widths], dtype=torch.int64, device=dev), kk,
-                                  output_size=total)
-    u_e = torch.repeat_interleave(torch.tensor([u for _, u in widths], dtype=torch.int64, device=dev), kk,
-                                  output_size=total)
-    nfield = int(w_e.sum())
+    fields = [k * w for k, (w, _) in zip(nnz, widths, strict=True)]
+    nfield = sum(fields)
     rem = raw[C.ROLE_REMAINDERS]
     if rem.numel() != (nfield + 7) // 8 or (nfield % 8 and int(rem[-1]) >> (nfield % 8)):
         raise StreamCorrupt("remainders stream size or padding disagrees with the manifest")
-    x = read_fields(rem, torch.cumsum(w_e, 0) - w_e, w_e)
-
-    # extra bits: one for each entry whose field is at or above the cutoff, in entry order
-    need = (m_e > 1) & (x >= u_e)
-    nextra = int(need.sum())
+    padded = torch.cat([rem, rem.new_zeros(8)])
     ext = raw[C.ROLE_EXTRA]
-    if ext.numel() != (nextra + 7) // 8 or (nextra % 8 and int(ext[-1]) >> (nextra % 8)):
-        raise StreamCorrupt("extra-bit stream size or padding disagrees with the manifest")
-    if nextra:
-        e = unpack_range(ext, 0, nextra).to(torch.int64)
-        e_at = e[(torch.cumsum(need, 0) - 1).clamp_(min=0)]
-        r = torch.where(need, 2 * x + e_at - u_e, x)
-    else:
-        r = x
-    if bool(((m_e > 1) & (r >= m_e)).any()):
-        raise StreamCorrupt("a Golomb remainder is out of range")
+    ext_bits = unpack_range(ext, 0, 8 * ext.numel()).to(torch.int64)
 
-    # Each member's gaps + 1 must add up to at most its numel. When the largest quotient shows
-    # that no int64 sum can overflow, check that on the int64 running sum; otherwise (a hostile
-    # stream) check in binary64 first, which is exact below 2^53 and cannot overflow.
-    step = q * m_e + r + 1 if total else q
+    first = torch.tensor(np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)]), device=dev)
+    m_t = torch.tensor(params, dtype=torch.int64, device=dev)
+    w_t = torch.tensor([w for w, _ in widths], dtype=torch.int64, device=dev)
+    u_t = torch.tensor([u for _, u in widths], dtype=torch.int64, device=dev)
+    base_t = torch.tensor(np.concatenate([[0], np.cumsum(fields, dtype=np.int64)])[:-1], device=dev)
+    gap_limit = C.MAX_ELEMENTS_PER_TENSOR // m_t  # a larger quotient is a gap no tensor can hold
+
+    csum = torch.empty(total, dtype=torch.int64, device=dev)
+    carry = 0  # running sum before the block
+    used = 0  # extra bits consumed before the block
+    elements = sum(m.numel for m in members)
+    for a in range(0, total, DECODE_BLOCK):
+        b = min(total, a + DECODE_BLOCK)
+        entry = torch.arange(a, b, device=dev)
+        mid = torch.searchsorted(first[1:], entry, right=True)
+        prev = ends[a - 1] if a else ends.new_full((), -1)
+        q = torch.diff(ends[a:b], prepend=prev.reshape(1)) - 1
+        m_e = m_t[mid]
+        if bool((q > gap_limit[mid]).any()):
+            raise StreamCorrupt("a Golomb quotient describes a gap larger than any tensor")
+        w_e, u_e = w_t[mid], u_t[mid]
+        x = read_fields(padded, base_t[mid] + (entry - first[mid]) * w_e, w_e)
+        need = (m_e > 1) & (x >= u_e)
+        k_need = torch.cumsum(need, 0)
+        n_need = int(k_need[-1])
+        if used + n_need > ext_bits.numel():
+            raise StreamCorrupt("extra-bit stream is shorter than the remainders require")
+        if n_need:
+            e_at = ext_bits[(used + k_need - 1).clamp_(min=0)]
+            x = torch.where(need, 2 * x + e_at - u_e, x)
+        used += n_need
+        if bool(((m_e > 1) & (x >= m_e)).any()):
+            raise StreamCorrupt("a Golomb remainder is out of range")
+        block = torch.cumsum(q * m_e + x + 1, 0)
+        block += carry
+        csum[a:b] = block
+        carry = int(block[-1])
+        if carry > elements:  # valid sums never exceed the group's elements
+            raise StreamCorrupt("decoded positions run past the end of the group's tensors")
+    if ext.numel() != (used + 7) // 8 or (used % 8 and int(ext[-1]) >> (used % 8)):
+        raise StreamCorrupt("extra-bit stream size or padding disagrees with the manifest")
+
+    # each member's gaps + 1 add up to at most its numel
     if total:
-        ends_at = torch.tensor(np.cumsum(nnz, dtype=np.int64), device=dev)
-        starts_at = ends_at - kk
-        limit = torch.tensor([m.numel for m in members], dtype=torch.int64, device=dev)
-        safe = (int(q.max()) + 1) * max(params) * total < INT64_SAFE_SUM
-        csum = torch.cumsum(step if safe else step_f64(q, m_e, r), 0)
-        before = torch.where(starts_at > 0, csum[(starts_at - 1).clamp(min=0)], 0)
+        ends_at = first[1:]
+        has = ends_at > first[:-1]
+        before = torch.where(first[:-1] > 0, csum[(first[:-1] - 1).clamp(min=0)], 0)
         spans = csum[(ends_at - 1).clamp(min=0)] - before
-        bad = (kk > 0) & (spans > limit)
+        limit = torch.tensor([m.numel for m in members], dtype=torch.int64, device=dev)
+        bad = has & (spans > limit)
         if bool(bad.any()):
             j = int(torch.nonzero(bad)[0])
             raise StreamCorrupt(f"tensor {members[j].name!r}: a decoded position is beyond its {members[j].numel} elements")
-        if safe:
-            return csum
-    # gap + 1 summed over the group; members restart by subtracting the sum before them
-    return torch.cumsum(step, 0)
+    return csum

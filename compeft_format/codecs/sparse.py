@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import constants as C
-from ..dtypes import to_torch
+from ..dtypes import rounded_scalar, to_torch
 from . import positions
 
 
@@ -41,7 +41,7 @@ def decode(raw: dict[str, torch.Tensor], members: Sequence[Any], params: dict[st
         v = values[first:first + m.nnz]
         if m.offset != 0.0:
             v = v.to(torch.float32) + float(np.float32(m.offset))
-        t = torch.full((m.numel,), float(np.float32(m.offset)), dtype=tdt, device=where.device)
+        t = torch.empty(m.numel, dtype=tdt, device=where.device).fill_(rounded_scalar(m.offset, tdt, where.device))
         t[where] = v.to(tdt)
         out[j] = t.view(m.shape)
     return out
