@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensors with fewer elements stay dense")
     c.add_argument("--base-model", default=None, help="base model id (default: the PEFT config's)")
     c.add_argument("--base-revision", default=None, help="base model revision")
+    c.add_argument("--positions", choices=("auto",) + C.POSITION_CODINGS, default="auto",
+                   help="position coding: golomb (smallest), bitmap (device layout) or auto")
     c.add_argument("--zstd-level", type=int, default=C.DEFAULT_ZSTD_LEVEL)
     c.add_argument("--tensor-digests", action="store_true",
                    help="also record the sha256 of each decoded tensor (32 bytes per tensor)")
@@ -73,7 +75,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         dtype=a.dtype, dense_patterns=C.DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
         min_sparse_numel=a.min_sparse_numel, base_model_id=a.base_model, base_model_revision=a.base_revision,
     )
-    save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests)
+    save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
     r = inspect(a.output)
     print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
           f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32")

@@ -66,6 +66,14 @@ def test_compress_validate_inspect_decompress(lora_dir, tmp_path, capsys):
     assert load_file(str(tmp_path / "f32" / "adapter_model.safetensors"))[k].dtype == torch.float32
 
 
+@pytest.mark.parametrize("positions", ["golomb", "bitmap"])
+def test_positions_option(lora_dir, tmp_path, positions):
+    out = tmp_path / "p.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(out), "--positions", positions]) == 0
+    m = cf.verify(out)
+    assert {g.params["positions"] for g in m.groups if g.encoding == "ternary"} == {positions}
+
+
 def test_ia3_defaults_to_ones_reference(tmp_path):
     d = tmp_path / "ia3"
     d.mkdir()
