@@ -13,6 +13,7 @@ Example:
 
 from . import constants, errors
 from ._version import __version__
+from .apply import MergedAdapter, base_fingerprint, load_adapter, merge_adapter
 from .compress import alpha_search, compress, kept_count, rescale, top_k_indices
 from .compressed import CompressedAdapter, CompressedTensor
 from .container import CompeftFile, load, open_file, save, verify
@@ -28,6 +29,10 @@ __all__ = [
     "compress",
     "compress_peft",
     "decompress_to_peft",
+    "load_adapter",
+    "merge_adapter",
+    "MergedAdapter",
+    "base_fingerprint",
     "alpha_search",
     "rescale",
     "kept_count",

@@ -123,6 +123,36 @@ class TensorDigestMismatch(IntegrityError):
     code = C.E_TENSOR_DIGEST_MISMATCH
 
 
+class ApplyError(CompeftError):
+    """The adapter cannot be applied to this model; the model is left as it was."""
+
+    code = C.E_MODEL_MISMATCH
+
+
+class ModelMismatch(ApplyError):
+    """The model lacks modules the adapter targets, or their shapes differ."""
+
+    code = C.E_MODEL_MISMATCH
+
+
+class ConfigMismatch(ApplyError):
+    """The adapter's PEFT config disagrees with its tensors."""
+
+    code = C.E_CONFIG_MISMATCH
+
+
+class BaseMismatch(ApplyError):
+    """The file records a base-model fingerprint and the model's weights do not match it."""
+
+    code = C.E_BASE_MISMATCH
+
+
+class UnsupportedAdapter(ApplyError):
+    """The adapter type (peft_type) cannot be applied by this library."""
+
+    code = C.E_UNSUPPORTED_ADAPTER
+
+
 class IOFailure(CompeftError):
     """The operating system refused a read or write."""
 
@@ -153,4 +183,9 @@ __all__ = [
     "StreamDigestMismatch",
     "TensorDigestMismatch",
     "IOFailure",
+    "ApplyError",
+    "ModelMismatch",
+    "ConfigMismatch",
+    "BaseMismatch",
+    "UnsupportedAdapter",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,11 @@ from .errors import FileNotFound, InputError, InvalidArgument, IOFailure
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+
+#: Tensors of a PEFT adapter that are task-vector factors and may be sparsified; everything else a
+#: PEFT folder holds (DoRA magnitudes, modules_to_save copies, biases, trainable tokens) is a full
+#: weight and stays dense.
+SPARSIFIABLE = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|ia3_l)(\.[^.]+)?(\.weight)?$")
 
 #: peft_type -> (adapter kind, default reference)
 PEFT_TYPES: dict[str, tuple[str, str]] = {
@@ -130,6 +136,9 @@ def compress_peft(src: str | os.PathLike, *, density: float = 0.1, alpha: float 
         kwargs["reference"] = ref or C.REFERENCE_ZERO
     elif not isinstance(kwargs["reference"], str) and kind == "other":
         kind = "full"
+    if config is not None and ref is not None:  # a known PEFT type: only its factors are task vectors
+        kwargs["dense_patterns"] = tuple(kwargs.get("dense_patterns", C.DEFAULT_DENSE_PATTERNS)) + tuple(
+            sorted(n for n in sd if not SPARSIFIABLE.search(n)))
     kwargs.setdefault("adapter_kind", kind)
     kwargs.setdefault("peft_config", config)
     if kwargs.get("base_model_id") is None:

@@ -1,0 +1,199 @@
+"""Applying compressed adapters to real transformers / peft models, without writing a folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import compeft_format as cf
+
+CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def base_model(seed: int = 0, cfg: LlamaConfig = CFG) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def trained(peft_config, seed: int, scale: float = 0.05):
+    pm = get_peft_model(base_model(), peft_config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return pm
+
+
+def compressed(tmp_path, peft_config, seed: int = 1, density: float = 0.3, name: str = "a", **kw):
+    src = tmp_path / f"src_{name}"
+    trained(peft_config, seed).save_pretrained(src)
+    out = tmp_path / f"{name}.cpeft.safetensors"
+    cf.save(cf.compress_peft(src, density=density, **kw), out)
+    return out
+
+
+def logits(model, ids=None) -> torch.Tensor:
+    ids = torch.arange(24).reshape(2, 12) % CFG.vocab_size if ids is None else ids
+    with torch.no_grad():
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.cpu()
+
+
+LORA_RICH = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                       rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, modules_to_save=["lm_head"])
+DORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=True)
+IA3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [LORA_RICH, DORA, IA3], ids=["lora-patterns-modules_to_save", "dora", "ia3"])
+def test_load_adapter_equals_peft_loading_the_decompressed_folder(tmp_path, config, device):
+    path = compressed(tmp_path, config)
+    dest = tmp_path / "restored"
+    cf.decompress_to_peft(path, dest)
+    reference = PeftModel.from_pretrained(base_model(), dest).eval()
+    mine = cf.load_adapter(base_model().to(device), path, device=device)
+    assert isinstance(mine, PeftModel)
+    torch.testing.assert_close(logits(mine), logits(reference), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits(mine), logits(base_model()), atol=1e-4)
+
+
+def test_non_factor_tensors_stay_dense(tmp_path):
+    path = compressed(tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True,
+                                           modules_to_save=["lm_head"]))
+    m = cf.verify(path)
+    enc = {t.name: m.groups[t.group].encoding for t in m.tensors}
+    assert enc["base_model.model.lm_head.weight"] == "dense"
+    assert all(e == "dense" for n, e in enc.items() if n.endswith("lora_magnitude_vector"))
+    assert all(e == "ternary" for n, e in enc.items() if ".lora_A." in n or ".lora_B." in n)
+    sd = cf.load(path)
+    ref = trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True,
+                             modules_to_save=["lm_head"]), 1)
+    from peft import get_peft_model_state_dict
+    orig = get_peft_model_state_dict(ref)
+    assert torch.equal(sd["base_model.model.lm_head.weight"], orig["base_model.model.lm_head.weight"])
+
+
+def test_several_adapters_side_by_side_switch_and_remove(tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pa = compressed(tmp_path, lora, seed=1, name="a")
+    pb = compressed(tmp_path, lora, seed=2, name="b")
+    only_a = logits(cf.load_adapter(base_model(), pa))
+    only_b = logits(cf.load_adapter(base_model(), pb))
+    both = cf.load_adapter(base_model(), pa, adapter_name="a")
+    assert cf.load_adapter(both, pb, adapter_name="b") is both
+    assert both.active_adapter == "b"
+    torch.testing.assert_close(logits(both), only_b, rtol=0, atol=0)
+    both.set_adapter("a")
+    torch.testing.assert_close(logits(both), only_a, rtol=0, atol=0)
+    with pytest.raises(cf.InvalidArgument):
+        cf.load_adapter(both, pb, adapter_name="a")
+    both.delete_adapter("a")
+    assert set(both.peft_config) == {"b"}
+    both.set_adapter("b")
+    torch.testing.assert_close(logits(both), only_b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [LORA_RICH, DORA, IA3], ids=["lora-patterns-modules_to_save", "dora", "ia3"])
+def test_merge_and_unmerge(tmp_path, config):
+    path = compressed(tmp_path, config)
+    reference = cf.load_adapter(base_model(), path)
+    model = base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = cf.merge_adapter(model, path)
+    torch.testing.assert_close(logits(model), logits(reference), rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    handle.unmerge()
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_merge_full_finetuning_delta(tmp_path):
+    base = base_model()
+    ft = base_model()
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if n.endswith(("q_proj.weight", "o_proj.weight")):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.01)
+    sd_base = {k: v.clone() for k, v in base.state_dict().items()}
+    sd_ft = ft.state_dict()
+    changed = {k: v for k, v in sd_ft.items() if not torch.equal(v, sd_base[k])}
+    ca = cf.compress(changed, density=0.2, reference={k: sd_base[k] for k in changed}, adapter_kind="full",
+                     base_fingerprint=cf.base_fingerprint(base))
+    path = tmp_path / "delta.cpeft.safetensors"
+    cf.save(ca, path)
+    delta = cf.load(path, dtype=torch.float32)
+    handle = cf.merge_adapter(base, path)
+    for k in changed:
+        torch.testing.assert_close(base.state_dict()[k], sd_base[k] + delta[k], rtol=0, atol=1e-7)
+    handle.unmerge()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in sd_base.items())
+
+
+def _unchanged(model, before):
+    sd = model.state_dict()
+    return set(sd) == set(before) and all(torch.equal(sd[k], v) for k, v in before.items())
+
+
+def test_model_lacking_target_modules_is_refused_untouched(tmp_path):
+    path = compressed(tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    small = base_model(cfg=LlamaConfig(**{**CFG.to_dict(), "num_hidden_layers": 1}))
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    with pytest.raises(cf.ModelMismatch, match=r"lacks 1 module\(s\).*model\.layers\.1\.self_attn\.q_proj") as e:
+        cf.load_adapter(small, path)
+    assert e.value.code == "MODEL_MISMATCH"
+    with pytest.raises(cf.ModelMismatch):
+        cf.merge_adapter(small, path)
+    assert _unchanged(small, before) and not isinstance(small, PeftModel)
+
+
+def test_shape_mismatch_is_refused(tmp_path):
+    path = compressed(tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    wide = base_model(cfg=LlamaConfig(**{**CFG.to_dict(), "hidden_size": 128}))
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(cf.ModelMismatch, match="do not fit"):
+        cf.load_adapter(wide, path)
+    assert _unchanged(wide, before)
+
+
+def test_config_that_disagrees_with_tensors(tmp_path):
+    src = tmp_path / "src"
+    trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), 1).save_pretrained(src)
+    sd, cfg = cf.read_source(src)
+    cfg["r"] = 16
+    path = tmp_path / "bad.cpeft.safetensors"
+    cf.save(cf.compress(sd, density=0.3, peft_config=cfg), path)
+    with pytest.raises(cf.ConfigMismatch) as e:
+        cf.load_adapter(base_model(), path)
+    assert e.value.code == "CONFIG_MISMATCH"
+
+
+def test_unknown_peft_type_is_refused(tmp_path):
+    path = tmp_path / "vera.cpeft.safetensors"
+    cf.save(cf.compress({"base_model.model.x.vera_lambda_b": torch.randn(64)}, density=0.5,
+                        peft_config={"peft_type": "VERA"}), path)
+    with pytest.raises(cf.UnsupportedAdapter) as e:
+        cf.load_adapter(base_model(), path)
+    assert e.value.code == "UNSUPPORTED_ADAPTER"
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    src = tmp_path / "src"
+    trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), 1).save_pretrained(src)
+    path = tmp_path / "bound.cpeft.safetensors"
+    cf.save(cf.compress_peft(src, density=0.3, base_fingerprint=cf.base_fingerprint(base_model(0)),
+                             base_model_id="org/tiny"), path)
+    cf.load_adapter(base_model(0), path)  # the right base
+    other = base_model(seed=7)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(cf.BaseMismatch, match="made for org/tiny") as e:
+        cf.load_adapter(other, path)
+    assert e.value.code == "BASE_MISMATCH"
+    with pytest.raises(cf.BaseMismatch):
+        cf.merge_adapter(other, path)
+    assert _unchanged(other, before)
+    cf.load_adapter(other, path, check_base=False)  # the caller may override
