@@ -31,6 +31,7 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench_load.py
 
 vectors: install
 	$(BIN)/python tools/gen_vectors.py

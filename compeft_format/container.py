@@ -402,6 +402,18 @@ def _as_tensor(buf) -> torch.Tensor:
         return torch.frombuffer(buf, dtype=torch.uint8)
 
 
+def to_device(packed: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """Move packed stream bytes to the device that decodes them: through pinned host memory with
+    a non-blocking copy for CUDA, as they are for the CPU. Only packed bytes cross; the dense
+    tensors are built on the device."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return packed
+    if dev.type == "cuda":
+        return packed.pin_memory().to(dev, non_blocking=True)
+    return packed.to(dev)
+
+
 class CompeftFile:
     """An open compeft file. Header, metadata and manifest are checked on open; tensor data is
     read lazily, one group at a time, through safetensors' memory map.
@@ -479,7 +491,7 @@ class CompeftFile:
             if actual != info.sha256:
                 raise StreamDigestMismatch(
                     f"stream {info.name!r}: sha256 is {actual}, manifest declares {info.sha256}")
-            raw[role] = _as_tensor(unframe(stored, info.compression, info.raw_size)).to(device)
+            raw[role] = to_device(_as_tensor(unframe(stored, info.compression, info.raw_size)), device)
         self._cache = (gi, key, raw, {})
         return raw, self._cache[3]
 

@@ -162,3 +162,36 @@ def test_sizes_smaller_than_fp16(tmp_file):
     r = cf.inspect(tmp_file)
     assert 10 <= r["ratio_vs_fp16"] <= 30, r["ratio_vs_fp16"]
     np.testing.assert_allclose(r["bits_per_param"], 8 * r["file_bytes"] / r["params"])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("positions", ["golomb", "bitmap"])
+def test_decode_on_device_equals_cpu(tmp_file, device, positions, monkeypatch):
+    """Packed streams are moved to the device and decoded there: every stream handed to a codec
+    is already on the device, and the tensors equal the CPU decode bit for bit."""
+    torch.manual_seed(0)
+    sd = {"a.lora_A.weight": torch.randn(8, 300, dtype=torch.float16), "b": torch.randn(50, 7),
+          "c.bias": torch.randn(7, dtype=torch.bfloat16)}
+    ca = cf.compress(sd, density=0.2)
+    cf.save(ca, tmp_file, positions=positions)
+    seen = []
+    real = cf.container.get_codec
+
+    def spy(encoding):
+        codec = real(encoding)
+
+        def decode(raw, *args, **kw):
+            seen.extend(t.device.type for t in raw.values())
+            return codec.decode(raw, *args, **kw)
+
+        return type(codec)(codec.name, codec.encode, decode)
+
+    monkeypatch.setattr(cf.container, "get_codec", spy)
+    out = cf.load(tmp_file, device=device, dtype=torch.float32)
+    assert seen and set(seen) == {torch.device(device).type}
+    for n, t in out.items():
+        assert t.device.type == torch.device(device).type
+        assert bits_equal(t.cpu(), ca.tensors[n].to_dense(torch.float32))
