@@ -1,0 +1,530 @@
+"""A small, self-hostable server for the part of the Hugging Face Hub HTTP API that the
+``huggingface_hub`` client uses to create repositories, commit files (regular and LFS), manage
+branches and tags, list and download files.
+
+Storage under ``root``: ``blobs/<sha256>`` holds every file's content once; each repository has
+``repo.json``, ``refs.json`` and ``commits/<id>.json`` (the full file table of that commit). Every
+write goes to a temporary file that is fsynced and renamed, so a restart loses nothing committed.
+Commits to a repository are serialised by a lock; a commit whose ``parentCommit`` is not the head
+of its branch is refused, so no commit is lost.
+
+    compeft hub serve --root ./hub --port 8080 --token SECRET
+    HF_ENDPOINT=http://127.0.0.1:8080 HF_TOKEN=SECRET compeft push adapter.cpeft.safetensors me/adapter
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+REPO_TYPES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+DEFAULT_BRANCH = "main"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Suffixes answered with uploadMode "lfs" when the server runs with ``lfs=True``.
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Store:
+    """Repositories, commits, refs and blobs on disk."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # -- blobs -------------------------------------------------------------------------------
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256
+
+    def has_blob(self, sha256: str, size: int | None = None) -> bool:
+        p = self.blob_path(sha256)
+        return p.is_file() and (size is None or p.stat().st_size == size)
+
+    def put_blob(self, data: bytes, expected: str | None = None) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if expected is not None and digest != expected:
+            raise HubError(400, f"content sha256 {digest} does not match the declared oid {expected}")
+        if not self.has_blob(digest, len(data)):
+            _atomic_write(self.blob_path(digest), data)
+        return digest
+
+    # -- repositories ------------------------------------------------------------------------
+    def repo_dir(self, rtype: str, repo_id: str) -> Path:
+        return self.root / "repos" / f"{rtype}s" / repo_id
+
+    def lock(self, rtype: str, repo_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(f"{rtype}/{repo_id}", threading.Lock())
+
+    def repo(self, rtype: str, repo_id: str) -> dict[str, Any]:
+        p = self.repo_dir(rtype, repo_id) / "repo.json"
+        if not p.is_file():
+            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+        return json.loads(p.read_text())
+
+    def create_repo(self, rtype: str, repo_id: str, private: bool) -> bool:
+        with self.lock(rtype, repo_id):
+            d = self.repo_dir(rtype, repo_id)
+            if (d / "repo.json").is_file():
+                return False
+            commit = self._write_commit(rtype, repo_id, parents=[], files={}, title="initial commit", message="")
+            _atomic_write(d / "refs.json", json.dumps({"branches": {DEFAULT_BRANCH: commit}, "tags": {}}).encode())
+            _atomic_write(d / "repo.json", json.dumps({"private": private, "created": _now()}).encode())
+            return True
+
+    def refs(self, rtype: str, repo_id: str) -> dict[str, dict[str, str]]:
+        return json.loads((self.repo_dir(rtype, repo_id) / "refs.json").read_text())
+
+    def set_refs(self, rtype: str, repo_id: str, refs: dict[str, dict[str, str]]) -> None:
+        _atomic_write(self.repo_dir(rtype, repo_id) / "refs.json", json.dumps(refs).encode())
+
+    def commit(self, rtype: str, repo_id: str, oid: str) -> dict[str, Any]:
+        return json.loads((self.repo_dir(rtype, repo_id) / "commits" / f"{oid}.json").read_text())
+
+    def resolve(self, rtype: str, repo_id: str, revision: str) -> str:
+        self.repo(rtype, repo_id)
+        refs = self.refs(rtype, repo_id)
+        name = revision.removeprefix("refs/heads/").removeprefix("refs/tags/")
+        if name in refs["branches"]:
+            return refs["branches"][name]
+        if name in refs["tags"]:
+            return refs["tags"][name]
+        if _HEX40.match(revision) and (self.repo_dir(rtype, repo_id) / "commits" / f"{revision}.json").is_file():
+            return revision
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def _write_commit(self, rtype: str, repo_id: str, parents: list[str], files: dict[str, Any], title: str,
+                      message: str) -> str:
+        body = {"parents": parents, "files": files, "title": title, "message": message, "date": _now(),
+                "author": "compeft-hub", "nonce": time.time_ns()}
+        oid = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        body["id"] = oid
+        _atomic_write(self.repo_dir(rtype, repo_id) / "commits" / f"{oid}.json", json.dumps(body).encode())
+        return oid
+
+    def apply_commit(self, rtype: str, repo_id: str, branch: str, header: dict[str, Any],
+                     ops: list[tuple[str, dict[str, Any]]]) -> str:
+        """Write a commit on ``branch`` and move the branch to it, or refuse it whole."""
+        with self.lock(rtype, repo_id):
+            refs = self.refs(rtype, repo_id)
+            if branch not in refs["branches"]:
+                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            head = refs["branches"][branch]
+            parent = header.get("parentCommit")
+            if parent is not None and parent != head:
+                raise HubError(412, f"A commit has happened since {parent}; the head of {branch} is {head}. "
+                                    "Pull the latest changes and commit again.")
+            files = dict(self.commit(rtype, repo_id, head)["files"])
+            for key, value in ops:
+                path = str(value.get("path", "")).strip("/")
+                if key in ("file", "lfsFile") and (not path or ".." in path.split("/")):
+                    raise HubError(400, f"invalid path {path!r}")
+                if key == "file":
+                    if value.get("encoding", "base64") != "base64":
+                        raise HubError(400, "file content must be base64")
+                    data = base64.b64decode(value.get("content", ""))
+                    files[path] = {"sha256": self.put_blob(data), "size": len(data), "lfs": False,
+                                   "oid": _git_blob_oid(data)}
+                elif key == "lfsFile":
+                    oid, size = value.get("oid"), value.get("size")
+                    if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not _HEX64.match(oid):
+                        raise HubError(400, f"lfsFile {path!r} needs a sha256 oid")
+                    if not self.has_blob(oid, size):
+                        raise HubError(422, f"LFS object {oid} for {path!r} was not uploaded")
+                    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
+                    files[path] = {"sha256": oid, "size": size, "lfs": True, "oid": _git_blob_oid(pointer.encode()),
+                                   "pointer_size": len(pointer)}
+                elif key == "deletedFile":
+                    if files.pop(path, None) is None:
+                        raise HubError(404, f"{path} does not exist", "EntryNotFound")
+                elif key == "deletedFolder":
+                    for p in [p for p in files if p.startswith(path + "/")]:
+                        del files[p]
+                else:
+                    raise HubError(400, f"unsupported commit operation {key!r}")
+            oid = self._write_commit(rtype, repo_id, [head], files, header.get("summary") or "update",
+                                     header.get("description") or "")
+            refs["branches"][branch] = oid
+            self.set_refs(rtype, repo_id, refs)
+            return oid
+
+
+# ---------------------------------------------------------------------------------------------
+class HubHandler(BaseHTTPRequestHandler):
+    server_version = "compeft-hub/1"
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def store(self) -> Store:
+        return self.server.store  # type: ignore[attr-defined]
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        if getattr(self.server, "verbose", False):
+            super().log_message(fmt, *args)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _base(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{self.headers.get('Host', f'{host}:{port}')}"
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _json_body(self) -> Any:
+        raw = self._body()
+        ctype = self.headers.get("Content-Type", "")
+        if "application/x-www-form-urlencoded" in ctype:
+            form = parse_qs(raw.decode(), keep_blank_values=True)
+            return {k: (v if k == "paths" else v[-1]) for k, v in form.items()}
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError:
+            raise HubError(400, "request body is not JSON") from None
+
+    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
+              raw: bytes | None = None, head: bool = False) -> None:
+        data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        self.send_response(status)
+        if raw is None:
+            self.send_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def _error(self, e: HubError, head: bool = False) -> None:
+        headers = {"X-Error-Message": e.message}
+        if e.code:
+            headers["X-Error-Code"] = e.code
+        self._send(e.status, {"error": e.message, **e.extra}, headers, head=head)
+
+    def _authorized(self) -> bool:
+        token = getattr(self.server, "token", None)
+        if not token:
+            return True
+        auth = self.headers.get("Authorization", "")
+        return auth == f"Bearer {token}"
+
+    def _require_write(self) -> None:
+        if not self._authorized():
+            raise HubError(401, "Invalid credentials in Authorization header")
+
+    def _require_read(self, rtype: str, repo_id: str) -> dict[str, Any]:
+        repo = self.store.repo(rtype, repo_id)
+        if repo.get("private") and not (getattr(self.server, "token", None) and self._authorized()):
+            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+        return repo
+
+    def _dispatch(self, method: str) -> None:
+        parts = urlsplit(self.path)
+        segs = [unquote(s) for s in parts.path.split("/")[1:]]
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        head = method == "HEAD"
+        try:
+            self._route(method, segs, query)
+        except HubError as e:
+            self._error(e, head=head)
+        except (ValueError, KeyError, OSError) as e:
+            self._error(HubError(400, f"bad request: {e}"), head=head)
+
+    do_GET = lambda self: self._dispatch("GET")  # noqa: E731
+    do_HEAD = lambda self: self._dispatch("HEAD")  # noqa: E731
+    do_POST = lambda self: self._dispatch("POST")  # noqa: E731
+    do_PUT = lambda self: self._dispatch("PUT")  # noqa: E731
+    do_DELETE = lambda self: self._dispatch("DELETE")  # noqa: E731
+
+    # -- routing -----------------------------------------------------------------------------
+    def _route(self, method: str, s: list[str], q: dict[str, str]) -> None:
+        if s[:2] == ["api", "whoami-v2"] and method == "GET":
+            if not self._authorized() or (getattr(self.server, "token", None) and "Authorization" not in self.headers):
+                raise HubError(401, "Invalid credentials in Authorization header")
+            return self._send(200, {"type": "user", "name": self.server.user, "fullname": self.server.user,  # type: ignore[attr-defined]
+                                    "orgs": [], "auth": {"accessToken": {"role": "write"}}})
+        if s[:2] == ["api", "validate-yaml"] and method == "POST":
+            self._body()
+            return self._send(200, {"errors": [], "warnings": []})
+        if s[:3] == ["api", "repos", "create"] and method == "POST":
+            return self._create_repo()
+        if s[:1] == ["_lfs"]:
+            return self._lfs_object(method, s[1:], q)
+        if s[:1] == ["api"] and len(s) >= 4 and s[1].endswith("s") and s[1][:-1] in REPO_TYPES:
+            return self._api_repo(method, s[1][:-1], f"{s[2]}/{s[3]}", s[4:], q)
+        # file URLs: [prefix/]ns/name/resolve/rev/path  and  [prefix/]ns/name.git/info/lfs/objects/batch
+        rtype = "model"
+        if s and s[0] in ("datasets", "spaces"):
+            rtype, s = s[0][:-1], s[1:]
+        if len(s) >= 5 and s[1].endswith(".git") and s[2:5] == ["info", "lfs", "objects"]:
+            return self._lfs_batch(rtype, f"{s[0]}/{s[1][:-4]}")
+        if len(s) >= 5 and s[2] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(method, rtype, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
+        raise HubError(404, f"no route for {method} {self.path}")
+
+    def _create_repo(self) -> None:
+        self._require_write()
+        body = self._json_body()
+        name, org = body.get("name"), body.get("organization") or self.server.user  # type: ignore[attr-defined]
+        rtype = body.get("type") or "model"
+        if rtype not in REPO_TYPES or not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(org):
+            raise HubError(400, f"invalid repository name {org}/{name}")
+        repo_id = f"{org}/{name}"
+        url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}"
+        if not self.store.create_repo(rtype, repo_id, bool(body.get("private"))):
+            raise HubError(409, "You already created this repo", extra={"url": url})
+        self._send(200, {"url": url, "name": repo_id, "id": repo_id})
+
+    def _api_repo(self, method: str, rtype: str, repo_id: str, rest: list[str], q: dict[str, str]) -> None:
+        verb = rest[0] if rest else ""
+        if method == "GET" and verb in ("", "revision"):
+            self._require_read(rtype, repo_id)
+            rev = rest[1] if verb == "revision" and len(rest) > 1 else DEFAULT_BRANCH
+            return self._send(200, self._info(rtype, repo_id, rev))
+        if verb == "preupload" and method == "POST":
+            self._require_write()
+            self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
+            files = self._json_body().get("files", [])
+            lfs = getattr(self.server, "lfs", False)
+            return self._send(200, {"files": [
+                {"path": f["path"], "uploadMode": "lfs" if lfs and f["path"].endswith(LFS_SUFFIXES) and f.get("size", 0)
+                 else "regular", "shouldIgnore": False} for f in files]})
+        if verb == "commit" and method == "POST":
+            self._require_write()
+            self.store.repo(rtype, repo_id)
+            branch = rest[1] if len(rest) > 1 else DEFAULT_BRANCH
+            lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+            header = next((x["value"] for x in lines if x.get("key") == "header"), {})
+            ops = [(x["key"], x["value"]) for x in lines if x.get("key") != "header"]
+            oid = self.store.apply_commit(rtype, repo_id, branch, header, ops)
+            url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}/commit/{oid}"
+            return self._send(200, {"commitOid": oid, "commitUrl": url, "success": True, "pullRequestUrl": None})
+        if verb == "tree" and method == "GET":
+            self._require_read(rtype, repo_id)
+            oid = self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
+            return self._send(200, self._tree(rtype, repo_id, oid, "/".join(rest[2:]),
+                                              q.get("recursive", "").lower() in ("1", "true")))
+        if verb == "paths-info" and method == "POST":
+            self._require_read(rtype, repo_id)
+            oid = self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
+            paths = self._json_body().get("paths", [])
+            paths = [paths] if isinstance(paths, str) else paths
+            entries = {e["path"]: e for e in self._tree(rtype, repo_id, oid, "", True)}
+            return self._send(200, [entries[p.strip("/")] for p in paths if p.strip("/") in entries])
+        if verb == "refs" and method == "GET":
+            self._require_read(rtype, repo_id)
+            refs = self.store.refs(rtype, repo_id)
+            return self._send(200, {
+                "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in refs["branches"].items()],
+                "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in refs["tags"].items()],
+                "converts": [], "pullRequests": None})
+        if verb == "commits" and method == "GET":
+            self._require_read(rtype, repo_id)
+            oid = self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
+            out = []
+            while oid:
+                c = self.store.commit(rtype, repo_id, oid)
+                out.append({"id": c["id"], "title": c["title"], "message": c["message"], "date": c["date"],
+                            "authors": [{"user": c["author"]}]})
+                oid = c["parents"][0] if c["parents"] else None
+            return self._send(200, out)
+        if verb in ("branch", "tag") and len(rest) > 1 and method in ("POST", "DELETE"):
+            self._require_write()
+            return self._ref(method, verb, rtype, repo_id, rest[1])
+        raise HubError(404, f"no route for {method} {self.path}")
+
+    def _ref(self, method: str, kind: str, rtype: str, repo_id: str, name: str) -> None:
+        body = self._json_body() if method == "POST" else {}
+        with self.store.lock(rtype, repo_id):
+            refs = self.store.refs(rtype, repo_id)
+            table = refs["branches" if kind == "branch" else "tags"]
+            if kind == "tag" and method == "POST":  # POST .../tag/{revision} with {"tag": name}
+                target, name = self.store.resolve(rtype, repo_id, name), body.get("tag", "")
+            else:
+                target = self.store.resolve(rtype, repo_id, body.get("startingPoint") or DEFAULT_BRANCH)
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._/-]{1,200}$", name) or ".." in name:
+                raise HubError(400, f"invalid {kind} name {name!r}")
+            if method == "DELETE":
+                if name not in table or (kind == "branch" and name == DEFAULT_BRANCH):
+                    raise HubError(404, f"{kind} {name} not found", "RevisionNotFound")
+                del table[name]
+            else:
+                if name in table:
+                    raise HubError(409, f"{kind} {name} already exists")
+                table[name] = target
+            self.store.set_refs(rtype, repo_id, refs)
+        self._send(200, {})
+
+    def _info(self, rtype: str, repo_id: str, rev: str) -> dict[str, Any]:
+        oid = self.store.resolve(rtype, repo_id, rev)
+        c = self.store.commit(rtype, repo_id, oid)
+        repo = self.store.repo(rtype, repo_id)
+        return {"_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": oid,
+                "lastModified": c["date"], "createdAt": repo.get("created"), "private": repo.get("private", False),
+                "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
+                "siblings": [{"rfilename": p, "size": f["size"]} for p, f in sorted(c["files"].items())]}
+
+    def _tree(self, rtype: str, repo_id: str, oid: str, prefix: str, recursive: bool) -> list[dict[str, Any]]:
+        files = self.store.commit(rtype, repo_id, oid)["files"]
+        prefix = prefix.strip("/")
+        if prefix and prefix in files:
+            raise HubError(400, f"{prefix} is a file")
+        base = prefix + "/" if prefix else ""
+        if prefix and not any(p.startswith(base) for p in files):
+            raise HubError(404, f"{prefix} does not exist on {oid}", "EntryNotFound")
+        out, dirs = [], set()
+        for path, f in sorted(files.items()):
+            if not path.startswith(base):
+                continue
+            rel = path[len(base):].split("/")
+            for i in range(1, len(rel)):
+                d = base + "/".join(rel[:i])
+                if (recursive or i == 1) and d not in dirs:
+                    dirs.add(d)
+                    out.append({"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()})
+            if recursive or len(rel) == 1:
+                entry = {"type": "file", "path": path, "size": f["size"], "oid": f["oid"]}
+                if f["lfs"]:
+                    entry["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": f["pointer_size"]}
+                out.append(entry)
+        return out
+
+    def _resolve(self, method: str, rtype: str, repo_id: str, rev: str, path: str) -> None:
+        self._require_read(rtype, repo_id)
+        oid = self.store.resolve(rtype, repo_id, rev)
+        files = self.store.commit(rtype, repo_id, oid)["files"]
+        f = files.get(path)
+        if f is None:
+            raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
+        headers = {"X-Repo-Commit": oid, "ETag": f'"{f["oid"]}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if f["lfs"]:
+            headers.update({"X-Linked-Etag": f'"{f["sha256"]}"', "X-Linked-Size": str(f["size"])})
+        blob = self.store.blob_path(f["sha256"])
+        data = b"" if method == "HEAD" else blob.read_bytes()
+        size = blob.stat().st_size
+        rng = self.headers.get("Range")
+        if method == "GET" and rng and (m := re.match(r"bytes=(\d+)-(\d*)$", rng)):
+            start = int(m.group(1))
+            end = int(m.group(2)) if m.group(2) else size - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            return self._send(206, headers=headers, raw=data[start:end + 1])
+        if method == "HEAD":
+            self.send_response(200)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            return None
+        self._send(200, headers=headers, raw=data)
+
+    def _lfs_batch(self, rtype: str, repo_id: str) -> None:
+        self._require_write()
+        self.store.repo(rtype, repo_id)
+        body = self._json_body()
+        if body.get("operation") != "upload":
+            raise HubError(400, "only uploads go through this LFS endpoint")
+        objects = []
+        for o in body.get("objects", []):
+            oid, size = o.get("oid"), o.get("size")
+            entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if not (isinstance(oid, str) and _HEX64.match(oid) and isinstance(size, int)):
+                entry["error"] = {"code": 422, "message": "bad oid or size"}
+            elif not self.store.has_blob(oid, size):
+                href = f"{self._base()}/_lfs/{oid}"
+                # The upload PUT carries no credentials (as with presigned storage URLs): the
+                # URL itself is signed for this object and size.
+                entry["actions"] = {"upload": {"href": f"{href}?size={size}&sig={self._sign(oid, size)}", "header": {}},
+                                    "verify": {"href": f"{href}/verify", "header": {}}}
+            objects.append(entry)
+        self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                   {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _sign(self, oid: str, size: int) -> str:
+        return hmac.new(self.server.secret, f"{oid}:{size}".encode(), hashlib.sha256).hexdigest()  # type: ignore[attr-defined]
+
+    def _lfs_object(self, method: str, rest: list[str], q: dict[str, str]) -> None:
+        oid = rest[0] if rest else ""
+        if not _HEX64.match(oid):
+            raise HubError(400, "bad LFS oid")
+        if method == "PUT" and len(rest) == 1:
+            size = q.get("size", "")
+            if not (size.isdigit() and hmac.compare_digest(q.get("sig", ""), self._sign(oid, int(size)))):
+                raise HubError(403, "upload URL signature does not match")
+            data = self._body()
+            if len(data) != int(size):
+                raise HubError(400, f"uploaded {len(data)} bytes, the batch request declared {size}")
+            self.store.put_blob(data, expected=oid)
+            return self._send(200, {})
+        self._require_write()
+        if method == "POST" and rest[1:] == ["verify"]:
+            body = self._json_body()
+            if not self.store.has_blob(oid, body.get("size")):
+                raise HubError(404, f"LFS object {oid} of size {body.get('size')} is not stored")
+            return self._send(200, {})
+        raise HubError(404, "no such LFS route")
+
+
+def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                user: str = "local", lfs: bool = False, verbose: bool = False) -> ThreadingHTTPServer:
+    """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address``)."""
+    server = ThreadingHTTPServer((host, port), HubHandler)
+    server.daemon_threads = True
+    server.store = Store(Path(root))  # type: ignore[attr-defined]
+    server.token = token  # type: ignore[attr-defined]
+    server.user = user  # type: ignore[attr-defined]
+    server.lfs = lfs  # type: ignore[attr-defined]
+    server.verbose = verbose  # type: ignore[attr-defined]
+    server.secret = os.urandom(32)  # type: ignore[attr-defined]  # signs LFS upload URLs
+    return server
+
+
+__all__ = ["make_server", "Store", "HubHandler", "HubError"]
