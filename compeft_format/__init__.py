@@ -18,6 +18,7 @@ from .compress import alpha_search, compress, kept_count, rescale, top_k_indices
 from .compressed import CompressedAdapter, CompressedTensor
 from .container import CompeftFile, load, open_file, save, verify
 from .errors import *  # noqa: F403  (the typed errors are part of the public API)
+from .hub import PullResult, PushResult, pull, push
 from .integrity import state_dict_fingerprint, tensor_sha256
 from .manifest import Manifest
 from .peft_io import compress_peft, decompress_to_peft, read_source, write_peft_folder
@@ -30,6 +31,10 @@ __all__ = [
     "compress_peft",
     "decompress_to_peft",
     "load_adapter",
+    "push",
+    "pull",
+    "PushResult",
+    "PullResult",
     "merge_adapter",
     "MergedAdapter",
     "base_fingerprint",

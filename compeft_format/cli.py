@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,37 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
+
+    pu = sub.add_parser("push", help="upload compressed file(s) to a Hub repository in one commit")
+    pu.add_argument("files", nargs="+", metavar="FILE")
+    pu.add_argument("repo", metavar="NAMESPACE/NAME")
+    pu.add_argument("--revision", default=None, help="branch to commit to (created when missing)")
+    pu.add_argument("--private", action="store_true")
+    pu.add_argument("--message", default=None, help="commit message")
+    pu.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    pu.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the stored login)")
+
+    pl = sub.add_parser("pull", help="download a compeft repository, checking every byte")
+    pl.add_argument("repo", metavar="NAMESPACE/NAME[@REVISION]")
+    pl.add_argument("-o", "--output", default=None, help="folder for the verified files")
+    pl.add_argument("--to-peft", action="store_true", help="write PEFT adapter folder(s) instead of the files")
+    pl.add_argument("--base-model", default=None, help="refuse artifacts made for another base model id")
+    pl.add_argument("--endpoint", default=None)
+    pl.add_argument("--token", default=None)
+    pl.add_argument("--cache-dir", default=None)
+
+    h = sub.add_parser("hub", help="run a local Hub-compatible server")
+    hs = h.add_subparsers(dest="hub_command", required=True)
+    sv = hs.add_parser("serve", help="serve repositories from a folder")
+    sv.add_argument("--root", default="./compeft-hub", help="where repositories are stored")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--token", default=os.environ.get("COMPEFT_HUB_TOKEN"),
+                    help="token required for writes (default: COMPEFT_HUB_TOKEN; none: writes are open)")
+    sv.add_argument("--user", default="local", help="the namespace whoami reports")
+    sv.add_argument("--lfs", action="store_true",
+                    help="answer uploadMode lfs for binary files (clients need HF_HUB_DISABLE_XET=1)")
+    sv.add_argument("--verbose", action="store_true", help="log every request")
     return p
 
 
@@ -115,7 +147,51 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect}
+def _quiet_hub_logging() -> None:
+    """The CLI reports failures itself, on one line; huggingface_hub's warnings would add more."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def cmd_push(a: argparse.Namespace) -> int:
+    from .hub import push
+
+    _quiet_hub_logging()
+    r = push(a.files, a.repo, revision=a.revision, private=a.private, message=a.message,
+             endpoint=a.endpoint, token=a.token)
+    print(f"{r.repo_id}: pushed {', '.join(r.files)} in commit {r.commit}")
+    return 0
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from .hub import pull
+
+    _quiet_hub_logging()
+    r = pull(a.repo, local_dir=a.output, to_peft=a.to_peft, base_model=a.base_model, endpoint=a.endpoint,
+             token=a.token, cache_dir=a.cache_dir)
+    for p in r.paths:
+        print(f"{p}: verified ({r.repo_id}@{r.commit[:12]})")
+    return 0
+
+
+def cmd_hub(a: argparse.Namespace) -> int:
+    from .hub_server import make_server
+
+    server = make_server(a.root, host=a.host, port=a.port, token=a.token, user=a.user, lfs=a.lfs,
+                         verbose=a.verbose)
+    host, port = server.server_address[:2]
+    print(f"compeft hub serving {Path(a.root).resolve()} on http://{host}:{port} "
+          f"(writes {'need a token' if a.token else 'are open'}); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect,
+            "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

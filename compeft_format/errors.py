@@ -153,6 +153,42 @@ class UnsupportedAdapter(ApplyError):
     code = C.E_UNSUPPORTED_ADAPTER
 
 
+class HubError(CompeftError):
+    """A Hub request failed; ``code`` says how."""
+
+    code = C.E_HUB_ERROR
+
+
+class HubRepoNotFound(HubError):
+    code = C.E_HUB_REPO_NOT_FOUND
+
+
+class HubRevisionNotFound(HubError):
+    code = C.E_HUB_REVISION_NOT_FOUND
+
+
+class HubEntryNotFound(HubError):
+    code = C.E_HUB_ENTRY_NOT_FOUND
+
+
+class HubNoIndex(HubError):
+    code = C.E_HUB_NO_INDEX
+
+
+class HubAuthError(HubError):
+    code = C.E_HUB_AUTH
+
+
+class HubUnreachable(HubError):
+    code = C.E_HUB_UNREACHABLE
+
+
+class ArtifactDigestMismatch(IntegrityError):
+    """A downloaded file's bytes are not the ones the repository's index declares."""
+
+    code = C.E_ARTIFACT_DIGEST_MISMATCH
+
+
 class IOFailure(CompeftError):
     """The operating system refused a read or write."""
 
@@ -188,4 +224,12 @@ __all__ = [
     "ConfigMismatch",
     "BaseMismatch",
     "UnsupportedAdapter",
+    "HubError",
+    "HubRepoNotFound",
+    "HubRevisionNotFound",
+    "HubEntryNotFound",
+    "HubNoIndex",
+    "HubAuthError",
+    "HubUnreachable",
+    "ArtifactDigestMismatch",
 ]

@@ -1,0 +1,316 @@
+"""Push and pull with the real huggingface_hub client against ``compeft hub serve`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import errors as hfe
+
+import compeft_format as cf
+from compeft_format import constants as C
+from compeft_format.hub_server import make_server
+from conftest import ROOT, bits_equal
+
+TOKEN = "s3cret"
+
+
+def adapter_file(tmp_path: Path, seed: int = 0, name: str = "adapter.cpeft.safetensors") -> Path:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
+          torch.randn((8, 256) if ab == "A" else (256, 8), generator=g).half() for i in range(3) for ab in "AB"}
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+           "base_model_name_or_path": "org/tiny-llama"}
+    path = tmp_path / name
+    cf.save(cf.compress(sd, density=0.1, adapter_kind="lora", peft_config=cfg, base_model_id="org/tiny-llama"), path)
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """An in-process server with a write token; yields its endpoint URL and storage root."""
+    root = tmp_path / "hub"
+    server = make_server(root, token=TOKEN)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "compeft_format.cli", *args], capture_output=True, text=True,
+                       env=full_env, cwd=ROOT, timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stderr)
+    return p
+
+
+def test_push_pull_round_trip(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    r = cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    assert len(r.commit) == 40 and r.files == [f.name]
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    assert sorted(api.list_repo_files("me/adapter")) == sorted(
+        [f.name, C.HUB_INDEX_FILE, "README.md", "adapter_config.json"])
+
+    out = tmp_path / "pulled"
+    res = cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert res.commit == r.commit and res.paths == [out / f.name]
+    assert (out / f.name).read_bytes() == f.read_bytes()
+    ours, theirs = cf.load(f), cf.load(out / f.name)
+    assert all(bits_equal(ours[k], theirs[k]) for k in ours)
+    index = json.loads((out / C.HUB_INDEX_FILE).read_text())
+    art = index["artifacts"][0]
+    assert art["sha256"] == cf.hub.file_sha256(f) and art["size"] == f.stat().st_size
+    assert art["adapter_kind"] == "lora" and art["base_model"]["id"] == "org/tiny-llama"
+
+    card = Path(api.hf_hub_download("me/adapter", "README.md", cache_dir=tmp_path / "c2")).read_text()
+    front = card.split("---")[1]
+    assert "library_name: compeft" in front and "base_model: org/tiny-llama" in front
+    assert "- compeft" in front and "- lora" in front and "- ternary" in front
+    assert "bits/param" in card
+
+
+def test_pull_to_peft_and_base_binding(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    out = tmp_path / "peft"
+    cf.pull("me/adapter", local_dir=out, to_peft=True, base_model="org/tiny-llama", endpoint=endpoint, token=TOKEN,
+            cache_dir=tmp_path / "cache")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out / "adapter_model.safetensors").is_file()
+    with pytest.raises(cf.BaseMismatch):
+        cf.pull("me/adapter", local_dir=tmp_path / "other", base_model="org/another", endpoint=endpoint,
+                token=TOKEN, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "other").exists()
+
+
+def test_branches_tags_and_index_merging(hub, tmp_path):
+    endpoint, _ = hub
+    a, b = adapter_file(tmp_path, 0, "a.cpeft.safetensors"), adapter_file(tmp_path, 1, "b.cpeft.safetensors")
+    first = cf.push(a, "me/multi", endpoint=endpoint, token=TOKEN)
+    cf.push(b, "me/multi", revision="dev", endpoint=endpoint, token=TOKEN)
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_tag("me/multi", tag="v1", revision=first.commit)
+    refs = api.list_repo_refs("me/multi")
+    assert {x.name for x in refs.branches} == {"main", "dev"} and [t.name for t in refs.tags] == ["v1"]
+
+    dev = cf.pull("me/multi@dev", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in dev.paths) == ["a.cpeft.safetensors", "b.cpeft.safetensors"]
+    main = cf.pull("me/multi", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert [p.name for p in main.paths] == ["a.cpeft.safetensors"]
+    tagged = cf.pull("me/multi@v1", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert tagged.commit == first.commit
+    titles = [c.title for c in api.list_repo_commits("me/multi", revision="dev")]
+    assert titles[0].startswith("Upload b.cpeft.safetensors") and titles[-1] == "initial commit"
+
+
+def test_lfs_upload_path(tmp_path):
+    """Binary files go through the LFS batch API (upload, verify) when the server asks for LFS."""
+    root = tmp_path / "hub"
+    server = make_server(root, token=TOKEN, lfs=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        f = adapter_file(tmp_path)
+        p = cli("push", str(f), "me/lfs", "--endpoint", endpoint, "--token", TOKEN,
+                env={"HF_HUB_DISABLE_XET": "1"}, check=True)
+        commit = p.stdout.split()[-1]
+        files = json.loads((root / "repos" / "models" / "me" / "lfs" / "commits" / f"{commit}.json").read_text())["files"]
+        assert files[f.name]["lfs"] is True and files["README.md"]["lfs"] is False
+        tree = {e.path: e for e in HfApi(endpoint=endpoint, token=TOKEN).list_repo_tree("me/lfs")}
+        assert tree[f.name].lfs.sha256 == cf.hub.file_sha256(f)
+        res = cf.pull("me/lfs", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+        assert res.paths[0].read_bytes() == f.read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_altered_blob_is_caught(hub, tmp_path):
+    endpoint, root = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    blob = root / "blobs" / cf.hub.file_sha256(f)
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(cf.ArtifactDigestMismatch, match=f"{f.name}: sha256 is [0-9a-f]{{64}}, the index declares"):
+        cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert not out.exists() or list(out.iterdir()) == []
+    p = cli("pull", "me/adapter", "-o", str(out), "--endpoint", endpoint, "--token", TOKEN,
+            "--cache-dir", str(tmp_path / "cache2"))
+    assert p.returncode == 1 and "ARTIFACT_DIGEST_MISMATCH" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_blob_is_caught(hub, tmp_path):
+    endpoint, root = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    blob = root / "blobs" / cf.hub.file_sha256(f)
+    blob.write_bytes(blob.read_bytes()[:-100])
+    out = tmp_path / "out"
+    with pytest.raises(cf.CompeftError) as e:
+        cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert e.value.code in (C.E_ARTIFACT_DIGEST_MISMATCH, C.E_HUB_ERROR)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_writes_need_the_token(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    with pytest.raises(cf.HubAuthError):
+        cf.push(f, "me/adapter", endpoint=endpoint, token="wrong")
+    p = cli("push", str(f), "me/adapter", "--endpoint", endpoint, env={"HF_TOKEN": ""})
+    assert p.returncode == 1 and ": HUB_AUTH: " in p.stderr and "Traceback" not in p.stderr
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+
+
+def test_stale_parent_commit_is_refused(hub, tmp_path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/race")
+    base = api.create_commit("me/race", operations=[CommitOperationAdd("a.txt", b"1")], commit_message="a")
+    api.create_commit("me/race", operations=[CommitOperationAdd("b.txt", b"2")], commit_message="b",
+                      parent_commit=base.oid)
+    with pytest.raises(hfe.HfHubHTTPError) as e:
+        api.create_commit("me/race", operations=[CommitOperationAdd("c.txt", b"3")], commit_message="c",
+                          parent_commit=base.oid)
+    assert e.value.response.status_code == 412
+    assert sorted(api.list_repo_files("me/race")) == ["a.txt", "b.txt"]
+
+
+def test_concurrent_commits_are_serialised(hub, tmp_path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/many")
+    errors = []
+
+    def commit(i):
+        try:
+            HfApi(endpoint=endpoint, token=TOKEN).create_commit(
+                "me/many", operations=[CommitOperationAdd(f"f{i}.txt", str(i).encode())], commit_message=f"c{i}")
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(api.list_repo_files("me/many")) == sorted(f"f{i}.txt" for i in range(8))
+    assert len(api.list_repo_commits("me/many")) == 9
+
+
+def test_parallel_pulls_into_one_cache(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    cache = tmp_path / "shared-cache"
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "compeft_format.cli", "pull", "me/adapter", "-o",
+                               str(tmp_path / f"out{i}"), "--endpoint", endpoint, "--token", TOKEN,
+                               "--cache-dir", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT) for i in range(4)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [e for _, e, _ in results]
+    for i in range(4):
+        assert (tmp_path / f"out{i}" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_server_restart_keeps_everything(tmp_path):
+    root, port = tmp_path / "hub", free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "compeft_format.cli", "hub", "serve", "--root", str(root),
+                                 "--port", str(port), "--token", TOKEN], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert "serving" in proc.stdout.readline()
+        return proc
+
+    server = start()
+    try:
+        f = adapter_file(tmp_path)
+        pushed = cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    p = cli("pull", "me/adapter", "--endpoint", endpoint, "--token", TOKEN, "--cache-dir", str(tmp_path / "c"))
+    assert p.returncode == 1 and ": HUB_UNREACHABLE: " in p.stderr  # the server is down
+    server = start()
+    try:
+        res = cf.pull("me/adapter", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+        assert res.commit == pushed.commit and res.paths[0].read_bytes() == f.read_bytes()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("target, code", [
+    ("me/nothing", "HUB_REPO_NOT_FOUND"),
+    ("me/adapter@nobranch", "HUB_REVISION_NOT_FOUND"),
+    ("me/plain", "HUB_NO_INDEX"),
+])
+def test_pull_errors_are_typed_one_line(hub, tmp_path, target, code):
+    endpoint, _ = hub
+    cf.push(adapter_file(tmp_path), "me/adapter", endpoint=endpoint, token=TOKEN)
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/plain")
+    api.create_commit("me/plain", operations=[CommitOperationAdd("x.txt", b"x")], commit_message="x")
+    out = tmp_path / "out"
+    p = cli("pull", target, "-o", str(out), "--endpoint", endpoint, "--token", TOKEN,
+            "--cache-dir", str(tmp_path / "cache"))
+    assert p.returncode == 1 and f": {code}: " in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def test_offline_mode_uses_the_verified_cache(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    cache = tmp_path / "cache"
+    cf.pull("me/adapter", endpoint=endpoint, token=TOKEN, cache_dir=cache)
+    p = cli("pull", "me/adapter", "-o", str(tmp_path / "off"), "--endpoint", endpoint, "--cache-dir", str(cache),
+            env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "off" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_serve_listens_on_loopback_by_default():
+    from compeft_format.cli import build_parser
+
+    a = build_parser().parse_args(["hub", "serve"])
+    assert a.host == "127.0.0.1"
+
+
+def test_push_refuses_invalid_files(hub, tmp_path):
+    endpoint, _ = hub
+    bad = ROOT / "spec" / "vectors" / "bad_stream_digest.cpeft.safetensors"
+    with pytest.raises(cf.StreamDigestMismatch):
+        cf.push(bad, "me/bad", endpoint=endpoint, token=TOKEN)
+    with pytest.raises(hfe.RepositoryNotFoundError):
+        HfApi(endpoint=endpoint, token=TOKEN).model_info("me/bad")
+    time.sleep(0)
