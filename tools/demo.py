@@ -3,8 +3,11 @@
 
 Fine-tunes a LoRA adapter with peft on a small Llama built from a config (nothing downloaded),
 picks alpha on a validation split, compresses it with the ``compeft`` CLI, validates and inspects
-the file, decompresses it to a PEFT folder, reloads that with ``PeftModel.from_pretrained`` and
-reports sizes and validation losses. Exits non-zero if any check fails.
+the file, decompresses it to a PEFT folder and reloads that with ``PeftModel.from_pretrained``;
+then starts a local Hub-compatible server on 127.0.0.1, pushes the file with ``compeft push``,
+pulls it into a fresh cache with ``compeft pull`` (every byte checked) and applies the pulled file
+with ``load_adapter``. Reports sizes, timings and validation losses; exits non-zero if any check
+fails.
 
     python tools/demo.py [--out out/demo] [--steps 150] [--density 0.1]
 """
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,9 +58,9 @@ def val_loss(model, data) -> float:
         return sum(float(model(input_ids=x, labels=x).loss) for x in data) / len(data)
 
 
-def run(cmd: list[str]) -> str:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     print("$ " + " ".join(cmd))
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     sys.stdout.write(p.stdout)
     if p.returncode not in (0,):
         sys.stderr.write(p.stderr)
@@ -123,7 +129,31 @@ def main() -> int:
     set_peft_model_state_dict(model, ca_best.state_dict(dtype=torch.float32))
     loss_memory = val_loss(model, val)
 
-    # 5. the size / quality trade-off: densities and modes, alpha picked on validation each time
+    # 5. share it through a Hub: a local server, the real huggingface_hub client underneath
+    from compeft_format.hub_server import make_server
+
+    token = secrets.token_hex(16)
+    server = make_server(a.out / "hub", token=token)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    hub_env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        t = time.perf_counter()
+        run(cli + ["push", str(packed), "demo/tiny-llama-lora"], env=hub_env)
+        push_s = time.perf_counter() - t
+        t = time.perf_counter()
+        run(cli + ["pull", "demo/tiny-llama-lora", "-o", str(a.out / "pulled"), "--cache-dir",
+                   str(a.out / "hf-cache")], env=hub_env)
+        pull_s = time.perf_counter() - t
+    finally:
+        server.shutdown()
+        server.server_close()
+    t = time.perf_counter()
+    from_hub = cf.load_adapter(base_model(), a.out / "pulled" / packed.name).eval()
+    apply_s = time.perf_counter() - t
+    loss_hub = val_loss(from_hub, val)
+
+    # 6. the size / quality trade-off: densities and modes, alpha picked on validation each time
     sweep = []
     for density in (0.05, 0.1, 0.2, 0.3, 0.5):
         for mode in ("ternary", "prune"):
@@ -156,7 +186,9 @@ def main() -> int:
         "ratio_vs_fp16": fp16_file.stat().st_size / r["file_bytes"],
         "ratio_vs_fp32": (lora_dir / "adapter_model.safetensors").stat().st_size / r["file_bytes"],
         "file_vs_bound": r["file_vs_bound"],
-        "val_loss": {"base": loss_base, "lora": loss_lora, "compeft_reloaded": loss_ternary},
+        "val_loss": {"base": loss_base, "lora": loss_lora, "compeft_reloaded": loss_ternary,
+                     "compeft_pulled_from_hub": loss_hub},
+        "hub_seconds": {"push": push_s, "pull": pull_s, "load_adapter": apply_s},
         "sweep": sweep,
     }
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -168,7 +200,11 @@ def main() -> int:
     print(f"{'compeft file':28}{b['compeft']:>10,}   ({r['bits_per_param']:.3f} bits/param, "
           f"{summary['ratio_vs_fp16']:.1f}x smaller than fp16, {summary['ratio_vs_fp32']:.1f}x than fp32, "
           f"{r['file_vs_bound']:.2f}x the information bound)")
-    print(f"validation loss: base {loss_base:.4f}, LoRA {loss_lora:.4f}, compeft (reloaded via peft) {loss_ternary:.4f}")
+    print(f"validation loss: base {loss_base:.4f}, LoRA {loss_lora:.4f}, compeft (reloaded via peft) {loss_ternary:.4f}, "
+          f"pulled from the Hub {loss_hub:.4f}")
+    print(f"hub round trip: push {push_s:.2f}s, pull with verification {pull_s:.2f}s (both CLI processes), "
+          f"load_adapter {1000 * apply_s:.0f} ms; {r['file_bytes']:,} bytes moved instead of "
+          f"{fp16_file.stat().st_size:,} (fp16)")
     print()
     print("density  mode     alpha   bytes  x fp16  val loss")
     for row in sweep:
@@ -179,6 +215,10 @@ def main() -> int:
     problems = []
     if abs(loss_ternary - loss_memory) > 1e-5:
         problems.append(f"reloaded adapter loss {loss_ternary} != in-memory compressed adapter loss {loss_memory}")
+    if abs(loss_hub - loss_memory) > 1e-5:
+        problems.append(f"adapter pulled from the Hub: loss {loss_hub} != in-memory compressed adapter loss {loss_memory}")
+    if (a.out / "pulled" / packed.name).read_bytes() != packed.read_bytes():
+        problems.append("the pulled file differs from the pushed one")
     if not loss_lora < loss_base:
         problems.append("fine-tuning did not lower the validation loss")
     if not loss_ternary < loss_base:
