@@ -314,3 +314,18 @@ def test_push_refuses_invalid_files(hub, tmp_path):
     with pytest.raises(hfe.RepositoryNotFoundError):
         HfApi(endpoint=endpoint, token=TOKEN).model_info("me/bad")
     time.sleep(0)
+
+
+def test_index_naming_a_missing_file(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    index = json.loads(Path(api.hf_hub_download("me/adapter", C.HUB_INDEX_FILE, cache_dir=tmp_path / "c")).read_text())
+    index["artifacts"].append({**index["artifacts"][0], "path": "gone.cpeft.safetensors"})
+    api.create_commit("me/adapter", operations=[CommitOperationAdd(C.HUB_INDEX_FILE, json.dumps(index).encode())],
+                      commit_message="index names a file that is not there")
+    out = tmp_path / "out"
+    with pytest.raises(cf.HubEntryNotFound) as e:
+        cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert e.value.code == "HUB_ENTRY_NOT_FOUND" and not out.exists()
