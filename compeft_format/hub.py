@@ -283,18 +283,19 @@ def pull(repo: str, *, revision: str | None = None, local_dir: str | os.PathLike
     if local_dir is not None:
         out = Path(local_dir)
         out.mkdir(parents=True, exist_ok=True)
+        written = []
         for art, p in zip(index["artifacts"], local, strict=True):
-            if to_peft:
-                decompress_to_peft(p, out if len(local) == 1 else out / Path(art["path"]).name.split(".")[0])
+            if to_peft:  # one adapter: the folder itself; several: a folder per file, named by its stem
+                dest = out if len(local) == 1 else out / Path(art["path"]).name.split(".")[0]
+                decompress_to_peft(p, dest)
             else:
                 dest = out / art["path"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(dest, lambda tmp, src=p: shutil.copyfile(src, tmp))
+            written.append(dest)
         if not to_peft:
             atomic_write(out / C.HUB_INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-        local = [out] if to_peft and len(local) == 1 else (
-            [out / Path(a["path"]).name.split(".")[0] for a in index["artifacts"]] if to_peft
-            else [out / a["path"] for a in index["artifacts"]])
+        local = written
     return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index)
 
 

@@ -43,6 +43,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     with CompeftFile(p) as f:
         m = f.manifest
+        members = m.group_members()
         file_bytes = p.stat().st_size
         stream_bytes = sum(s.size for g in m.groups for s in g.streams.values())
         tensors = []
@@ -66,12 +67,12 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         groups = []
         ternary_stream_bytes = 0
         for gi, g in enumerate(m.groups):
-            n = sum(m.tensors[i].numel for i in f._members[gi])
+            n = sum(m.tensors[i].numel for i in members[gi])
             size = sum(s.size for s in g.streams.values())
             if g.encoding == C.ENC_TERNARY:
                 ternary_stream_bytes += size
             groups.append({
-                "index": gi, "encoding": g.encoding, "params": g.params, "tensors": len(f._members[gi]),
+                "index": gi, "encoding": g.encoding, "params": g.params, "tensors": len(members[gi]),
                 "elements": n, "bytes": size, "bits_per_param": (8 * size / n) if n else 0.0,
                 "streams": {r: {"name": s.name, "compression": s.compression, "size": s.size,
                                 "raw_size": s.raw_size, "sha256": s.sha256} for r, s in g.streams.items()},
