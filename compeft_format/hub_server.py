@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 REPO_TYPES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_BRANCH = "main"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # namespaces and repository names
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Suffixes answered with uploadMode "lfs" when the server runs with ``lfs=True``.
@@ -98,7 +98,10 @@ class Store:
 
     # -- repositories ------------------------------------------------------------------------
     def repo_dir(self, rtype: str, repo_id: str) -> Path:
-        return self.root / "repos" / f"{rtype}s" / repo_id
+        ns, _, name = repo_id.partition("/")
+        if rtype not in REPO_TYPES or not _NAME.match(ns) or not _NAME.match(name) or ".." in repo_id:
+            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+        return self.root / "repos" / f"{rtype}s" / ns / name
 
     def lock(self, rtype: str, repo_id: str) -> threading.Lock:
         with self._guard:

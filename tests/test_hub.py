@@ -329,3 +329,17 @@ def test_index_naming_a_missing_file(hub, tmp_path):
     with pytest.raises(cf.HubEntryNotFound) as e:
         cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
     assert e.value.code == "HUB_ENTRY_NOT_FOUND" and not out.exists()
+
+
+def test_repository_ids_cannot_leave_the_storage_root(hub, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    endpoint, root = hub
+    outside = root.parent / "repos" / "x"
+    outside.mkdir(parents=True)
+    (outside / "repo.json").write_text("{}")
+    for path in ("/api/models/../x", "/api/models/%2E%2E/x/revision/main", "/%2E%2E/x/resolve/main/repo.json"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(endpoint + path)
+        assert e.value.code == 404, path
