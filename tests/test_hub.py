@@ -336,7 +336,8 @@ def test_repository_ids_cannot_leave_the_storage_root(hub, tmp_path):
     import urllib.request
 
     endpoint, root = hub
-    outside = root.parent / "repos" / "x"
+    HfApi(endpoint=endpoint, token=TOKEN).create_repo("me/real")  # so that repos/models/ exists
+    outside = root / "repos" / "x"  # where "models/../x" would lead
     outside.mkdir(parents=True)
     (outside / "repo.json").write_text("{}")
     for path in ("/api/models/../x", "/api/models/%2E%2E/x/revision/main", "/%2E%2E/x/resolve/main/repo.json"):
