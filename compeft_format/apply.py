@@ -70,6 +70,16 @@ def _layout(manifest: Manifest) -> _Layout:
     return lay
 
 
+def _check_targets(peft_cfg, lay: _Layout) -> None:
+    """Every module the file holds factors for must be one the config makes peft wrap."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    missed = sorted(p for p in list(lay.lora) + list(lay.ia3) if not check_target_module_exists(peft_cfg, p))
+    if missed:
+        raise ConfigMismatch(f"the config's target_modules leave out {len(missed)} module(s) the file has "
+                             f"tensors for, e.g. {missed[0]}")
+
+
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """peft's rank_pattern / alpha_pattern lookup: the first key matching the module name's end."""
     for key, value in (patterns or {}).items():
@@ -138,16 +148,19 @@ def _check_model(base: nn.Module, lay: _Layout, config: Mapping[str, Any] | None
         raise ModelMismatch("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
-_PEFT_INJECTED = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|modules_to_save|original_module)\b")
+_PEFT_ADDED = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l)\b|\.modules_to_save\.")
+_PEFT_WRAPPED = re.compile(r"\.(base_layer|original_module)\.")
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, str]:
-    """The fingerprint of a model's base weights, with any peft layers it carries left out."""
+    """The fingerprint of a model's base weights. On a model that carries peft layers the adapters'
+    own tensors are left out and wrapped base weights keep their original names, so the value is
+    the same before and after adapters are loaded."""
     sd = {}
     for name, t in _base_of(model).state_dict().items():
-        if _PEFT_INJECTED.search(name):
+        if _PEFT_ADDED.search(name):
             continue
-        sd[name.replace(".base_layer.", ".")] = t
+        sd[_PEFT_WRAPPED.sub(".", name)] = t
     return state_dict_fingerprint(sd)
 
 
@@ -213,19 +226,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         if check_base:
             _check_base(model, m)
         peft_cfg = _peft_config(config, inference_mode=not is_trainable)
+        _check_targets(peft_cfg, _layout(m))
         target = device if device is not None else next(base.parameters()).device
         tensors = f.state_dict(dtype=dtype, device=target)
-    if isinstance(model, PeftModel):
+    was_peft = isinstance(model, PeftModel)
+    if was_peft:
         model.add_adapter(adapter_name, peft_cfg)
+        wrapped = model
     else:
-        model = get_peft_model(model, peft_cfg, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
-    unexpected = [k for k in result.unexpected_keys]
-    if unexpected:
-        raise ConfigMismatch(f"peft did not place {len(unexpected)} tensor(s), e.g. {unexpected[0]}")
+        wrapped = get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+    try:
+        result = set_peft_model_state_dict(wrapped, tensors, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise ConfigMismatch(f"peft did not place {len(result.unexpected_keys)} tensor(s), "
+                                 f"e.g. {result.unexpected_keys[0]}")
+    except BaseException:  # take the half-added adapter out again
+        if was_peft:
+            wrapped.delete_adapter(adapter_name)
+        else:
+            wrapped.unload()
+        raise
     if activate:
-        model.set_adapter(adapter_name)
-    return model
+        wrapped.set_adapter(adapter_name)
+    return wrapped
 
 
 @dataclass

@@ -42,6 +42,9 @@ from .errors import (
 from .peft_io import ADAPTER_CONFIG, decompress_to_peft
 from .report import inspect
 
+#: Commits a push tries when other pushes keep moving the branch head.
+PUSH_ATTEMPTS = 5
+
 
 def _endpoint(endpoint: str | None) -> str | None:
     return endpoint or os.environ.get("HF_ENDPOINT") or None
@@ -118,13 +121,13 @@ def parse_index(text: str, what: str) -> dict[str, Any]:
     except ValueError:
         raise HubNoIndex(f"{what}: {C.HUB_INDEX_FILE} is not JSON") from None
     arts = index.get("artifacts") if isinstance(index, dict) else None
-    if index.get("format") != C.FORMAT_NAME or not isinstance(arts, list) or not all(
+    if not isinstance(index, dict) or index.get("format") != C.FORMAT_NAME or not isinstance(arts, list) or not all(
             isinstance(a, dict) and isinstance(a.get("path"), str) and isinstance(a.get("sha256"), str)
             and isinstance(a.get("size"), int) for a in arts):
         raise HubNoIndex(f"{what}: {C.HUB_INDEX_FILE} is not a compeft index")
     for a in arts:
         p = a["path"]
-        if p.startswith("/") or ".." in p.split("/") or p == C.HUB_INDEX_FILE:
+        if not p or p.startswith("/") or ".." in p.split("/") or p == C.HUB_INDEX_FILE:
             raise HubNoIndex(f"{what}: index names an unsafe path {p!r}")
     return index
 
@@ -190,30 +193,42 @@ def push(paths: str | os.PathLike | Sequence[str | os.PathLike], repo_id: str, *
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        merged: dict[str, dict[str, Any]] = {}
-        try:  # artifacts pushed earlier stay in the index
-            old = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=revision, endpoint=_endpoint(endpoint),
-                                  token=token)
-            merged = {a["path"]: a for a in parse_index(Path(old).read_text(), what)["artifacts"]}
-        except HubNoIndex:
-            merged = {}
-        except Exception as e:  # no index yet: the usual case for a new repository
-            if not remote_file_missing(e):
-                raise
-        merged.update({e["path"]: e for e in entries})
-        index = {"format": C.FORMAT_NAME, "index_version": C.HUB_INDEX_VERSION,
-                 "artifacts": sorted(merged.values(), key=lambda a: a["path"])}
-        ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
-        ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode()))
-        ops.append(CommitOperationAdd("README.md", model_card(repo_id, entries, reports).encode()))
         configs = []
         for p in files:
             with CompeftFile(p) as f:
                 configs.append(f.manifest.adapter.peft_config)
-        if len(files) == 1 and configs[0] is not None:
-            ops.append(CommitOperationAdd(ADAPTER_CONFIG, json.dumps(configs[0], indent=2, sort_keys=True).encode()))
-        info = api.create_commit(repo_id, operations=ops, revision=revision,
-                                 commit_message=message or f"Upload {', '.join(p.name for p in files)} with compeft")
+        for attempt in range(PUSH_ATTEMPTS):
+            # The index is merged with the one at the branch head, and the commit names that head
+            # as its parent: a push that lands in between makes the server refuse this commit
+            # (412), and the merge is done again on the new head.
+            head = api.model_info(repo_id, revision=revision or "main").sha
+            merged: dict[str, dict[str, Any]] = {}
+            try:
+                old = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=head, endpoint=_endpoint(endpoint),
+                                      token=token)
+                merged = {a["path"]: a for a in parse_index(Path(old).read_text(), what)["artifacts"]}
+            except HubNoIndex:
+                merged = {}
+            except Exception as e:  # no index yet: the usual case for a new repository
+                if not remote_file_missing(e):
+                    raise
+            merged.update({e["path"]: e for e in entries})
+            index = {"format": C.FORMAT_NAME, "index_version": C.HUB_INDEX_VERSION,
+                     "artifacts": sorted(merged.values(), key=lambda a: a["path"])}
+            ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
+            ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode()))
+            ops.append(CommitOperationAdd("README.md", model_card(repo_id, entries, reports).encode()))
+            if len(files) == 1 and configs[0] is not None:
+                ops.append(CommitOperationAdd(ADAPTER_CONFIG,
+                                              json.dumps(configs[0], indent=2, sort_keys=True).encode()))
+            try:
+                info = api.create_commit(repo_id, operations=ops, revision=revision, parent_commit=head,
+                                         commit_message=message or f"Upload {', '.join(p.name for p in files)} with compeft")
+                break
+            except Exception as e:
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                if status not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
+                    raise
     return PushResult(repo_id=repo_id, commit=info.oid, url=info.commit_url, files=[p.name for p in files])
 
 
@@ -283,13 +298,15 @@ def pull(repo: str, *, revision: str | None = None, local_dir: str | os.PathLike
     if local_dir is not None:
         out = Path(local_dir)
         out.mkdir(parents=True, exist_ok=True)
+        dests = [out if to_peft and len(local) == 1 else out / (peft_folder(a["path"]) if to_peft else a["path"])
+                 for a in index["artifacts"]]
+        if len(set(dests)) != len(dests):
+            raise HubNoIndex(f"{what}: two artifacts would be written to the same place in {out}")
         written = []
-        for art, p in zip(index["artifacts"], local, strict=True):
-            if to_peft:  # one adapter: the folder itself; several: a folder per file, named by its stem
-                dest = out if len(local) == 1 else out / Path(art["path"]).name.split(".")[0]
+        for p, dest in zip(local, dests, strict=True):
+            if to_peft:  # one adapter: the folder itself; several: a folder per file
                 decompress_to_peft(p, dest)
             else:
-                dest = out / art["path"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(dest, lambda tmp, src=p: shutil.copyfile(src, tmp))
             written.append(dest)
@@ -297,6 +314,14 @@ def pull(repo: str, *, revision: str | None = None, local_dir: str | os.PathLike
             atomic_write(out / C.HUB_INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
         local = written
     return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index)
+
+
+def peft_folder(path: str) -> str:
+    """Folder for an artifact written as a PEFT adapter: its path without the file suffix."""
+    for suffix in (".cpeft.safetensors", ".safetensors"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path + ".peft"
 
 
 def _check_binding(name: str, manifest, base_fingerprint: dict[str, str] | None, base_model: str | None) -> None:

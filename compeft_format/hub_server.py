@@ -167,6 +167,8 @@ class Store:
                                     "Pull the latest changes and commit again.")
             files = dict(self.commit(rtype, repo_id, head)["files"])
             for key, value in ops:
+                if not isinstance(value, dict):
+                    raise HubError(400, f"commit operation {key!r} must be an object")
                 path = str(value.get("path", "")).strip("/")
                 if key in ("file", "lfsFile") and (not path or ".." in path.split("/")):
                     raise HubError(400, f"invalid path {path!r}")
@@ -180,6 +182,8 @@ class Store:
                     oid, size = value.get("oid"), value.get("size")
                     if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not _HEX64.match(oid):
                         raise HubError(400, f"lfsFile {path!r} needs a sha256 oid")
+                    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                        raise HubError(400, f"lfsFile {path!r} needs an integer size")
                     if not self.has_blob(oid, size):
                         raise HubError(422, f"LFS object {oid} for {path!r} was not uploaded")
                     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
@@ -219,6 +223,7 @@ class HubHandler(BaseHTTPRequestHandler):
         return f"http://{self.headers.get('Host', f'{host}:{port}')}"
 
     def _body(self) -> bytes:
+        self._body_read = True
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
@@ -247,7 +252,10 @@ class HubHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _error(self, e: HubError, head: bool = False) -> None:
-        headers = {"X-Error-Message": e.message}
+        # An error can come before the request body was read; closing the connection keeps an
+        # unread body from being taken for the next request on it.
+        self.close_connection = True
+        headers = {"X-Error-Message": e.message, "Connection": "close"}
         if e.code:
             headers["X-Error-Code"] = e.code
         self._send(e.status, {"error": e.message, **e.extra}, headers, head=head)
@@ -274,12 +282,15 @@ class HubHandler(BaseHTTPRequestHandler):
         segs = [unquote(s) for s in parts.path.split("/")[1:]]
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         head = method == "HEAD"
+        self._body_read = False
         try:
             self._route(method, segs, query)
         except HubError as e:
             self._error(e, head=head)
-        except (ValueError, KeyError, OSError) as e:
-            self._error(HubError(400, f"bad request: {e}"), head=head)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as e:
+            self._error(HubError(400, f"bad request: {type(e).__name__}: {e}"), head=head)
+        if not self._body_read and int(self.headers.get("Content-Length") or 0):
+            self.close_connection = True
 
     do_GET = lambda self: self._dispatch("GET")  # noqa: E731
     do_HEAD = lambda self: self._dispatch("HEAD")  # noqa: E731
@@ -290,7 +301,7 @@ class HubHandler(BaseHTTPRequestHandler):
     # -- routing -----------------------------------------------------------------------------
     def _route(self, method: str, s: list[str], q: dict[str, str]) -> None:
         if s[:2] == ["api", "whoami-v2"] and method == "GET":
-            if not self._authorized() or (getattr(self.server, "token", None) and "Authorization" not in self.headers):
+            if not self._authorized():
                 raise HubError(401, "Invalid credentials in Authorization header")
             return self._send(200, {"type": "user", "name": self.server.user, "fullname": self.server.user,  # type: ignore[attr-defined]
                                     "orgs": [], "auth": {"accessToken": {"role": "write"}}})
@@ -316,6 +327,8 @@ class HubHandler(BaseHTTPRequestHandler):
     def _create_repo(self) -> None:
         self._require_write()
         body = self._json_body()
+        if not isinstance(body, dict):
+            raise HubError(400, "request body must be a JSON object")
         name, org = body.get("name"), body.get("organization") or self.server.user  # type: ignore[attr-defined]
         rtype = body.get("type") or "model"
         if rtype not in REPO_TYPES or not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(org):
@@ -345,7 +358,11 @@ class HubHandler(BaseHTTPRequestHandler):
             self.store.repo(rtype, repo_id)
             branch = rest[1] if len(rest) > 1 else DEFAULT_BRANCH
             lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+            if not all(isinstance(x, dict) for x in lines):
+                raise HubError(400, "every commit line must be a JSON object")
             header = next((x["value"] for x in lines if x.get("key") == "header"), {})
+            if not isinstance(header, dict):
+                raise HubError(400, "the commit header must be an object")
             ops = [(x["key"], x["value"]) for x in lines if x.get("key") != "header"]
             oid = self.store.apply_commit(rtype, repo_id, branch, header, ops)
             url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}/commit/{oid}"

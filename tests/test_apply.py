@@ -197,3 +197,27 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         cf.merge_adapter(other, path)
     assert _unchanged(other, before)
     cf.load_adapter(other, path, check_base=False)  # the caller may override
+
+
+def test_config_leaving_out_a_module_is_refused_before_touching_the_model(tmp_path):
+    src = tmp_path / "src"
+    trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 1).save_pretrained(src)
+    sd, cfg = cf.read_source(src)
+    cfg["target_modules"] = ["q_proj"]
+    path = tmp_path / "narrow.cpeft.safetensors"
+    cf.save(cf.compress(sd, density=0.3, peft_config=cfg), path)
+    model = base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = logits(model)
+    with pytest.raises(cf.ConfigMismatch, match="target_modules leave out"):
+        cf.load_adapter(model, path)
+    assert _unchanged(model, before) and torch.equal(logits(model), reference)
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_fingerprint_unchanged_by_loaded_adapters(tmp_path):
+    base = base_model()
+    fp = cf.base_fingerprint(base)
+    path = compressed(tmp_path, LORA_RICH)  # modules_to_save wraps lm_head
+    model = cf.load_adapter(base, path)
+    assert cf.base_fingerprint(model) == fp

@@ -344,3 +344,72 @@ def test_repository_ids_cannot_leave_the_storage_root(hub, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(endpoint + path)
         assert e.value.code == 404, path
+
+
+def _raw_http(endpoint: str, payload: bytes) -> bytes:
+    host, port = endpoint.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_refused_request_bodies_are_never_read_as_requests(hub):
+    endpoint, _ = hub
+    smuggled = b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+    first = (b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: " + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+    reply = _raw_http(endpoint, first)
+    assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 401")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/repos/create", b"[]"),
+    ("/api/models/me/typed/commit/main", b"[1]\n"),
+    ("/api/models/me/typed/commit/main", b'{"key":"file","value":"x"}\n'),
+    ("/api/models/me/typed/commit/main", b'{"key":"lfsFile","value":{"path":"a","oid":"' + b"0" * 64 + b'"}}\n'),
+])
+def test_malformed_bodies_get_400(hub, path, body):
+    endpoint, _ = hub
+    HfApi(endpoint=endpoint, token=TOKEN).create_repo("me/typed", exist_ok=True)
+    req = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    assert _raw_http(endpoint, req).startswith(b"HTTP/1.1 400")
+
+
+def test_concurrent_pushes_keep_every_artifact_in_the_index(hub, tmp_path):
+    endpoint, _ = hub
+    files = [adapter_file(tmp_path, i, f"a{i}.cpeft.safetensors") for i in range(4)]
+    cf.push(files[0], "me/shared", endpoint=endpoint, token=TOKEN)
+    threads = [threading.Thread(target=cf.push, args=(f, "me/shared"), kwargs={"endpoint": endpoint, "token": TOKEN})
+               for f in files[1:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    res = cf.pull("me/shared", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in res.paths) == sorted(f.name for f in files)
+
+
+def test_pull_to_peft_gives_each_artifact_its_own_folder(hub, tmp_path):
+    endpoint, _ = hub
+    a = adapter_file(tmp_path, 0, "math.v1.cpeft.safetensors")
+    b = adapter_file(tmp_path, 1, "math.v2.cpeft.safetensors")
+    cf.push([a, b], "me/versions", endpoint=endpoint, token=TOKEN)
+    res = cf.pull("me/versions", local_dir=tmp_path / "out", to_peft=True, endpoint=endpoint, token=TOKEN,
+                  cache_dir=tmp_path / "cache")
+    assert [p.name for p in res.paths] == ["math.v1", "math.v2"]
+    assert all((p / "adapter_model.safetensors").is_file() for p in res.paths)
+
+
+@pytest.mark.parametrize("index", [b"[]", b'"x"', b'{"format": "compeft", "artifacts": [{"path": "", "sha256": "a", "size": 1}]}'])
+def test_malformed_index_is_no_index(hub, tmp_path, index):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/badindex")
+    api.create_commit("me/badindex", operations=[CommitOperationAdd(C.HUB_INDEX_FILE, index)], commit_message="x")
+    with pytest.raises(cf.HubNoIndex):
+        cf.pull("me/badindex", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
