@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-revision", default=None, help="base model revision")
     c.add_argument("--positions", choices=("auto",) + C.POSITION_CODINGS, default="auto",
                    help="position coding: golomb (smallest), bitmap (device layout) or auto")
-    c.add_argument("--zstd-level", type=int, default=C.DEFAULT_ZSTD_LEVEL)
+    c.add_argument("--zstd-level", type=int, choices=range(1, 23), default=C.DEFAULT_ZSTD_LEVEL,
+                   metavar="1..22", help="zstd level for streams that zstd shrinks")
     c.add_argument("--tensor-digests", action="store_true",
                    help="also record the sha256 of each decoded tensor (32 bytes per tensor)")
 

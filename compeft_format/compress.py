@@ -172,7 +172,7 @@ def compress(
                 base, _ = _reference_for(name, t, reference)
                 src = torch.from_numpy(values - base)
             dense[name] = CompressedTensor(name, shape, tdtype, C.ENC_DENSE,
-                                           values=src.reshape(-1).to(dtype=TORCH_DTYPES[tdtype]).clone())
+                                           values=_finite_cast(name, src.reshape(-1), tdtype).clone())
             continue
         base, offset = _reference_for(name, t, reference)
         taus[name] = values - base if base is not None else values - np.float32(offset)
@@ -245,8 +245,16 @@ def _make_sparse(name: str, t: torch.Tensor, tau: np.ndarray, keep: np.ndarray, 
         return CompressedTensor(name, shape, tdtype, C.ENC_TERNARY, indices=keep,
                                 negative=tau[keep] < 0, scale=float(np.float32(alpha * sigma)), offset=offset,
                                 sigma=sigma)
-    values = torch.from_numpy(tau[keep].copy()).to(TORCH_DTYPES[tdtype])
+    values = _finite_cast(name, torch.from_numpy(tau[keep].copy()), tdtype)
     return CompressedTensor(name, shape, tdtype, C.ENC_SPARSE, indices=keep, values=values, offset=offset)
+
+
+def _finite_cast(name: str, values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``values`` in ``dtype``, refusing values that overflow it (files never hold infinities)."""
+    out = values.to(TORCH_DTYPES[dtype])
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidArgument(f"tensor {name!r} has values beyond the range of {dtype}; choose a wider dtype")
+    return out
 
 
 def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
@@ -260,7 +268,10 @@ def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
     for n, t in adapter.tensors.items():
         if t.encoding == C.ENC_TERNARY:
             sigma = t.sigma if t.sigma is not None else t.scale / old
-            t = replace(t, scale=float(np.float32(sigma * alpha)))
+            scale = np.float32(sigma * alpha)
+            if not np.isfinite(scale):
+                raise InvalidArgument(f"alpha {alpha:g} times sigma overflows binary32 for tensor {n!r}")
+            t = replace(t, scale=float(scale))
         tensors[n] = t
     return replace(adapter, tensors=tensors, compression=replace(adapter.compression, alpha=float(alpha)))
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import zstandard
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from . import constants as C
@@ -98,7 +98,8 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, s
         raise NotSafetensors("header is not UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise NotSafetensors("header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise NotSafetensors("__metadata__ must map strings to strings")
     spans = []
@@ -386,8 +387,8 @@ def save(adapter: CompressedAdapter, path: PathLike, *, zstd_level: int | None =
                                     manifest_encoding=manifest_encoding, positions=positions)
     try:
         atomic_write(path, lambda tmp: save_file(streams, tmp, metadata=meta))
-    except OSError as e:
-        raise IOFailure(f"cannot write {path}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:
+        raise IOFailure(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
     return manifest
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import constants as C
@@ -108,8 +109,8 @@ def write_peft_folder(out_dir: str | os.PathLike, state_dict: Mapping[str, torch
             text = json.dumps(config, indent=2, sort_keys=True)
             atomic_write(d / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
             written.append(d / ADAPTER_CONFIG)
-    except OSError as e:
-        raise IOFailure(f"cannot write into {d}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:
+        raise IOFailure(f"cannot write into {d}: {getattr(e, 'strerror', None) or e}") from None
     return written
 
 

@@ -197,3 +197,70 @@ def test_writer_enforces_reader_limits(tmp_path):
     with pytest.raises(cf.LimitExceeded):
         cf.save(ca, tmp_path / "long.cpeft.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_skippable_or_dictionary_frames_are_refused():
+    from compeft_format.codecs.streams import unframe
+
+    skippable = b"\x50\x2a\x4d\x18" + (0).to_bytes(4, "little")
+    with pytest.raises(cf.StreamCorrupt):
+        unframe(skippable, C.COMP_ZSTD, 0)
+
+
+def test_negative_zero_scale_keeps_its_sign(tmp_path):
+    """Only offsets fold -0 into +0; a scale of -0 makes positive entries -0 and negative entries
+    +0 (spec 5.2). The recorded decoded digest then no longer matches, as it should not."""
+    import math
+
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: edit_manifest(h, lambda m: [t.update(scale=-0.0) for t in m["tensors"] if "scale" in t]))
+    with cf.open_file(p) as f:
+        info = f.tensor_info("w")
+        assert math.copysign(1.0, info.scale) == -1.0
+        w = f.get_tensor("w", dtype=torch.float32).reshape(-1)
+    assert code_of(p) == C.E_TENSOR_DIGEST_MISMATCH
+    signs = [math.copysign(1.0, float(x)) for x in w]
+    assert signs.count(-1.0) > 0 and signs.count(1.0) > 0 and all(float(x) == 0.0 for x in w)
+
+
+def test_writer_refuses_values_beyond_the_target_dtype(tmp_path):
+    sd = {"w": torch.tensor([1e6, -2.0, 3.0, 0.5])}
+    with pytest.raises(cf.InvalidArgument, match="beyond the range of float16"):
+        cf.compress(sd, density=0.5, mode="prune", dtype="float16", min_sparse_numel=0)
+    with pytest.raises(cf.InvalidArgument, match="beyond the range of float16"):
+        cf.compress(sd, dense_patterns=("*",), dtype="float16")
+
+
+def test_rescale_refuses_overflowing_scale():
+    ca = cf.compress({"w": torch.randn(64)}, density=0.5, min_sparse_numel=0)
+    with pytest.raises(cf.InvalidArgument, match="overflows"):
+        cf.rescale(ca, 1e39)
+
+
+def test_metadata_that_is_not_an_object_is_not_safetensors(tmp_path):
+    p = make(tmp_path)
+    rewrite_header(p, lambda h: h.update({"__metadata__": []}))
+    assert code_of(p) == C.E_NOT_SAFETENSORS
+
+
+def test_safetensors_write_failures_are_io_errors(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def fail(*a, **k):
+        raise SafetensorError("File too large (os error 27)")
+
+    monkeypatch.setattr("compeft_format.container.save_file", fail)
+    with pytest.raises(cf.IOFailure):
+        cf.save(cf.compress({"w": torch.randn(64)}, density=0.5), tmp_path / "x.cpeft.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_checks_group_members_once(tmp_path, monkeypatch):
+    ca = cf.compress({f"t{i}": torch.randn(40) for i in range(30)}, density=0.5, min_sparse_numel=0)
+    path = tmp_path / "g.cpeft.safetensors"
+    cf.save(ca, path, max_group_elements=40)
+    calls = []
+    real = cf.Manifest.group_members
+    monkeypatch.setattr(cf.Manifest, "group_members", lambda self: calls.append(1) or real(self))
+    cf.container.parse_metadata(cf.container.read_safetensors_header(path)[1])
+    assert len(calls) == 1

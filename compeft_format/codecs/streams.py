@@ -8,6 +8,8 @@ import zstandard
 from .. import constants as C
 from ..errors import StreamCorrupt, UnknownEncoding
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
 
 def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL) -> bytes:
     """Store ``raw`` under ``compression``."""
@@ -39,10 +41,14 @@ def unframe(stored, compression: str, raw_size: int) -> bytes | memoryview:
         return stored
     if compression != C.COMP_ZSTD:
         raise UnknownEncoding(f"unknown stream compression {compression!r}")
+    if bytes(stored[:4]) != ZSTD_MAGIC:  # also refuses skippable frames (spec 4.5)
+        raise StreamCorrupt("stream does not start with a zstd frame")
     try:
         params = zstandard.get_frame_parameters(stored)
     except zstandard.ZstdError as e:
         raise StreamCorrupt(f"not a zstd frame: {e}") from None
+    if params.dict_id:
+        raise StreamCorrupt("zstd frames that need a dictionary are not allowed")
     if params.content_size != raw_size:
         raise StreamCorrupt(
             f"zstd frame declares {params.content_size} bytes, manifest declares {raw_size}"
