@@ -22,12 +22,17 @@ def unpack_bits(buf: torch.Tensor, count: int) -> torch.Tensor:
 
     Raises StreamCorrupt when the byte length is wrong or padding bits are set.
     """
+    check_bit_stream(buf, count)
+    return unpack_range(buf, 0, count)
+
+
+def check_bit_stream(buf: torch.Tensor, count: int) -> None:
+    """Raise StreamCorrupt unless ``buf`` is exactly ``count`` bits with zero padding (spec 4.1)."""
     nbytes = (count + 7) // 8
     if buf.numel() != nbytes:
         raise StreamCorrupt(f"bit stream has {buf.numel()} bytes, {count} bits need {nbytes}")
     if count % 8 and int(buf[-1]) >> (count % 8):
         raise StreamCorrupt("padding bits of a bit stream are not zero")
-    return unpack_range(buf, 0, count)
 
 
 def unpack_range(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from .. import constants as C
 from ..errors import StreamCorrupt
-from .bits import pack_bits, popcount, unpack_bits, unpack_range
+from .bits import check_bit_stream, pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
 
 #: Entries decoded at a time by the Golomb decoder (bounds its temporaries).
@@ -125,11 +125,7 @@ def _bitmap_masks(raw_positions: torch.Tensor, members: Sequence[Any], select: S
                 raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
             yield j, mask, int(declared[j])
         return
-    n = int(offs[-1])
-    if raw_positions.numel() != (n + 7) // 8:
-        raise StreamCorrupt(f"position bit-plane has {raw_positions.numel()} bytes, {n} bits need {(n + 7) // 8}")
-    if n % 8 and int(raw_positions[-1]) >> (n % 8):
-        raise StreamCorrupt("padding bits of a bit stream are not zero")
+    check_bit_stream(raw_positions, int(offs[-1]))
     for j in select:  # one member: unpack its bytes only, count the bits before it by bytes
         a, b = int(offs[j]), int(offs[j + 1])
         mask = unpack_range(raw_positions, a, b)
@@ -183,8 +179,7 @@ def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -
     fields = [k * w for k, (w, _) in zip(nnz, widths, strict=True)]
     nfield = sum(fields)
     rem = raw[C.ROLE_REMAINDERS]
-    if rem.numel() != (nfield + 7) // 8 or (nfield % 8 and int(rem[-1]) >> (nfield % 8)):
-        raise StreamCorrupt("remainders stream size or padding disagrees with the manifest")
+    check_bit_stream(rem, nfield)
     padded = torch.cat([rem, rem.new_zeros(8)])
     ext = raw[C.ROLE_EXTRA]
     ext_bits = unpack_range(ext, 0, 8 * ext.numel()).to(torch.int64)
@@ -228,8 +223,7 @@ def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -
         carry = int(block[-1])
         if carry > elements:  # valid sums never exceed the group's elements
             raise StreamCorrupt("decoded positions run past the end of the group's tensors")
-    if ext.numel() != (used + 7) // 8 or (used % 8 and int(ext[-1]) >> (used % 8)):
-        raise StreamCorrupt("extra-bit stream size or padding disagrees with the manifest")
+    check_bit_stream(ext, used)
 
     # each member's gaps + 1 add up to at most its numel
     if total:
