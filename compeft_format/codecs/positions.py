@@ -22,7 +22,7 @@ from .bits import check_bit_stream, pack_bits, popcount, unpack_bits, unpack_ran
 from .layout import element_offsets, positions_bitmap
 
 #: Entries decoded at a time by the Golomb decoder (bounds its temporaries).
-DECODE_BLOCK = 1 << 18
+DECODE_BLOCK = 1 << 16
 
 
 def golomb_m(numel: int, nnz: int) -> int:
@@ -121,7 +121,7 @@ def _bitmap_masks(raw_positions: torch.Tensor, members: Sequence[Any], select: S
         bits = unpack_bits(raw_positions, int(offs[-1]))
         for j in select:
             mask = bits[int(offs[j]):int(offs[j + 1])]
-            if int(mask.sum()) != members[j].nnz:
+            if int(torch.count_nonzero(mask)) != members[j].nnz:
                 raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
             yield j, mask, int(declared[j])
         return
@@ -129,8 +129,8 @@ def _bitmap_masks(raw_positions: torch.Tensor, members: Sequence[Any], select: S
     for j in select:  # one member: unpack its bytes only, count the bits before it by bytes
         a, b = int(offs[j]), int(offs[j + 1])
         mask = unpack_range(raw_positions, a, b)
-        before = popcount(raw_positions[:a // 8]) + int(unpack_range(raw_positions, 8 * (a // 8), a).sum())
-        if before != int(declared[j]) or int(mask.sum()) != members[j].nnz:
+        before = popcount(raw_positions[:a // 8]) + int(torch.count_nonzero(unpack_range(raw_positions, 8 * (a // 8), a)))
+        if before != int(declared[j]) or int(torch.count_nonzero(mask)) != members[j].nnz:
             raise StreamCorrupt(f"tensor {members[j].name!r}: position bit-plane disagrees with nnz")
         yield j, mask, before
 
