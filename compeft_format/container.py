@@ -30,6 +30,7 @@ from ._version import __version__
 from .codecs import get_codec
 from .codecs.streams import frame, smallest_frame, unframe
 from .compressed import CompressedAdapter, CompressedTensor
+from .dtypes import to_torch
 from .errors import (
     CompeftError,
     FileNotFound,
@@ -198,7 +199,7 @@ def decode_manifest_text(stored: str, encoding: str) -> str:
 def encode_manifest_text(text: str, encoding: str) -> str:
     if encoding == C.MANIFEST_JSON:
         return text
-    packed = frame(text.encode("utf-8"), C.COMP_ZSTD, 19)
+    packed = frame(text.encode("utf-8"), C.COMP_ZSTD, C.DEFAULT_ZSTD_LEVEL)
     return base64.b64encode(packed).decode("ascii")
 
 
@@ -281,6 +282,7 @@ def build(adapter: CompressedAdapter, *, zstd_level: int | None = C.DEFAULT_ZSTD
         except UnicodeEncodeError:
             raise InvalidArgument(f"tensor name {t.name!r} is not valid Unicode text") from None
     group_of = [0] * len(tensors)
+    tensor_digest: list[str | None] = [None] * len(tensors)
     groups: list[GroupInfo] = []
     streams: dict[str, np.ndarray] = {}
     if positions not in ("auto",) + C.POSITION_CODINGS:
@@ -294,14 +296,17 @@ def build(adapter: CompressedAdapter, *, zstd_level: int | None = C.DEFAULT_ZSTD
             streams[name] = np.frombuffer(stored, dtype=np.uint8)
             infos[role] = StreamInfo(name=name, compression=comp, size=len(stored),
                                      raw_size=len(raw[role]), sha256=sha256_hex(stored))
-        digest = group_sha256([tensors[i].to_dense() for i in idx]) if group_digests else None
+        dense = [tensors[i].to_dense() for i in idx] if group_digests or tensor_digests else []
+        digest = group_sha256(dense) if group_digests else None
         groups.append(GroupInfo(encoding=encoding, params=params, streams=infos, decoded_sha256=digest))
-        for i in idx:
+        for j, i in enumerate(idx):
             group_of[i] = gi
+            if tensor_digests:
+                tensor_digest[i] = tensor_sha256(dense[j])
     infos_t = [
         TensorInfo(name=t.name, shape=tuple(t.shape), dtype=t.dtype, group=group_of[i], nnz=t.nnz,
                    scale=t.scale if t.encoding == C.ENC_TERNARY else None, offset=float(t.offset),
-                   sha256=tensor_sha256(t.to_dense()) if tensor_digests else None)
+                   sha256=tensor_digest[i])
         for i, t in enumerate(tensors)
     ]
     manifest = Manifest(tensors=infos_t, groups=groups, adapter=adapter.adapter,
@@ -312,14 +317,17 @@ def build(adapter: CompressedAdapter, *, zstd_level: int | None = C.DEFAULT_ZSTD
     text = manifest.to_json()
     if manifest_encoding == "auto":
         packed = encode_manifest_text(text, C.MANIFEST_ZSTD_BASE64)
-        manifest_encoding = C.MANIFEST_ZSTD_BASE64 if len(packed) < len(text.encode("utf-8")) else C.MANIFEST_JSON
-    elif manifest_encoding not in C.MANIFEST_ENCODINGS:
+        manifest_encoding, stored = ((C.MANIFEST_ZSTD_BASE64, packed) if len(packed) < len(text.encode("utf-8"))
+                                     else (C.MANIFEST_JSON, text))
+    elif manifest_encoding in C.MANIFEST_ENCODINGS:
+        stored = encode_manifest_text(text, manifest_encoding)
+    else:
         raise InvalidArgument(f"manifest_encoding must be 'auto' or one of {list(C.MANIFEST_ENCODINGS)}")
     meta = {
         C.META_FORMAT: C.FORMAT_NAME,
         C.META_VERSION: C.FORMAT_VERSION,
         C.META_MANIFEST_ENCODING: manifest_encoding,
-        C.META_MANIFEST: encode_manifest_text(text, manifest_encoding),
+        C.META_MANIFEST: stored,
         C.META_MANIFEST_SHA256: sha256_hex(text.encode("utf-8")),
     }
     return manifest, streams, meta
@@ -510,36 +518,50 @@ class CompeftFile:
         j = self._members[info.group].index(self._index[name])
         return self._decode(info.group, [j], dtype, device)[j]
 
-    def state_dict(self, *, dtype: str | torch.dtype | None = None,
-                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Decode every tensor, each group's streams read once."""
-        out: dict[int, torch.Tensor] = {}
+    def _decoded_groups(self, dtype, device, check: bool):
+        """Yield (member indices, decoded tensors) for every group. With ``check`` the decoded
+        digests are compared first, on tensors in their target dtypes; a group is decoded a
+        second time only when the caller asked for another dtype (spec 5.5 rounds once)."""
         for gi, idx in enumerate(self._members):
-            dec = self._decode(gi, list(range(len(idx))), dtype, device)
+            select = list(range(len(idx)))
+            dec = self._decode(gi, select, None if check else dtype, device)
+            if check:
+                self._check_decoded(gi, idx, dec)
+                if dtype is not None and any(to_torch(dtype) != to_torch(self.manifest.tensors[i].dtype) for i in idx):
+                    dec = self._decode(gi, select, dtype, device)
+            yield idx, dec
+        self._cache = None
+
+    def _check_decoded(self, gi: int, idx: list[int], dec: dict[int, torch.Tensor]) -> None:
+        expected = self.manifest.groups[gi].decoded_sha256
+        if expected is not None:
+            actual = group_sha256([dec[j] for j in range(len(idx))])
+            if actual != expected:
+                raise TensorDigestMismatch(f"group {gi}: decoded sha256 is {actual}, manifest declares {expected}")
+        for j, i in enumerate(idx):
+            t = self.manifest.tensors[i]
+            if t.sha256 is not None:
+                actual = tensor_sha256(dec[j])
+                if actual != t.sha256:
+                    raise TensorDigestMismatch(
+                        f"tensor {t.name!r}: decoded sha256 is {actual}, manifest declares {t.sha256}")
+
+    def state_dict(self, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                   verify: bool = False) -> dict[str, torch.Tensor]:
+        """Decode every tensor, each group's streams read once. With ``verify`` the decoded
+        digests recorded for groups and tensors are checked as well (``verify()`` without a second
+        decode)."""
+        out: dict[int, torch.Tensor] = {}
+        for idx, dec in self._decoded_groups(dtype, device, verify):
             for j, i in enumerate(idx):
                 out[i] = dec[j]
-        self._cache = None
         return {self.manifest.tensors[i].name: out[i] for i in range(len(self.manifest.tensors))}
 
     def verify(self) -> Manifest:
         """Check every stream digest, decode every tensor and check the decoded digests recorded
         for groups and tensors."""
-        for gi, idx in enumerate(self._members):
-            dec = self._decode(gi, list(range(len(idx))), None, "cpu")
-            expected = self.manifest.groups[gi].decoded_sha256
-            if expected is not None:
-                actual = group_sha256([dec[j] for j in range(len(idx))])
-                if actual != expected:
-                    raise TensorDigestMismatch(
-                        f"group {gi}: decoded sha256 is {actual}, manifest declares {expected}")
-            for j, i in enumerate(idx):
-                t = self.manifest.tensors[i]
-                if t.sha256 is not None:
-                    actual = tensor_sha256(dec[j])
-                    if actual != t.sha256:
-                        raise TensorDigestMismatch(
-                            f"tensor {t.name!r}: decoded sha256 is {actual}, manifest declares {t.sha256}")
-        self._cache = None
+        for _ in self._decoded_groups(None, "cpu", check=True):
+            pass
         return self.manifest
 
 

@@ -39,7 +39,7 @@ from .errors import (
     HubUnreachable,
     InvalidArgument,
 )
-from .peft_io import ADAPTER_CONFIG, decompress_to_peft
+from .peft_io import ADAPTER_CONFIG, write_peft_folder
 from .report import inspect
 
 #: Commits a push tries when other pushes keep moving the branch head.
@@ -281,18 +281,21 @@ def pull(repo: str, *, revision: str | None = None, local_dir: str | os.PathLike
         commit = Path(index_path).parent.name
         index = parse_index(Path(index_path).read_text(), what)
         local: list[Path] = []
+        adapters: list[tuple[dict[str, Any], dict[str, Any] | None]] = []  # decoded, for to_peft
         for art in index["artifacts"]:
             p = Path(hf_hub_download(repo_id, art["path"], revision=commit, **kw))
-            actual = file_sha256(p)
-            if actual != art["sha256"] or p.stat().st_size != art["size"]:
-                bad = p.resolve()
+            actual, size = file_sha256(p), p.stat().st_size
+            if actual != art["sha256"] or size != art["size"]:
                 with contextlib.suppress(OSError):
-                    bad.unlink()  # let a later pull download it again
+                    p.resolve().unlink()  # let a later pull download it again
                 raise ArtifactDigestMismatch(f"{art['path']}: sha256 is {actual}, the index declares "
-                                             f"{art['sha256']} ({p.stat().st_size if p.exists() else '?'} bytes, "
-                                             f"index {art['size']})")
+                                             f"{art['sha256']} ({size} bytes, index {art['size']})")
             with CompeftFile(p) as f:
-                m = f.verify()
+                if to_peft and local_dir is not None:  # verified while decoded, decoded once
+                    adapters.append((f.state_dict(verify=True), f.manifest.adapter.peft_config))
+                else:
+                    f.verify()
+                m = f.manifest
             _check_binding(art["path"], m, base_fingerprint, base_model)
             local.append(p)
     if local_dir is not None:
@@ -303,9 +306,9 @@ def pull(repo: str, *, revision: str | None = None, local_dir: str | os.PathLike
         if len(set(dests)) != len(dests):
             raise HubNoIndex(f"{what}: two artifacts would be written to the same place in {out}")
         written = []
-        for p, dest in zip(local, dests, strict=True):
+        for k, (p, dest) in enumerate(zip(local, dests, strict=True)):
             if to_peft:  # one adapter: the folder itself; several: a folder per file
-                decompress_to_peft(p, dest)
+                write_peft_folder(dest, *adapters[k])
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(dest, lambda tmp, src=p: shutil.copyfile(src, tmp))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -139,7 +140,7 @@ def compress_peft(src: str | os.PathLike, *, density: float = 0.1, alpha: float 
         kind = "full"
     if config is not None and ref is not None:  # a known PEFT type: only its factors are task vectors
         kwargs["dense_patterns"] = tuple(kwargs.get("dense_patterns", C.DEFAULT_DENSE_PATTERNS)) + tuple(
-            sorted(n for n in sd if not SPARSIFIABLE.search(n)))
+            sorted(glob.escape(n) for n in sd if not SPARSIFIABLE.search(n)))  # exact names
     kwargs.setdefault("adapter_kind", kind)
     kwargs.setdefault("peft_config", config)
     if kwargs.get("base_model_id") is None:
@@ -155,7 +156,6 @@ def decompress_to_peft(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Verify a compeft file fully, then write it out as a PEFT adapter folder (each file
     atomically). Returns the paths written."""
     with CompeftFile(src) as f:
-        f.verify()
-        sd = f.state_dict(dtype=dtype)
+        sd = f.state_dict(dtype=dtype, verify=True)
         config = f.manifest.adapter.peft_config
     return write_peft_folder(out_dir, sd, config)

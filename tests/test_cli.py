@@ -194,3 +194,14 @@ def test_malicious_legacy_bin_is_refused_without_running_code(tmp_path, capsys):
     assert "INVALID_INPUT" in err and "weights-only" in err
     assert not marker.exists()
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_non_factor_tensors_with_glob_characters_in_their_names_stay_dense(tmp_path):
+    d = tmp_path / "odd"
+    d.mkdir()
+    save_file({"base_model.model.l.lora_A.weight": torch.randn(4, 64), "base_model.model.l.lora_B.weight": torch.randn(64, 4),
+               "base_model.model.head[0].weight": torch.randn(8, 64)}, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    ca = cf.compress_peft(d, density=0.1)
+    assert ca.tensors["base_model.model.head[0].weight"].encoding == "dense"
+    assert ca.tensors["base_model.model.l.lora_A.weight"].encoding == "ternary"

@@ -155,7 +155,8 @@ def test_altered_blob_is_caught(hub, tmp_path):
     data[-5] ^= 0xFF
     blob.write_bytes(bytes(data))
     out = tmp_path / "out"
-    with pytest.raises(cf.ArtifactDigestMismatch, match=f"{f.name}: sha256 is [0-9a-f]{{64}}, the index declares"):
+    with pytest.raises(cf.ArtifactDigestMismatch,
+                       match=rf"{f.name}: sha256 is [0-9a-f]{{64}}, the index declares [0-9a-f]{{64}} \(\d+ bytes, index \d+\)"):
         cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
     assert not out.exists() or list(out.iterdir()) == []
     p = cli("pull", "me/adapter", "-o", str(out), "--endpoint", endpoint, "--token", TOKEN,
