@@ -222,11 +222,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         if isinstance(model, PeftModel) and adapter_name in model.peft_config:
             raise InvalidArgument(f"the model already has an adapter named {adapter_name!r}")
         base = _base_of(model)
-        _check_model(base, _layout(m), config)
+        lay = _layout(m)
+        _check_model(base, lay, config)
         if check_base:
             _check_base(model, m)
         peft_cfg = _peft_config(config, inference_mode=not is_trainable)
-        _check_targets(peft_cfg, _layout(m))
+        _check_targets(peft_cfg, lay)
         target = device if device is not None else next(base.parameters()).device
         tensors = f.state_dict(dtype=dtype, device=target)
     was_peft = isinstance(model, PeftModel)
