@@ -18,7 +18,7 @@ from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_d
 from .report import format_report, inspect
 
 
-def _density(text: str) -> float:
+def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a PEFT adapter folder or a .safetensors state dict")
     c.add_argument("src", help="PEFT adapter folder or .safetensors file")
     c.add_argument("-o", "--output", required=True, help="output file (.cpeft.safetensors)")
-    c.add_argument("--density", type=_density, default=0.1, help="fraction of entries kept, in (0, 1] (default 0.1)")
-    c.add_argument("--alpha", type=_density, default=1.0, help="scale multiplier of sigma (default 1.0)")
+    c.add_argument("--density", type=_number, default=0.1, help="fraction of entries kept, in (0, 1] (default 0.1)")
+    c.add_argument("--alpha", type=_number, default=1.0, help="scale multiplier of sigma (default 1.0)")
     c.add_argument("--scope", choices=C.SCOPES, default=C.SCOPE_GLOBAL, help="top-k and scale over all tensors or per tensor")
     c.add_argument("--mode", choices=C.MODES, default=C.MODE_TERNARY, help="ternary (ComPEFT) or prune (keep values)")
     c.add_argument("--reference", default=None,
