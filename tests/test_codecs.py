@@ -72,8 +72,9 @@ def test_registry_is_the_only_dispatch():
 
 
 @given(sd=state_dicts(), density=st.floats(0.01, 1.0), mode=st.sampled_from(C.MODES),
-       dense=st.booleans(), out_dtype=st.sampled_from([None, torch.float32, torch.float16, torch.bfloat16]))
-def test_group_encode_decode_is_exact(sd, density, mode, dense, out_dtype):
+       dense=st.booleans(), out_dtype=st.sampled_from([None, torch.float32, torch.float16, torch.bfloat16]),
+       coding=st.sampled_from([C.POSITIONS_BITMAP, C.POSITIONS_GOLOMB]))
+def test_group_encode_decode_is_exact(backend, sd, density, mode, dense, out_dtype, coding):
     """Encoding a group and decoding it gives exactly the in-memory tensors, in any dtype."""
     ca = cf.compress(sd, density=density, mode=mode, dense_patterns=("*",) if dense else (), min_sparse_numel=0)
     members = list(ca.tensors.values())
@@ -81,7 +82,7 @@ def test_group_encode_decode_is_exact(sd, density, mode, dense, out_dtype):
     for m in members:
         by_enc.setdefault(m.encoding, []).append(m)
     for enc, group in by_enc.items():
-        params = {"positions": C.POSITIONS_BITMAP} if enc != C.ENC_DENSE else {}
+        params = {"positions": coding} if enc != C.ENC_DENSE else {}
         if enc != C.ENC_TERNARY:
             params["value_dtype"] = group[0].value_dtype
             group = [m for m in group if m.value_dtype == params["value_dtype"]]

@@ -28,7 +28,7 @@ def check(path) -> None:
 @settings(max_examples=300)
 @given(which=st.integers(0, len(FILES) - 1), edits=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)),
                                                           min_size=1, max_size=4))
-def test_byte_damage(tmp_path_factory, which, edits):
+def test_byte_damage(tmp_path_factory, backend, which, edits):
     data = bytearray(FILES[which].read_bytes())
     for where, value in edits:
         data[min(int(where * len(data)), len(data) - 1)] = value
@@ -43,7 +43,7 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.f
 
 @settings(max_examples=300)
 @given(which=st.integers(0, len(FILES) - 1), path_seed=st.integers(0, 10**6), value=scalars)
-def test_manifest_damage_with_valid_digest(tmp_path_factory, which, path_seed, value):
+def test_manifest_damage_with_valid_digest(tmp_path_factory, backend, which, path_seed, value):
     """Replace one value anywhere in the manifest (and fix its digest, as an attacker could)."""
     raw = FILES[which].read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

@@ -18,6 +18,7 @@ import torch
 
 from .. import constants as C
 from ..errors import StreamCorrupt
+from . import native
 from .bits import check_bit_stream, pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
 
@@ -99,10 +100,19 @@ def locate(coding: str, raw: dict[str, torch.Tensor], members: Sequence[Any],
         yield from _bitmap_masks(raw[C.ROLE_POSITIONS], members, select)
         return
     memo = {} if memo is None else memo
+    first = np.concatenate([[0], np.cumsum([m.nnz for m in members], dtype=np.int64)])
+    lib = native.module(raw[C.ROLE_UNARY].device)
+    if lib is not None:
+        if "golomb_local" not in memo:
+            local = torch.empty(int(first[-1]), dtype=torch.int64)
+            golomb_native(lib, raw, members, positions=local.numpy())
+            memo["golomb_local"] = local
+        for j in select:
+            yield j, memo["golomb_local"][int(first[j]):int(first[j + 1])], int(first[j])
+        return
     if "golomb" not in memo:
         memo["golomb"] = _golomb_running_sums(raw, members)
     csum = memo["golomb"]
-    first = np.concatenate([[0], np.cumsum([m.nnz for m in members], dtype=np.int64)])
     for j in select:
         a, b = int(first[j]), int(first[j + 1])
         if a == b:
@@ -155,6 +165,25 @@ def _ones(buf: torch.Tensor, name: str) -> torch.Tensor:
     if buf.numel() and (ones.numel() == 0 or int(ones[-1]) < 8 * (buf.numel() - 1)):
         raise StreamCorrupt(f"{name} stream has trailing bytes")
     return ones
+
+
+def golomb_native(lib, raw: dict[str, torch.Tensor], members: Sequence[Any], *,
+                  positions: np.ndarray | None = None, fill: tuple | None = None) -> None:
+    """Decode a group's Golomb codes with the C extension: into ``positions`` (int64, each
+    entry's position within its member), or with ``fill = (signs, outs, levels, element size)``
+    straight into ternary outputs. Checks the remainder and extra-bit streams' lengths and padding
+    as the torch path does."""
+    params = [golomb_m(m.numel, m.nnz) for m in members]
+    nfield = sum(m.nnz * golomb_widths(p)[0] for m, p in zip(members, params, strict=True))
+    check_bit_stream(raw[C.ROLE_REMAINDERS], nfield)
+    numel, nnz, mm = native.member_arrays(members, params)
+    streams = [raw[r].numpy() for r in (C.ROLE_UNARY, C.ROLE_REMAINDERS, C.ROLE_EXTRA)]
+    if fill is None:
+        used = native.call(lib.golomb_positions, *streams, numel, nnz, mm, positions)
+    else:
+        signs, outs, levels, es = fill
+        used = native.call(lib.golomb_ternary, *streams[:3], signs, numel, nnz, mm, outs, levels, es)
+    check_bit_stream(raw[C.ROLE_EXTRA], used)
 
 
 def _golomb_running_sums(raw: dict[str, torch.Tensor], members: Sequence[Any]) -> torch.Tensor:

@@ -1,0 +1,445 @@
+/*
+ * compeft_format._native: single-pass decoders for the position codings (spec 4.7) and the
+ * ternary encoding (spec 4.2) on the CPU.
+ *
+ * The module is optional: compeft_format decodes with torch operations when it is not built,
+ * and on every non-CPU device. Both paths accept and refuse the same streams.
+ *
+ * Every input is untrusted. Each read is bounded by the buffer it comes from, each write by the
+ * output it goes to, and every loop by the length of a stream or a declared count. A defect is
+ * reported as ValueError("<message>"); the Python side turns it into StreamCorrupt.
+ *
+ * Bit order is that of spec 4.1: element i is bit i % 8 of byte i / 8.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CTZ64(x) ((int)__builtin_ctzll(x))
+#define POPCOUNT64(x) ((int64_t)__builtin_popcountll(x))
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+static int CTZ64(uint64_t x) { int n = 0; while (!(x & 1)) { x >>= 1; n++; } return n; }
+static int64_t POPCOUNT64(uint64_t x) { int64_t n = 0; while (x) { x &= x - 1; n++; } return n; }
+#define ALWAYS_INLINE static inline
+#endif
+
+typedef struct {
+    const uint8_t *p;
+    int64_t n; /* bytes */
+} span_t;
+
+/* Little-endian 64-bit word starting at byte `at`; bytes past the end read as zero. */
+ALWAYS_INLINE uint64_t word_at(span_t s, int64_t at) {
+    uint64_t w = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (at + 8 <= s.n) {
+        memcpy(&w, s.p + at, 8);
+        return w;
+    }
+#endif
+    for (int j = 0; j < 8 && at + j < s.n; j++) w |= (uint64_t)s.p[at + j] << (8 * j);
+    return w;
+}
+
+/* 56 bits (at least) starting at bit `bit`. */
+ALWAYS_INLINE uint64_t bits_at(span_t s, int64_t bit) { return word_at(s, bit >> 3) >> (bit & 7); }
+
+ALWAYS_INLINE int bit_of(span_t s, int64_t bit) { return (s.p[bit >> 3] >> (bit & 7)) & 1; }
+
+ALWAYS_INLINE void put(uint8_t *out, int64_t i, const uint8_t *level, int es) {
+    switch (es) {
+    case 2: memcpy(out + 2 * i, level, 2); break;
+    case 4: memcpy(out + 4 * i, level, 4); break;
+    default: memcpy(out + (int64_t)es * i, level, (size_t)es); break;
+    }
+}
+
+/* Background (level 0) into out[a, b). */
+ALWAYS_INLINE void fill(uint8_t *out, int64_t a, int64_t b, const uint8_t *level, int es) {
+    if (b <= a) return;
+    int zero = 1;
+    for (int i = 0; i < es; i++) zero &= level[i] == 0;
+    if (zero) {
+        memset(out + a * es, 0, (size_t)((b - a) * es));
+    } else if (es == 2) {
+        uint16_t v;
+        memcpy(&v, level, 2);
+        for (int64_t i = a; i < b; i++) memcpy(out + 2 * i, &v, 2);
+    } else {
+        uint32_t v;
+        memcpy(&v, level, 4);
+        for (int64_t i = a; i < b; i++) memcpy(out + 4 * i, &v, 4);
+    }
+}
+
+/* Elements filled with the background ahead of the writes, so that each block is written while
+   it is in cache. */
+#define FILL_BLOCK 4096
+
+static int bit_length(uint64_t v) {
+    int n = 0;
+    while (v) { n++; v >>= 1; }
+    return n;
+}
+
+/* Per-member inputs shared by the decoders. */
+typedef struct {
+    int64_t count;
+    const int64_t *numel, *nnz, *m;
+    uint8_t **out;         /* ternary: output buffer of member j, or NULL when not selected */
+    const uint8_t *levels; /* ternary: three levels (background, +, -) of es bytes per member */
+    int es;
+    int64_t *positions;    /* positions mode: member-local position of every entry */
+    span_t signs;
+} members_t;
+
+/*
+ * Golomb codes of a whole group (spec 4.7.2). With `positions`, every entry's member-local
+ * position is stored; otherwise the selected members' outputs get their levels at each position.
+ * Returns NULL or an error message; *extra_used receives the extra bits consumed.
+ */
+ALWAYS_INLINE const char *golomb_walk(span_t un, span_t rem, span_t ext, const members_t *mb,
+                                      int es, int with_positions, int64_t *extra_used) {
+    const int64_t uwords = (un.n + 7) / 8, xbits = ext.n * 8, fbits = rem.n * 8;
+    /* the unary stream is read a 64-bit word at a time; each 1 bit ends one code */
+    int64_t wi = 0, prev_one = -1;
+    uint64_t cur = uwords ? word_at(un, 0) : 0;
+    int64_t fbit = 0, xbit = 0, entry = 0;
+    static const uint8_t zero = 0;
+    const span_t ext_r = ext.n ? ext : (span_t){&zero, 1}; /* always one byte to read */
+    for (int64_t j = 0; j < mb->count; j++) {
+        const int64_t k = mb->nnz[j], n = mb->numel[j], m = mb->m[j];
+        if (k == 0) {
+            if (!with_positions && mb->out[j]) fill(mb->out[j], 0, n, mb->levels + 3 * (int64_t)es * j, es);
+            continue;
+        }
+        const int w = m > 1 ? bit_length((uint64_t)(m - 1)) - 1 : 0;
+        const int64_t u = m > 1 ? ((int64_t)1 << (w + 1)) - m : 0;
+        const uint64_t fmask = ((uint64_t)1 << w) - 1;
+        const int64_t has_extra = m > 1;
+        const int64_t qmax = n / m; /* a larger quotient is a gap past the member's end */
+        if (fbit + k * (int64_t)w > fbits) return "remainder stream is shorter than the codes require";
+        uint8_t *out = with_positions ? NULL : mb->out[j];
+        const uint8_t *lv = with_positions ? NULL : mb->levels + 3 * (int64_t)es * j;
+        int64_t *pos = with_positions ? mb->positions + entry : NULL;
+        int64_t p = -1, filled = 0;
+        for (int64_t i = 0; i < k; i++) {
+            while (!cur) {
+                if (++wi >= uwords) return "unary stream holds fewer codes than the manifest declares";
+                cur = word_at(un, 8 * wi);
+            }
+            const int64_t one = 64 * wi + CTZ64(cur);
+            cur &= cur - 1;
+            const int64_t q = one - prev_one - 1;
+            prev_one = one;
+            if (q > qmax) return "a Golomb quotient describes a gap past the end of its tensor";
+            int64_t x = (int64_t)(bits_at(rem, fbit) & fmask);
+            fbit += w;
+            /* truncated binary: fields at or above u take one more bit (branch-free: the
+               outcome is close to a coin toss) */
+            const int64_t need = has_extra & (x >= u);
+            if (xbit + need > xbits) return "extra-bit stream is shorter than the remainders require";
+            x += need * (x + bit_of(ext_r, xbit < xbits ? xbit : 0) - u);
+            xbit += need;
+            /* x < m here: below u it is under u <= m, above it 2x + e - u <= 2^(w+1) - 1 - u = m - 1 */
+            p += q * m + x + 1; /* q * m <= n: no overflow */
+            if (p >= n) return "a decoded position is beyond the end of its tensor";
+            if (with_positions) {
+                pos[i] = p;
+            } else if (out) {
+                if (p >= filled) {
+                    const int64_t upto = (p / FILL_BLOCK + 1) * FILL_BLOCK;
+                    fill(out, filled, upto < n ? upto : n, lv, es);
+                    filled = upto;
+                }
+                put(out, p, lv + (int64_t)es * (1 + bit_of(mb->signs, entry + i)), es);
+            }
+        }
+        if (out) fill(out, filled, n, lv, es);
+        entry += k;
+    }
+    /* the last code's 1 bit lies in the last byte, and no 1 bit follows it */
+    if (entry == 0 ? un.n != 0 : (prev_one >> 3) != un.n - 1 || cur != 0)
+        return "unary stream has bits after its last code";
+    *extra_used = xbit;
+    return NULL;
+}
+
+/* Number of 1 bits among bits [a, a + n) of s. */
+static int64_t count_range(span_t s, int64_t a, int64_t n) {
+    int64_t c = 0, off = 0;
+    while (off < n) {
+        const int64_t take = n - off < 56 ? n - off : 56;
+        c += POPCOUNT64(bits_at(s, a + off) & (((uint64_t)1 << take) - 1));
+        off += take;
+    }
+    return c;
+}
+
+/*
+ * Position bit-plane of a group (spec 4.7.1) into the selected members' outputs. Checks, as the
+ * torch path does, that each selected member holds its declared count and that the entries
+ * before it add up to the declared ones.
+ */
+ALWAYS_INLINE const char *bitmap_walk(span_t bm, const members_t *mb, int es) {
+    int64_t bit = 0, entry = 0, declared = 0, total = 0;
+    for (int64_t j = 0; j < mb->count; j++) total += mb->nnz[j];
+    for (int64_t j = 0; j < mb->count; j++) {
+        const int64_t n = mb->numel[j];
+        uint8_t *out = mb->out[j];
+        if (!out) {
+            entry += count_range(bm, bit, n);
+        } else {
+            if (entry != declared) return "position bit-plane disagrees with nnz";
+            const uint8_t *lv = mb->levels + 3 * (int64_t)es * j;
+            const int64_t start = entry;
+            int64_t off = 0;
+            while (off < n) {
+                const int64_t take = n - off < 56 ? n - off : 56;
+                uint64_t word = bits_at(bm, bit + off) & (((uint64_t)1 << take) - 1);
+                if (entry + POPCOUNT64(word) > total) return "position bit-plane disagrees with nnz";
+                fill(out, off, off + take, lv, es);
+                while (word) {
+                    put(out, off + CTZ64(word), lv + (int64_t)es * (1 + bit_of(mb->signs, entry)), es);
+                    entry++;
+                    word &= word - 1;
+                }
+                off += take;
+            }
+            if (entry - start != mb->nnz[j]) return "position bit-plane disagrees with nnz";
+        }
+        bit += n;
+        declared += mb->nnz[j];
+    }
+    return NULL;
+}
+
+/* ---- argument handling ------------------------------------------------------------------ */
+
+typedef struct {
+    Py_buffer views[8];
+    int used;
+    Py_buffer *outs;
+    Py_ssize_t nouts;
+    uint8_t **out_ptrs;
+} buffers_t;
+
+static void release(buffers_t *b) {
+    for (int i = 0; i < b->used; i++) PyBuffer_Release(&b->views[i]);
+    if (b->outs) {
+        for (Py_ssize_t i = 0; i < b->nouts; i++)
+            if (b->outs[i].obj) PyBuffer_Release(&b->outs[i]);
+        PyMem_Free(b->outs);
+    }
+    PyMem_Free(b->out_ptrs);
+}
+
+static int get_view(buffers_t *b, PyObject *obj, span_t *s) {
+    Py_buffer *v = &b->views[b->used];
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    b->used++;
+    s->p = (const uint8_t *)v->buf;
+    s->n = (int64_t)v->len;
+    return 0;
+}
+
+/* numel, nnz and (unless NULL) m: int64 arrays of one length; checks the values a decoder
+ * relies on. */
+static int get_members(buffers_t *b, PyObject *numel, PyObject *nnz, PyObject *m, members_t *mb) {
+    span_t a, c, d = {0};
+    if (get_view(b, numel, &a) || get_view(b, nnz, &c) || (m && get_view(b, m, &d))) return -1;
+    if (a.n % 8 || a.n != c.n || (m && a.n != d.n)) {
+        PyErr_SetString(PyExc_TypeError, "numel, nnz and m must be int64 arrays of one length");
+        return -1;
+    }
+    mb->count = a.n / 8;
+    mb->numel = (const int64_t *)a.p;
+    mb->nnz = (const int64_t *)c.p;
+    mb->m = m ? (const int64_t *)d.p : NULL;
+    for (int64_t j = 0; j < mb->count; j++) {
+        if (mb->numel[j] < 0 || mb->nnz[j] < 0 || mb->nnz[j] > mb->numel[j] || (m && mb->m[j] < 1) ||
+            mb->numel[j] > ((int64_t)1 << 40)) {
+            PyErr_SetString(PyExc_ValueError, "member counts out of range");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int64_t total_nnz(const members_t *mb) {
+    int64_t t = 0;
+    for (int64_t j = 0; j < mb->count; j++) t += mb->nnz[j];
+    return t;
+}
+
+/* outs: a list with one writable buffer (or None) per member; levels: bytes. */
+static int get_outputs(buffers_t *b, PyObject *outs, PyObject *levels, PyObject *signs, int es,
+                       members_t *mb) {
+    if (es != 2 && es != 4) {
+        PyErr_SetString(PyExc_TypeError, "element size must be 2 or 4");
+        return -1;
+    }
+    if (!PyList_Check(outs) || PyList_GET_SIZE(outs) != mb->count) {
+        PyErr_SetString(PyExc_TypeError, "outs must be a list with one entry per member");
+        return -1;
+    }
+    span_t lv;
+    if (get_view(b, levels, &lv) || get_view(b, signs, &mb->signs)) return -1;
+    if (lv.n != 3 * (int64_t)es * mb->count) {
+        PyErr_SetString(PyExc_TypeError, "levels must hold three values per member");
+        return -1;
+    }
+    mb->levels = lv.p;
+    mb->es = es;
+    if (mb->signs.n * 8 < total_nnz(mb)) {
+        PyErr_SetString(PyExc_ValueError, "sign stream is shorter than the entries");
+        return -1;
+    }
+    b->nouts = mb->count;
+    b->outs = PyMem_Calloc((size_t)(mb->count ? mb->count : 1), sizeof(Py_buffer));
+    b->out_ptrs = PyMem_Calloc((size_t)(mb->count ? mb->count : 1), sizeof(uint8_t *));
+    if (!b->outs || !b->out_ptrs) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < mb->count; j++) {
+        PyObject *o = PyList_GET_ITEM(outs, j);
+        if (o == Py_None) continue;
+        if (PyObject_GetBuffer(o, &b->outs[j], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+        if ((int64_t)b->outs[j].len != mb->numel[j] * es) {
+            PyErr_SetString(PyExc_TypeError, "an output buffer does not match its member's size");
+            return -1;
+        }
+        b->out_ptrs[j] = (uint8_t *)b->outs[j].buf;
+    }
+    mb->out = b->out_ptrs;
+    return 0;
+}
+
+static PyObject *finish(buffers_t *b, const char *err, PyObject *result) {
+    release(b);
+    if (err) {
+        Py_XDECREF(result);
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return result;
+}
+
+PyDoc_STRVAR(golomb_ternary_doc,
+"golomb_ternary(unary, remainders, extra, signs, numel, nnz, m, outs, levels, es) -> extra bits used\n\n"
+"Decode a ternary group's Golomb codes into the selected members' outputs: the background level\n"
+"everywhere, the + or - level at each kept position (levels: three values of es bytes per member).\n"
+"outs holds a writable buffer or None per member.");
+
+static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *un_o, *rem_o, *ext_o, *sg_o, *numel_o, *nnz_o, *m_o, *outs_o, *lv_o;
+    int es;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOi", &un_o, &rem_o, &ext_o, &sg_o, &numel_o, &nnz_o, &m_o,
+                          &outs_o, &lv_o, &es))
+        return NULL;
+    buffers_t b = {0};
+    span_t un, rem, ext;
+    members_t mb = {0};
+    if (get_view(&b, un_o, &un) || get_view(&b, rem_o, &rem) || get_view(&b, ext_o, &ext) ||
+        get_members(&b, numel_o, nnz_o, m_o, &mb) || get_outputs(&b, outs_o, lv_o, sg_o, es, &mb)) {
+        release(&b);
+        return NULL;
+    }
+    int64_t used = 0;
+    const char *err;
+    Py_BEGIN_ALLOW_THREADS
+    err = es == 2 ? golomb_walk(un, rem, ext, &mb, 2, 0, &used) : golomb_walk(un, rem, ext, &mb, 4, 0, &used);
+    Py_END_ALLOW_THREADS
+    return finish(&b, err, err ? NULL : PyLong_FromLongLong(used));
+}
+
+PyDoc_STRVAR(golomb_positions_doc,
+"golomb_positions(unary, remainders, extra, numel, nnz, m, positions) -> extra bits used\n\n"
+"Decode a group's Golomb codes into positions (a writable int64 buffer, one entry per code):\n"
+"each entry's position within its member.");
+
+static PyObject *golomb_positions(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *un_o, *rem_o, *ext_o, *numel_o, *nnz_o, *m_o, *pos_o;
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &un_o, &rem_o, &ext_o, &numel_o, &nnz_o, &m_o, &pos_o))
+        return NULL;
+    buffers_t b = {0};
+    span_t un, rem, ext;
+    members_t mb = {0};
+    if (get_view(&b, un_o, &un) || get_view(&b, rem_o, &rem) || get_view(&b, ext_o, &ext) ||
+        get_members(&b, numel_o, nnz_o, m_o, &mb)) {
+        release(&b);
+        return NULL;
+    }
+    Py_buffer *pv = &b.views[b.used];
+    if (PyObject_GetBuffer(pos_o, pv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        release(&b);
+        return NULL;
+    }
+    b.used++;
+    if ((int64_t)pv->len != 8 * total_nnz(&mb)) {
+        release(&b);
+        PyErr_SetString(PyExc_TypeError, "positions must be an int64 buffer with one entry per code");
+        return NULL;
+    }
+    mb.positions = (int64_t *)pv->buf;
+    int64_t used = 0;
+    const char *err;
+    Py_BEGIN_ALLOW_THREADS
+    err = golomb_walk(un, rem, ext, &mb, 2, 1, &used);
+    Py_END_ALLOW_THREADS
+    return finish(&b, err, err ? NULL : PyLong_FromLongLong(used));
+}
+
+PyDoc_STRVAR(bitmap_ternary_doc,
+"bitmap_ternary(positions, signs, numel, nnz, outs, levels, es) -> None\n\n"
+"Decode a ternary group's position bit-plane into the selected members' outputs, as\n"
+"golomb_ternary does.");
+
+static PyObject *bitmap_ternary(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *bm_o, *sg_o, *numel_o, *nnz_o, *outs_o, *lv_o;
+    int es;
+    if (!PyArg_ParseTuple(args, "OOOOOOi", &bm_o, &sg_o, &numel_o, &nnz_o, &outs_o, &lv_o, &es)) return NULL;
+    buffers_t b = {0};
+    span_t bm;
+    members_t mb = {0};
+    if (get_view(&b, bm_o, &bm) || get_members(&b, numel_o, nnz_o, NULL, &mb) ||
+        get_outputs(&b, outs_o, lv_o, sg_o, es, &mb)) {
+        release(&b);
+        return NULL;
+    }
+    int64_t need = 0;
+    for (int64_t j = 0; j < mb.count; j++) need += mb.numel[j];
+    if (bm.n * 8 < need) {
+        release(&b);
+        PyErr_SetString(PyExc_ValueError, "position bit-plane is shorter than the group");
+        return NULL;
+    }
+    const char *err;
+    Py_BEGIN_ALLOW_THREADS
+    err = es == 2 ? bitmap_walk(bm, &mb, 2) : bitmap_walk(bm, &mb, 4);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    return finish(&b, err, err ? NULL : Py_None);
+}
+
+static PyMethodDef methods[] = {
+    {"golomb_ternary", golomb_ternary, METH_VARARGS, golomb_ternary_doc},
+    {"golomb_positions", golomb_positions, METH_VARARGS, golomb_positions_doc},
+    {"bitmap_ternary", bitmap_ternary, METH_VARARGS, bitmap_ternary_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native",
+    "Single-pass CPU decoders for compeft's position codings and ternary encoding.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,59 @@
+"""The optional C decoders (``compeft_format._native``, built from ``_native.c`` at install).
+
+On the CPU, ternary groups and Golomb positions are decoded in one pass by the extension; on
+other devices, or when it is not built, or with ``COMPEFT_NATIVE=0`` in the environment, the
+codecs use torch operations. Both paths accept and refuse the same streams (tests compare them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import StreamCorrupt
+
+try:
+    from .. import _native as _ext
+except ImportError:  # not built: the torch path decodes
+    _ext = None
+
+#: integer dtype of each element size, to hand outputs to the extension as plain buffers
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+
+
+def built() -> bool:
+    """True when the extension is importable."""
+    return _ext is not None
+
+
+def module(device: torch.device) -> ModuleType | None:
+    """The extension when it should decode on ``device``, else None."""
+    if _ext is None or device.type != "cpu" or os.environ.get("COMPEFT_NATIVE", "1") == "0":
+        return None
+    return _ext
+
+
+def member_arrays(members: Sequence[Any], params: Sequence[int] | None = None) -> tuple[np.ndarray, ...]:
+    numel = np.array([m.numel for m in members], dtype=np.int64)
+    nnz = np.array([m.nnz for m in members], dtype=np.int64)
+    if params is None:
+        return numel, nnz
+    return numel, nnz, np.asarray(params, dtype=np.int64)
+
+
+def call(fn, *args) -> Any:
+    """Run an extension function, reporting a stream defect as StreamCorrupt."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise StreamCorrupt(str(e)) from None
+
+
+def as_buffer(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's bytes as a numpy array sharing its memory (any float dtype)."""
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy() if t.element_size() in _INT_OF_SIZE else t.numpy()
