@@ -296,8 +296,11 @@ def build(adapter: CompressedAdapter, *, zstd_level: int | None = C.DEFAULT_ZSTD
             streams[name] = np.frombuffer(stored, dtype=np.uint8)
             infos[role] = StreamInfo(name=name, compression=comp, size=len(stored),
                                      raw_size=len(raw[role]), sha256=sha256_hex(stored))
-        dense = [tensors[i].to_dense() for i in idx] if group_digests or tensor_digests else []
-        digest = group_sha256(dense) if group_digests else None
+        # one member densified at a time unless per-tensor digests need them all
+        dense = [tensors[i].to_dense() for i in idx] if tensor_digests else []
+        digest = None
+        if group_digests:
+            digest = group_sha256(dense if tensor_digests else (tensors[i].to_dense() for i in idx))
         groups.append(GroupInfo(encoding=encoding, params=params, streams=infos, decoded_sha256=digest))
         for j, i in enumerate(idx):
             group_of[i] = gi

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -25,8 +25,9 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
-def group_sha256(tensors: list[torch.Tensor]) -> str:
-    """sha256 of several decoded tensors, each as ``tensor_sha256`` hashes it, one after another."""
+def group_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """sha256 of several decoded tensors, each as ``tensor_sha256`` hashes it, one after another
+    (an iterator is consumed one tensor at a time)."""
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().to("cpu").contiguous()

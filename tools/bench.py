@@ -11,6 +11,7 @@ trained on BBC News text) is cached under ``~/.cache/compeft/bench`` after the f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import compeft_format as cf  # noqa: E402
+from compeft_format.codecs import native  # noqa: E402
+from compeft_format.container import build  # noqa: E402
 from compeft_format.report import ternary_bound_bits  # noqa: E402
 
 DENSITIES = [0.01, 0.05, 0.10, 0.20, 0.50]
@@ -64,12 +67,17 @@ def measure(ca: cf.CompressedAdapter, workdir: Path, repeat: int, peak: bool = F
     """Sizes and timings of one compressed adapter; with ``peak`` also the peak decode memory
     (a fresh process, so only where a table reports it)."""
     path = workdir / "x.cpeft.safetensors"
-    enc_s, _ = timed(lambda: cf.save(ca, path, **save_opts), max(1, repeat // 2))
+    stream_opts = {k: v for k, v in save_opts.items() if k in ("positions", "zstd_level")}
+    enc_s, _ = timed(lambda: build(ca, group_digests=False, **stream_opts), max(1, repeat // 2))
+    save_s, _ = timed(lambda: cf.save(ca, path, **save_opts), max(1, repeat // 2))
     r = cf.inspect(path)
     dec_s, out = timed(lambda: cf.load(path, dtype=torch.float16), repeat)
+    with torch_decoders():
+        dec_torch_s, out_torch = timed(lambda: cf.load(path, dtype=torch.float16), repeat)
     copy_s, _ = timed(lambda: {k: v.clone() for k, v in out.items()}, repeat)
     ref = ca.state_dict(dtype=torch.float16)
-    assert all(torch.equal(out[k].view(torch.int16), ref[k].view(torch.int16)) for k in out), "decode mismatch"
+    for got in (out, out_torch):
+        assert all(torch.equal(got[k].view(torch.int16), ref[k].view(torch.int16)) for k in got), "decode mismatch"
     params = r["params"]
     ternary_streams = sum(g["bytes"] for g in r["groups"] if g["encoding"] == "ternary")
     return {
@@ -83,13 +91,32 @@ def measure(ca: cf.CompressedAdapter, workdir: Path, repeat: int, peak: bool = F
         "streams_vs_bound": r["ternary_streams_vs_bound"],
         "file_vs_bound": 8 * r["file_bytes"] / r["ternary_bound_bits"] if r["ternary_bound_bits"] else None,
         "encode_s": enc_s,
+        "save_s": save_s,
         "decode_s": dec_s,
+        "decode_torch_s": dec_torch_s,
         "copy_s": copy_s,
         "decode_vs_copy": dec_s / copy_s,
+        "decode_torch_vs_copy": dec_torch_s / copy_s,
         "encode_vs_copy": enc_s / copy_s,
+        "save_vs_copy": save_s / copy_s,
         "decoded_mb_per_s": 2 * params / dec_s / 1e6,
         **(peak_fields(path) if peak else {}),
     }
+
+
+@contextlib.contextmanager
+def torch_decoders():
+    """Decode with the torch operations (the path every non-CPU device takes) instead of the C
+    extension."""
+    old = os.environ.get("COMPEFT_NATIVE")
+    os.environ["COMPEFT_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["COMPEFT_NATIVE"]
+        else:
+            os.environ["COMPEFT_NATIVE"] = old
 
 
 def peak_fields(path: Path) -> dict[str, float]:
@@ -231,17 +258,22 @@ def demo_lora() -> tuple[dict[str, torch.Tensor], str]:
 
 # --- report -----------------------------------------------------------------------------------
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"Tensor of {res['random']['params']:,} entries (random normal, fp16), one CPU thread.", "",
+    lines = [f"Tensor of {res['random']['params']:,} entries (random normal, fp16), one CPU thread; decoded by "
+             f"{'the C extension' if res['native'] else 'torch operations'} (torch operations in the column that "
+             "says so: the path other devices take). Copy: `clone()` of the decoded fp16 output. Encode: the "
+             "streams only (`build` without digests); save: streams, decoded digest and the file.", "",
              "| density | encoding | bound bits/param | streams bits/param | streams / bound | file bytes "
-             "| x fp16 | x zstd fp16 | decode / copy | encode / copy | decode MB/s | peak RSS growth / output |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x fp16 | x zstd fp16 | decode / copy | decode / copy, torch ops | encode / copy | save / copy "
+             "| decode MB/s | peak RSS growth / output |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = res["random"]["baselines"]
     for row in res["random"]["rows"]:
         lines.append(
             f"| {row['density']:.0%} | {row['encoding']} | {row['bound_bits'] / row['params']:.4f} "
             f"| {row['stream_bits_per_param']:.4f} | {row['streams_vs_bound']:.4f} | {row['file_bytes']:,} "
             f"| {base['fp16_bytes'] / row['file_bytes']:.1f} | {base['fp16_zstd19_bytes'] / row['file_bytes']:.1f} "
-            f"| {row['decode_vs_copy']:.1f} | {row['encode_vs_copy']:.1f} | {row['decoded_mb_per_s']:.0f} "
+            f"| {row['decode_vs_copy']:.1f} | {row['decode_torch_vs_copy']:.1f} | {row['encode_vs_copy']:.1f} "
+            f"| {row['save_vs_copy']:.1f} | {row['decoded_mb_per_s']:.0f} "
             f"| {row['peak_vs_output']:.2f} |")
     a = res["adapter"]
     lines += ["", f"Whole files, LoRA-shaped adapter of {a['params']:,} params in {a['tensors']} tensors "
@@ -302,7 +334,8 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     n = 1 << (18 if a.quick else 22)
     repeat = 3 if a.quick else 5
-    res: dict[str, Any] = {"threads": 1, "torch": torch.__version__, "compeft": cf.__version__}
+    res: dict[str, Any] = {"threads": 1, "torch": torch.__version__, "compeft": cf.__version__,
+                           "native": native.module(torch.device("cpu")) is not None}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         g = torch.Generator().manual_seed(0)

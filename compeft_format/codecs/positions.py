@@ -63,6 +63,9 @@ def encode(coding: str, members: Sequence[Any]) -> dict[str, bytes]:
     if coding == C.POSITIONS_BITMAP:
         return {C.ROLE_POSITIONS: pack_bits(positions_bitmap([m.numel for m in members],
                                                              [m.indices for m in members]))}
+    lib = native.module(torch.device("cpu"))
+    if lib is not None:
+        return _golomb_encode_native(lib, members)
     unary, fields, extra = [], [], []
     for mem in members:
         idx = np.asarray(mem.indices, dtype=np.int64)
@@ -82,6 +85,25 @@ def encode(coding: str, members: Sequence[Any]) -> dict[str, bytes]:
             extra.append(((r[big] + u) & 1).astype(bool))
     return {C.ROLE_UNARY: pack_bits(_cat(unary)), C.ROLE_REMAINDERS: pack_bits(_cat(fields)),
             C.ROLE_EXTRA: pack_bits(_cat(extra))}
+
+
+def _golomb_encode_native(lib, members: Sequence[Any]) -> dict[str, bytes]:
+    kept = [np.asarray(m.indices, dtype=np.int64).reshape(-1) for m in members]
+    params = [golomb_m(m.numel, ix.size) for m, ix in zip(members, kept, strict=True)]
+    numel = np.array([m.numel for m in members], dtype=np.int64)
+    nnz = np.array([ix.size for ix in kept], dtype=np.int64)
+    n, k = int(numel.sum()), int(nnz.sum())
+    fields = sum(int(c) * golomb_widths(p)[0] for c, p in zip(nnz, params, strict=True))
+    unary = np.zeros((n + k + 7) // 8, dtype=np.uint8)
+    rem = np.zeros((fields + 7) // 8 + 8, dtype=np.uint8)  # 8 spare bytes for word writes
+    extra = np.zeros((k + 7) // 8, dtype=np.uint8)
+    idx = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    try:
+        u_bits, x_bits = lib.golomb_encode(idx, numel, nnz, np.asarray(params, dtype=np.int64), unary, rem, extra)
+    except ValueError as e:
+        raise ValueError(f"cannot encode positions: {e}") from None
+    return {C.ROLE_UNARY: unary[:(u_bits + 7) // 8].tobytes(), C.ROLE_REMAINDERS: rem[:-8].tobytes(),
+            C.ROLE_EXTRA: extra[:(x_bits + 7) // 8].tobytes()}
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -21,10 +21,20 @@ def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL) -> by
     raise UnknownEncoding(f"unknown stream compression {compression!r}")
 
 
+#: Streams at least this long are first compressed at level 1; when that saves under 1/64 of the
+#: bytes the stream is stored raw without trying the (much slower) requested level.
+PROBE_BYTES = 1 << 14
+
+
 def smallest_frame(raw: bytes, level: int | None = C.DEFAULT_ZSTD_LEVEL) -> tuple[str, bytes]:
-    """zstd when it saves bytes, otherwise the raw bytes; ``level=None`` always stores raw."""
+    """zstd when it saves bytes, otherwise the raw bytes; ``level=None`` always stores raw.
+    Entropy-coded streams (Golomb codes, signs) do not shrink, and are recognised by a fast probe."""
     if level is None:
         return C.COMP_NONE, raw
+    if len(raw) >= PROBE_BYTES and level > 1:
+        probe = frame(raw, C.COMP_ZSTD, 1)
+        if len(probe) > len(raw) - len(raw) // 64:
+            return C.COMP_NONE, raw
     z = frame(raw, C.COMP_ZSTD, level)
     return (C.COMP_ZSTD, z) if len(z) < len(raw) else (C.COMP_NONE, raw)
 
