@@ -10,7 +10,7 @@ from __future__ import annotations
 # --- identification (spec section 2) ----------------------------------------------------------
 FORMAT_NAME = "compeft"
 FORMAT_VERSION_MAJOR = 1
-FORMAT_VERSION_MINOR = 0
+FORMAT_VERSION_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
 
 META_FORMAT = "compeft.format"
@@ -20,10 +20,16 @@ META_MANIFEST_SHA256 = "compeft.manifest_sha256"
 META_MANIFEST_ENCODING = "compeft.manifest_encoding"
 
 #: How ``compeft.manifest`` holds the manifest's UTF-8 JSON text: as is, or as the standard base64
-#: (with padding) of one zstd frame that declares its content size.
+#: (with padding) of one zstd frame that declares its content size, compressed without or (1.1)
+#: with the format's manifest dictionary as a raw-content zstd dictionary.
 MANIFEST_JSON = "json"
 MANIFEST_ZSTD_BASE64 = "zstd+base64"
-MANIFEST_ENCODINGS = (MANIFEST_JSON, MANIFEST_ZSTD_BASE64)
+MANIFEST_ZSTD_DICT1_BASE64 = "zstd+dict1+base64"
+MANIFEST_ENCODINGS = (MANIFEST_JSON, MANIFEST_ZSTD_BASE64, MANIFEST_ZSTD_DICT1_BASE64)
+#: The dictionary of ``zstd+dict1+base64``: ``spec/manifest-dictionary-1.txt``, byte for byte
+#: (shipped as ``compeft_format/data/manifest-dictionary-1.txt``).
+MANIFEST_DICT1_FILE = "manifest-dictionary-1.txt"
+MANIFEST_DICT1_SHA256 = "476e603d854736851ab59d01d56f1f80eb48c9cd926040a7dcf13da6283813fd"
 
 #: Features a version-1 reader of this library understands. A file whose manifest lists a feature
 #: in ``required_features`` that is not in this set is refused with ``UNSUPPORTED_FEATURE``.

@@ -8,6 +8,7 @@ up front, then reads streams lazily through safetensors' memory map, one group a
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -171,11 +172,20 @@ def parse_metadata(meta: dict[str, str]) -> Manifest:
     return Manifest.from_dict(obj)
 
 
+@functools.cache
+def manifest_dictionary() -> zstandard.ZstdCompressionDict:
+    """The raw-content zstd dictionary of the ``zstd+dict1+base64`` manifest encoding (spec 2.4)."""
+    data = (Path(__file__).parent / "data" / C.MANIFEST_DICT1_FILE).read_bytes()
+    if sha256_hex(data) != C.MANIFEST_DICT1_SHA256:
+        raise RuntimeError(f"the installed {C.MANIFEST_DICT1_FILE} is not the format's dictionary")
+    return zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
 def decode_manifest_text(stored: str, encoding: str) -> str:
-    """The manifest's JSON text from the ``compeft.manifest`` value (spec 2.2)."""
+    """The manifest's JSON text from the ``compeft.manifest`` value (spec 2.2, 2.4)."""
     if encoding == C.MANIFEST_JSON:
         return stored
-    if encoding != C.MANIFEST_ZSTD_BASE64:
+    if encoding not in (C.MANIFEST_ZSTD_BASE64, C.MANIFEST_ZSTD_DICT1_BASE64):
         raise UnknownEncoding(f"unknown manifest encoding {encoding!r}")
     try:
         packed = base64.b64decode(stored.encode("ascii"), validate=True)
@@ -189,8 +199,9 @@ def decode_manifest_text(stored: str, encoding: str) -> str:
         raise ManifestError("compressed manifest frame does not declare its size")
     if size > C.MAX_MANIFEST_BYTES:
         raise LimitExceeded(f"manifest declares {size} bytes, limit {C.MAX_MANIFEST_BYTES}")
+    dictionary = manifest_dictionary() if encoding == C.MANIFEST_ZSTD_DICT1_BASE64 else None
     try:
-        raw = unframe(packed, C.COMP_ZSTD, size)
+        raw = unframe(packed, C.COMP_ZSTD, size, dictionary=dictionary)
         return bytes(raw).decode("utf-8")
     except (StreamCorrupt, UnicodeDecodeError):
         raise ManifestError("compressed manifest does not decode to UTF-8 text") from None
@@ -199,7 +210,8 @@ def decode_manifest_text(stored: str, encoding: str) -> str:
 def encode_manifest_text(text: str, encoding: str) -> str:
     if encoding == C.MANIFEST_JSON:
         return text
-    packed = frame(text.encode("utf-8"), C.COMP_ZSTD, C.DEFAULT_ZSTD_LEVEL)
+    dictionary = manifest_dictionary() if encoding == C.MANIFEST_ZSTD_DICT1_BASE64 else None
+    packed = frame(text.encode("utf-8"), C.COMP_ZSTD, C.DEFAULT_ZSTD_LEVEL, dictionary=dictionary)
     return base64.b64encode(packed).decode("ascii")
 
 
@@ -318,10 +330,9 @@ def build(adapter: CompressedAdapter, *, zstd_level: int | None = C.DEFAULT_ZSTD
                         required_features=[])
     manifest.check_consistency()
     text = manifest.to_json()
-    if manifest_encoding == "auto":
-        packed = encode_manifest_text(text, C.MANIFEST_ZSTD_BASE64)
-        manifest_encoding, stored = ((C.MANIFEST_ZSTD_BASE64, packed) if len(packed) < len(text.encode("utf-8"))
-                                     else (C.MANIFEST_JSON, text))
+    if manifest_encoding == "auto":  # the shortest; on a tie the simpler
+        manifest_encoding, stored = min(((e, encode_manifest_text(text, e)) for e in C.MANIFEST_ENCODINGS),
+                                        key=lambda c: len(c[1].encode("utf-8")))
     elif manifest_encoding in C.MANIFEST_ENCODINGS:
         stored = encode_manifest_text(text, manifest_encoding)
     else:

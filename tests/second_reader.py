@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 import math
+import pathlib
 import re
 import struct
 
@@ -124,9 +125,23 @@ def _frame_content_size(b, code):
     return fcs + 256 if fsz == 2 else fcs
 
 
-def _inflate(b, size, code):
+DICT1_SHA256 = "476e603d854736851ab59d01d56f1f80eb48c9cd926040a7dcf13da6283813fd"
+_DICT1 = []
+
+
+def _dict1():
+    """The manifest dictionary of spec 2.4, read from the spec folder and checked by its digest."""
+    if not _DICT1:
+        data = (pathlib.Path(__file__).resolve().parent.parent / "spec" / "manifest-dictionary-1.txt").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == DICT1_SHA256, "manifest dictionary differs from the spec's"
+        _DICT1.append(zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+    return _DICT1[0]
+
+
+def _inflate(b, size, code, dictionary=None):
     try:
-        out = zstandard.ZstdDecompressor().decompress(b, max_output_size=size, allow_extra_data=False)
+        out = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(b, max_output_size=size,
+                                                                        allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise SpecError(code, f"zstd: {e}") from None
     _req(len(out) == size, code, "decompressed length")
@@ -143,13 +158,13 @@ def _manifest_text(meta):
     enc, stored = meta.get("compeft.manifest_encoding", "json"), meta["compeft.manifest"]
     if enc == "json":
         data = stored.encode("utf-8")
-    elif enc == "zstd+base64":
+    elif enc in ("zstd+base64", "zstd+dict1+base64"):
         _req(B64.fullmatch(stored) is not None, MI, "bad base64")
         frame = base64.b64decode(stored, validate=True)
         fcs = _frame_content_size(frame, MI)
         _req(fcs is not None, MI, "manifest frame without content size")
         _req(fcs <= MIB64, LE, "manifest over 64 MiB")
-        data = _inflate(frame, fcs, MI)
+        data = _inflate(frame, fcs, MI, _dict1() if enc == "zstd+dict1+base64" else None)
     else:
         raise SpecError(UE, f"manifest encoding {enc!r}")
     try:

@@ -28,7 +28,7 @@ def test_save_load_exact_and_safetensors(tmp_path_factory, sd, density, mode, sc
     # a valid safetensors file whose tensors are exactly the manifest's U8 streams
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        assert meta[C.META_FORMAT] == "compeft" and meta[C.META_VERSION] == "1.0"
+        assert meta[C.META_FORMAT] == "compeft" and meta[C.META_VERSION] == "1.1"
         names = set(f.keys())
         for g in manifest.groups:
             for s in g.streams.values():

@@ -145,8 +145,8 @@ def test_manifest_edited_without_digest(tmp_path):
     assert code_of(p) == C.E_MANIFEST_DIGEST_MISMATCH
 
 
-@pytest.mark.parametrize("encoding", [C.MANIFEST_JSON, C.MANIFEST_ZSTD_BASE64])
-def test_both_manifest_encodings_read_back(tmp_path, encoding):
+@pytest.mark.parametrize("encoding", C.MANIFEST_ENCODINGS)
+def test_every_manifest_encoding_reads_back(tmp_path, encoding):
     path = tmp_path / "m.cpeft.safetensors"
     ca = cf.compress({"w": torch.randn(50, 7)}, density=0.3)
     cf.save(ca, path, manifest_encoding=encoding)
@@ -155,6 +155,23 @@ def test_both_manifest_encodings_read_back(tmp_path, encoding):
         meta = json.loads(f.read(n))["__metadata__"]
     assert meta[C.META_MANIFEST_ENCODING] == encoding
     assert cf.verify(path).to_json() == cf.container.build(ca)[0].to_json()
+
+
+def test_manifest_dictionary_is_the_spec_file_and_shrinks_lora_manifests():
+    from compeft_format.container import encode_manifest_text
+    from compeft_format.integrity import sha256_hex
+    from conftest import ROOT
+
+    shipped = (ROOT / "compeft_format" / "data" / C.MANIFEST_DICT1_FILE).read_bytes()
+    assert shipped == (ROOT / "spec" / C.MANIFEST_DICT1_FILE).read_bytes()
+    assert sha256_hex(shipped) == C.MANIFEST_DICT1_SHA256
+    assert f"`{C.MANIFEST_DICT1_SHA256}`" in (ROOT / "spec" / "FORMAT.md").read_text()
+    sd = {f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{f}.weight": torch.randn(4, 32)
+          for i in range(8) for p in "qv" for f in "AB"}
+    manifest = cf.container.build(cf.compress(sd, density=0.1))[0]
+    text = manifest.to_json()
+    sizes = {e: len(encode_manifest_text(text, e)) for e in C.MANIFEST_ENCODINGS}
+    assert sizes[C.MANIFEST_ZSTD_DICT1_BASE64] < 0.7 * sizes[C.MANIFEST_ZSTD_BASE64] < 0.7 * sizes[C.MANIFEST_JSON]
 
 
 def test_errors_share_one_base_and_print_one_line():

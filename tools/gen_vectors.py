@@ -11,6 +11,7 @@ error code a reader must return (spec section 9).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import struct
 import sys
@@ -238,7 +239,27 @@ def d_manifest_bomb(p: Parts):
     p.encoding = C.MANIFEST_ZSTD_BASE64
     p.meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_ZSTD_BASE64
     bomb = zstandard.ZstdCompressor(level=19).compress(b" " * (C.MAX_MANIFEST_BYTES + 1))
-    p.meta[C.META_MANIFEST] = __import__("base64").b64encode(bomb).decode()
+    p.meta[C.META_MANIFEST] = base64.b64encode(bomb).decode()
+
+
+def d_manifest_dict_mislabelled(p: Parts):
+    # a frame made with the manifest dictionary, labelled as the encoding without one
+    p.encoding = C.MANIFEST_ZSTD_DICT1_BASE64
+    p.seal()
+    p.meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_ZSTD_BASE64
+
+
+def d_manifest_dict_id(p: Parts):
+    # the dictionary encoding, but the frame names a dictionary (Dictionary_ID 7)
+    p.encoding = C.MANIFEST_ZSTD_DICT1_BASE64
+    p.seal()
+    frame = bytearray(base64.b64decode(p.meta[C.META_MANIFEST]))
+    assert frame[4] & 3 == 0
+    at = 5 + (1 - ((frame[4] >> 5) & 1))  # after the window descriptor, if any
+    frame[4] |= 1
+    frame[at:at] = b"\x07"
+    p.meta[C.META_MANIFEST] = base64.b64encode(bytes(frame)).decode()
+    p.meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_ZSTD_DICT1_BASE64
 
 
 def _golomb_stream(p: Parts, role: str, edit: Callable[[bytearray], bytes | bytearray]) -> None:
@@ -292,6 +313,8 @@ DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "unknown_manifest_encoding": (d_manifest_encoding, C.E_UNKNOWN_ENCODING),
     "manifest_base64": (d_manifest_base64, C.E_MANIFEST_INVALID),
     "manifest_bomb": (d_manifest_bomb, C.E_LIMIT_EXCEEDED),
+    "manifest_dict_mislabelled": (d_manifest_dict_mislabelled, C.E_MANIFEST_INVALID),
+    "manifest_dict_id": (d_manifest_dict_id, C.E_MANIFEST_INVALID),
     "unknown_compression": (d_unknown_compression, C.E_UNKNOWN_ENCODING),
     "limit_elements": (d_limit_elements, C.E_LIMIT_EXCEEDED),
     "limit_rank": (d_limit_rank, C.E_LIMIT_EXCEEDED),
@@ -322,6 +345,16 @@ def generate(out: Path) -> dict[str, Any]:
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
                         for n, t in adapter.tensors.items()},
         })
+    # A file as a 1.0 writer wrote it (no manifest dictionary): 1.1 readers read it unchanged.
+    golomb = valid_adapters()["v1_ternary_golomb"]
+    parts = Parts(*build(golomb, manifest_encoding=C.MANIFEST_ZSTD_BASE64))
+    parts.meta[C.META_VERSION] = "1.0"
+    parts.write(out / "v1_0_ternary_golomb.cpeft.safetensors")
+    index["valid"].append({
+        "file": "v1_0_ternary_golomb.cpeft.safetensors",
+        "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
+                    for n, t in golomb.tensors.items()},
+    })
     for name, (mutate, code) in DEFECTS.items():
         base = ("v1_ternary_bitmap" if name in BITMAP_DEFECTS else
                 "v1_ternary_golomb" if name in GOLOMB_DEFECTS else "v1_ternary_global")

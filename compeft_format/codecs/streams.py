@@ -11,12 +11,15 @@ from ..errors import StreamCorrupt, UnknownEncoding
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL) -> bytes:
-    """Store ``raw`` under ``compression``."""
+def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL,
+          dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
+    """Store ``raw`` under ``compression`` (zstd with a raw-content ``dictionary`` for the
+    manifest encoding that has one; its frames carry no dictionary ID)."""
     if compression == C.COMP_NONE:
         return raw
     if compression == C.COMP_ZSTD:
-        cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False,
+                                        dict_data=dictionary, write_dict_id=False)
         return cctx.compress(raw)
     raise UnknownEncoding(f"unknown stream compression {compression!r}")
 
@@ -39,11 +42,13 @@ def smallest_frame(raw: bytes, level: int | None = C.DEFAULT_ZSTD_LEVEL) -> tupl
     return (C.COMP_ZSTD, z) if len(z) < len(raw) else (C.COMP_NONE, raw)
 
 
-def unframe(stored, compression: str, raw_size: int) -> bytes | memoryview:
+def unframe(stored, compression: str, raw_size: int,
+            dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes | memoryview:
     """Recover the raw bytes of a stream, refusing anything that would exceed ``raw_size``.
 
     The frame header's content size is checked before any output is allocated, so a stream that
-    claims more than the manifest declares is refused without decompressing it.
+    claims more than the manifest declares is refused without decompressing it. ``dictionary``
+    (the manifest's, spec 2.4) is the only dictionary a frame may use, and frames never name one.
     """
     if compression == C.COMP_NONE:
         if len(stored) != raw_size:
@@ -64,7 +69,7 @@ def unframe(stored, compression: str, raw_size: int) -> bytes | memoryview:
             f"zstd frame declares {params.content_size} bytes, manifest declares {raw_size}"
         )
     try:
-        out = zstandard.ZstdDecompressor().decompress(
+        out = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
             stored, max_output_size=raw_size, allow_extra_data=False
         )
     except zstandard.ZstdError as e:
