@@ -85,6 +85,9 @@ ALWAYS_INLINE void fill(uint8_t *out, int64_t a, int64_t b, const uint8_t *level
    it is in cache. */
 #define FILL_BLOCK 4096
 
+/* Spare zero bytes the Golomb decoders need after the remainder and extra-bit streams. */
+#define PAD 8
+
 static int bit_length(uint64_t v) {
     int n = 0;
     while (v) { n++; v >>= 1; }
@@ -109,13 +112,14 @@ typedef struct {
  */
 ALWAYS_INLINE const char *golomb_walk(span_t un, span_t rem, span_t ext, const members_t *mb,
                                       int es, int with_positions, int64_t *extra_used) {
-    const int64_t uwords = (un.n + 7) / 8, xbits = ext.n * 8, fbits = rem.n * 8;
+    /* rem and ext end in PAD spare zero bytes (checked by the callers), so that fields and
+       extra bits are read without bounds tests; the counts below exclude them */
+    const int64_t uwords = (un.n + 7) / 8, xbits = (ext.n - PAD) * 8, fbits = (rem.n - PAD) * 8;
+    const uint8_t *const remp = rem.p, *const extp = ext.p, *const sg = mb->signs.p;
     /* the unary stream is read a 64-bit word at a time; each 1 bit ends one code */
     int64_t wi = 0, prev_one = -1;
     uint64_t cur = uwords ? word_at(un, 0) : 0;
     int64_t fbit = 0, xbit = 0, entry = 0;
-    static const uint8_t zero = 0;
-    const span_t ext_r = ext.n ? ext : (span_t){&zero, 1}; /* always one byte to read */
     for (int64_t j = 0; j < mb->count; j++) {
         const int64_t k = mb->nnz[j], n = mb->numel[j], m = mb->m[j];
         if (k == 0) {
@@ -128,10 +132,10 @@ ALWAYS_INLINE const char *golomb_walk(span_t un, span_t rem, span_t ext, const m
         const int64_t has_extra = m > 1;
         const int64_t qmax = n / m; /* a larger quotient is a gap past the member's end */
         if (fbit + k * (int64_t)w > fbits) return "remainder stream is shorter than the codes require";
-        uint8_t *out = with_positions ? NULL : mb->out[j];
-        const uint8_t *lv = with_positions ? NULL : mb->levels + 3 * (int64_t)es * j;
-        int64_t *pos = with_positions ? mb->positions + entry : NULL;
-        int64_t p = -1, filled = 0;
+        uint8_t *const out = with_positions ? NULL : mb->out[j];
+        const uint8_t *const lv = with_positions ? NULL : mb->levels + 3 * (int64_t)es * j;
+        int64_t *const pos = with_positions ? mb->positions + entry : NULL;
+        int64_t p = -1, filled = 0, sbit = entry;
         for (int64_t i = 0; i < k; i++) {
             while (!cur) {
                 if (++wi >= uwords) return "unary stream holds fewer codes than the manifest declares";
@@ -142,13 +146,15 @@ ALWAYS_INLINE const char *golomb_walk(span_t un, span_t rem, span_t ext, const m
             const int64_t q = one - prev_one - 1;
             prev_one = one;
             if (q > qmax) return "a Golomb quotient describes a gap past the end of its tensor";
-            int64_t x = (int64_t)(bits_at(rem, fbit) & fmask);
+            uint64_t word;
+            memcpy(&word, remp + (fbit >> 3), 8);
+            int64_t x = (int64_t)((LE64(word) >> (fbit & 7)) & fmask);
             fbit += w;
             /* truncated binary: fields at or above u take one more bit (branch-free: the
-               outcome is close to a coin toss) */
+               outcome is close to a coin toss); reading bit xbit == xbits touches the padding */
+            if (xbit > xbits) return "extra-bit stream is shorter than the remainders require";
             const int64_t need = has_extra & (x >= u);
-            if (xbit + need > xbits) return "extra-bit stream is shorter than the remainders require";
-            x += need * (x + bit_of(ext_r, xbit < xbits ? xbit : 0) - u);
+            x += need * (x + ((extp[xbit >> 3] >> (xbit & 7)) & 1) - u);
             xbit += need;
             /* x < m here: below u it is under u <= m, above it 2x + e - u <= 2^(w+1) - 1 - u = m - 1 */
             p += q * m + x + 1; /* q * m <= n: no overflow */
@@ -161,12 +167,14 @@ ALWAYS_INLINE const char *golomb_walk(span_t un, span_t rem, span_t ext, const m
                     fill(out, filled, upto < n ? upto : n, lv, es);
                     filled = upto;
                 }
-                put(out, p, lv + (int64_t)es * (1 + bit_of(mb->signs, entry + i)), es);
+                put(out, p, lv + (int64_t)es * (1 + ((sg[sbit >> 3] >> (sbit & 7)) & 1)), es);
+                sbit++;
             }
         }
         if (out) fill(out, filled, n, lv, es);
         entry += k;
     }
+    if (xbit > xbits) return "extra-bit stream is shorter than the remainders require";
     /* the last code's 1 bit lies in the last byte, and no 1 bit follows it */
     if (entry == 0 ? un.n != 0 : (prev_one >> 3) != un.n - 1 || cur != 0)
         return "unary stream has bits after its last code";
@@ -325,6 +333,13 @@ static int get_outputs(buffers_t *b, PyObject *outs, PyObject *levels, PyObject 
     return 0;
 }
 
+/* The remainder and extra-bit streams must end in PAD spare bytes. */
+static int check_padded(span_t rem, span_t ext) {
+    if (rem.n >= PAD && ext.n >= PAD) return 0;
+    PyErr_SetString(PyExc_TypeError, "remainders and extra need 8 spare bytes");
+    return -1;
+}
+
 static PyObject *finish(buffers_t *b, const char *err, PyObject *result) {
     release(b);
     if (err) {
@@ -337,6 +352,7 @@ static PyObject *finish(buffers_t *b, const char *err, PyObject *result) {
 
 PyDoc_STRVAR(golomb_ternary_doc,
 "golomb_ternary(unary, remainders, extra, signs, numel, nnz, m, outs, levels, es) -> extra bits used\n\n"
+"remainders and extra are the streams followed by 8 spare zero bytes.\n"
 "Decode a ternary group's Golomb codes into the selected members' outputs: the background level\n"
 "everywhere, the + or - level at each kept position (levels: three values of es bytes per member).\n"
 "outs holds a writable buffer or None per member.");
@@ -352,7 +368,8 @@ static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
     span_t un, rem, ext;
     members_t mb = {0};
     if (get_view(&b, un_o, &un) || get_view(&b, rem_o, &rem) || get_view(&b, ext_o, &ext) ||
-        get_members(&b, numel_o, nnz_o, m_o, &mb) || get_outputs(&b, outs_o, lv_o, sg_o, es, &mb)) {
+        get_members(&b, numel_o, nnz_o, m_o, &mb) || get_outputs(&b, outs_o, lv_o, sg_o, es, &mb) ||
+        check_padded(rem, ext)) {
         release(&b);
         return NULL;
     }
@@ -366,6 +383,7 @@ static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(golomb_positions_doc,
 "golomb_positions(unary, remainders, extra, numel, nnz, m, positions) -> extra bits used\n\n"
+"remainders and extra are the streams followed by 8 spare zero bytes.\n"
 "Decode a group's Golomb codes into positions (a writable int64 buffer, one entry per code):\n"
 "each entry's position within its member.");
 
@@ -378,7 +396,7 @@ static PyObject *golomb_positions(PyObject *self, PyObject *args) {
     span_t un, rem, ext;
     members_t mb = {0};
     if (get_view(&b, un_o, &un) || get_view(&b, rem_o, &rem) || get_view(&b, ext_o, &ext) ||
-        get_members(&b, numel_o, nnz_o, m_o, &mb)) {
+        get_members(&b, numel_o, nnz_o, m_o, &mb) || check_padded(rem, ext)) {
         release(&b);
         return NULL;
     }
