@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -269,9 +270,12 @@ def _utf8_len(s: str, what: str) -> int:
         raise ManifestError(f"{what} is not valid Unicode text") from None
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _hex64(x: Any, what: str) -> str:
     s = _str(x, what)
-    if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+    if _HEX64.fullmatch(s) is None:
         raise ManifestError(f"{what} must be 64 lowercase hex digits")
     return s
 
