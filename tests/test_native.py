@@ -118,3 +118,25 @@ def test_large_group_matches_torch(monkeypatch):
             got = _decode(monkeypatch, "native", _tensors(raw), infos, params, [0, 1], torch.float16)
             for j, m in enumerate(group):
                 assert bits_equal(got[j], m.to_dense(torch.float16))
+
+
+@needs_native
+@given(seed=st.integers(0, 2**32 - 1), density=st.sampled_from([0.001, 0.02, 0.3, 0.7, 1.0]),
+       members=st.integers(1, 5))
+def test_native_golomb_encoder_writes_the_same_bytes(monkeypatch, seed, density, members):
+    group = _group(seed, density, C.MODE_TERNARY, members, False)
+    streams = {}
+    for which in ("1", "0"):
+        monkeypatch.setenv("COMPEFT_NATIVE", which)
+        streams[which] = get_codec(C.ENC_TERNARY).encode(group, {"positions": C.POSITIONS_GOLOMB})
+    assert streams["1"] == streams["0"]
+
+
+@needs_native
+def test_native_golomb_encoder_refuses_unsorted_indices():
+    from compeft_format.codecs import positions
+
+    group = _group(3, 0.3, C.MODE_TERNARY, 1, False)
+    group[0].indices = group[0].indices[::-1].copy()
+    with pytest.raises(cf.InvalidArgument):
+        positions.encode(C.POSITIONS_GOLOMB, group)

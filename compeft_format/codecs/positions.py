@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import constants as C
-from ..errors import StreamCorrupt
+from ..errors import InvalidArgument, StreamCorrupt
 from . import native
 from .bits import check_bit_stream, pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
@@ -101,7 +101,7 @@ def _golomb_encode_native(lib, members: Sequence[Any]) -> dict[str, bytes]:
     try:
         u_bits, x_bits = lib.golomb_encode(idx, numel, nnz, np.asarray(params, dtype=np.int64), unary, rem, extra)
     except ValueError as e:
-        raise ValueError(f"cannot encode positions: {e}") from None
+        raise InvalidArgument(f"cannot encode positions: {e}") from None
     return {C.ROLE_UNARY: unary[:(u_bits + 7) // 8].tobytes(), C.ROLE_REMAINDERS: rem[:-8].tobytes(),
             C.ROLE_EXTRA: extra[:(x_bits + 7) // 8].tobytes()}
 
