@@ -239,6 +239,8 @@ typedef struct {
     Py_buffer *outs;
     Py_ssize_t nouts;
     uint8_t **out_ptrs;
+    int64_t *counts; /* private copies of numel, nnz and m, checked once */
+    PyObject *out_items; /* tuple copy of the outs list */
 } buffers_t;
 
 static void release(buffers_t *b) {
@@ -249,6 +251,8 @@ static void release(buffers_t *b) {
         PyMem_Free(b->outs);
     }
     PyMem_Free(b->out_ptrs);
+    PyMem_Free(b->counts);
+    Py_XDECREF(b->out_items);
 }
 
 static int get_view(buffers_t *b, PyObject *obj, span_t *s) {
@@ -260,8 +264,12 @@ static int get_view(buffers_t *b, PyObject *obj, span_t *s) {
     return 0;
 }
 
-/* numel, nnz and (unless NULL) m: int64 arrays of one length; checks the values a decoder
- * relies on. */
+/* Upper bound on a group's total elements (the format's limit is 2^36 per group). */
+#define MAX_GROUP_ELEMENTS ((int64_t)1 << 40)
+
+/* numel, nnz and (unless NULL) m: int64 arrays of one length, copied (so that the caller cannot
+ * change them once checked) and checked for the values a decoder relies on: counts within
+ * 0 <= nnz <= numel, group totals within MAX_GROUP_ELEMENTS, 1 <= m <= max(numel, 1). */
 static int get_members(buffers_t *b, PyObject *numel, PyObject *nnz, PyObject *m, members_t *mb) {
     span_t a, c, d = {0};
     if (get_view(b, numel, &a) || get_view(b, nnz, &c) || (m && get_view(b, m, &d))) return -1;
@@ -269,20 +277,34 @@ static int get_members(buffers_t *b, PyObject *numel, PyObject *nnz, PyObject *m
         PyErr_SetString(PyExc_TypeError, "numel, nnz and m must be int64 arrays of one length");
         return -1;
     }
-    mb->count = a.n / 8;
-    mb->numel = (const int64_t *)a.p;
-    mb->nnz = (const int64_t *)c.p;
-    mb->m = m ? (const int64_t *)d.p : NULL;
-    for (int64_t j = 0; j < mb->count; j++) {
-        if (mb->numel[j] < 0 || mb->nnz[j] < 0 || mb->nnz[j] > mb->numel[j] || (m && mb->m[j] < 1) ||
-            mb->numel[j] > ((int64_t)1 << 40)) {
+    const int64_t count = a.n / 8;
+    b->counts = PyMem_Malloc((size_t)(3 * (count ? count : 1)) * sizeof(int64_t));
+    if (!b->counts) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int64_t *own = b->counts;
+    memcpy(own, a.p, (size_t)a.n);
+    memcpy(own + count, c.p, (size_t)c.n);
+    if (m) memcpy(own + 2 * count, d.p, (size_t)d.n);
+    mb->count = count;
+    mb->numel = own;
+    mb->nnz = own + count;
+    mb->m = m ? own + 2 * count : NULL;
+    int64_t elements = 0;
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t n = mb->numel[j], k = mb->nnz[j];
+        if (n < 0 || k < 0 || k > n || n > MAX_GROUP_ELEMENTS - elements ||
+            (m && (mb->m[j] < 1 || mb->m[j] > (n > 1 ? n : 1)))) {
             PyErr_SetString(PyExc_ValueError, "member counts out of range");
             return -1;
         }
+        elements += n;
     }
     return 0;
 }
 
+/* Sum of nnz; at most MAX_GROUP_ELEMENTS once get_members has accepted the counts. */
 static int64_t total_nnz(const members_t *mb) {
     int64_t t = 0;
     for (int64_t j = 0; j < mb->count; j++) t += mb->nnz[j];
@@ -300,6 +322,8 @@ static int get_outputs(buffers_t *b, PyObject *outs, PyObject *levels, PyObject 
         PyErr_SetString(PyExc_TypeError, "outs must be a list with one entry per member");
         return -1;
     }
+    b->out_items = PyList_AsTuple(outs); /* a buffer export cannot change it under the loop */
+    if (!b->out_items) return -1;
     span_t lv;
     if (get_view(b, levels, &lv) || get_view(b, signs, &mb->signs)) return -1;
     if (lv.n != 3 * (int64_t)es * mb->count) {
@@ -320,7 +344,7 @@ static int get_outputs(buffers_t *b, PyObject *outs, PyObject *levels, PyObject 
         return -1;
     }
     for (Py_ssize_t j = 0; j < mb->count; j++) {
-        PyObject *o = PyList_GET_ITEM(outs, j);
+        PyObject *o = PyTuple_GET_ITEM(b->out_items, j);
         if (o == Py_None) continue;
         if (PyObject_GetBuffer(o, &b->outs[j], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
         if ((int64_t)b->outs[j].len != mb->numel[j] * es) {
@@ -449,8 +473,9 @@ static PyObject *bitmap_ternary(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     err = es == 2 ? bitmap_walk(bm, &mb, 2) : bitmap_walk(bm, &mb, 4);
     Py_END_ALLOW_THREADS
+    if (err) return finish(&b, err, NULL);
     Py_INCREF(Py_None);
-    return finish(&b, err, err ? NULL : Py_None);
+    return finish(&b, NULL, Py_None);
 }
 
 /* ---- encoding --------------------------------------------------------------------------- */

@@ -140,3 +140,29 @@ def test_native_golomb_encoder_refuses_unsorted_indices():
     group[0].indices = group[0].indices[::-1].copy()
     with pytest.raises(cf.InvalidArgument):
         positions.encode(C.POSITIONS_GOLOMB, group)
+
+
+@needs_native
+def test_extension_refuses_hostile_arguments_without_leaks():
+    """The module's own argument checks: group totals that would overflow, parameters out of
+    range, and no reference leaked on a refused stream."""
+    import sys
+
+    lib = native._ext
+    pad = np.zeros(8, np.uint8)
+    count = 1 << 24  # nnz sums that wrap int64 must not shrink the required output
+    numel = np.full(count, 1 << 40, np.int64)
+    with pytest.raises(ValueError, match="out of range"):
+        lib.golomb_positions(np.full(1 << 10, 0xFF, np.uint8), pad, pad, numel, numel.copy(),
+                             np.ones(count, np.int64), np.empty(0, np.int64))
+    one = np.array([8], np.int64)
+    with pytest.raises(ValueError, match="out of range"):  # m above numel
+        lib.golomb_positions(np.ones(1, np.uint8), pad, pad, one, np.array([1], np.int64),
+                             np.array([1 << 62], np.int64), np.empty(1, np.int64))
+    out, levels = np.empty(8, np.int16), np.zeros(3, np.int16)
+    before = sys.getrefcount(None)
+    for _ in range(1000):
+        with pytest.raises(ValueError):  # two 1 bits where nnz declares one
+            lib.bitmap_ternary(np.array([3], np.uint8), np.zeros(1, np.uint8), one, np.array([1], np.int64),
+                               [out], levels, 2)
+    assert sys.getrefcount(None) - before < 10
