@@ -90,8 +90,7 @@ def encode(coding: str, members: Sequence[Any]) -> dict[str, bytes]:
 def _golomb_encode_native(lib, members: Sequence[Any]) -> dict[str, bytes]:
     kept = [np.asarray(m.indices, dtype=np.int64).reshape(-1) for m in members]
     params = [golomb_m(m.numel, ix.size) for m, ix in zip(members, kept, strict=True)]
-    numel = np.array([m.numel for m in members], dtype=np.int64)
-    nnz = np.array([ix.size for ix in kept], dtype=np.int64)
+    numel, nnz, mm = native.member_arrays(members, params)
     n, k = int(numel.sum()), int(nnz.sum())
     fields = sum(int(c) * golomb_widths(p)[0] for c, p in zip(nnz, params, strict=True))
     unary = np.zeros((n + k + 7) // 8, dtype=np.uint8)
@@ -99,7 +98,7 @@ def _golomb_encode_native(lib, members: Sequence[Any]) -> dict[str, bytes]:
     extra = np.zeros((k + 7) // 8, dtype=np.uint8)
     idx = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
     try:
-        u_bits, x_bits = lib.golomb_encode(idx, numel, nnz, np.asarray(params, dtype=np.int64), unary, rem, extra)
+        u_bits, x_bits = lib.golomb_encode(idx, numel, nnz, mm, unary, rem, extra)
     except ValueError as e:
         raise InvalidArgument(f"cannot encode positions: {e}") from None
     return {C.ROLE_UNARY: unary[:(u_bits + 7) // 8].tobytes(), C.ROLE_REMAINDERS: rem[:-8].tobytes(),
