@@ -264,6 +264,16 @@ static int get_view(buffers_t *b, PyObject *obj, span_t *s) {
     return 0;
 }
 
+/* A writable C-contiguous buffer, released with the others. */
+static int get_writable(buffers_t *b, PyObject *obj, uint8_t **p, int64_t *n) {
+    Py_buffer *v = &b->views[b->used];
+    if (PyObject_GetBuffer(obj, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    b->used++;
+    *p = (uint8_t *)v->buf;
+    *n = (int64_t)v->len;
+    return 0;
+}
+
 /* Upper bound on a group's total elements (the format's limit is 2^36 per group). */
 #define MAX_GROUP_ELEMENTS ((int64_t)1 << 40)
 
@@ -376,10 +386,10 @@ static PyObject *finish(buffers_t *b, const char *err, PyObject *result) {
 
 PyDoc_STRVAR(golomb_ternary_doc,
 "golomb_ternary(unary, remainders, extra, signs, numel, nnz, m, outs, levels, es) -> extra bits used\n\n"
-"remainders and extra are the streams followed by 8 spare zero bytes.\n"
 "Decode a ternary group's Golomb codes into the selected members' outputs: the background level\n"
 "everywhere, the + or - level at each kept position (levels: three values of es bytes per member).\n"
-"outs holds a writable buffer or None per member.");
+"outs holds a writable buffer or None per member; remainders and extra are the streams followed by\n"
+"8 spare zero bytes.");
 
 static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
     (void)self;
@@ -407,9 +417,9 @@ static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(golomb_positions_doc,
 "golomb_positions(unary, remainders, extra, numel, nnz, m, positions) -> extra bits used\n\n"
-"remainders and extra are the streams followed by 8 spare zero bytes.\n"
 "Decode a group's Golomb codes into positions (a writable int64 buffer, one entry per code):\n"
-"each entry's position within its member.");
+"each entry's position within its member. remainders and extra are the streams followed by 8\n"
+"spare zero bytes.");
 
 static PyObject *golomb_positions(PyObject *self, PyObject *args) {
     (void)self;
@@ -424,18 +434,18 @@ static PyObject *golomb_positions(PyObject *self, PyObject *args) {
         release(&b);
         return NULL;
     }
-    Py_buffer *pv = &b.views[b.used];
-    if (PyObject_GetBuffer(pos_o, pv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+    uint8_t *pos;
+    int64_t pos_bytes;
+    if (get_writable(&b, pos_o, &pos, &pos_bytes)) {
         release(&b);
         return NULL;
     }
-    b.used++;
-    if ((int64_t)pv->len != 8 * total_nnz(&mb)) {
+    if (pos_bytes != 8 * total_nnz(&mb)) {
         release(&b);
         PyErr_SetString(PyExc_TypeError, "positions must be an int64 buffer with one entry per code");
         return NULL;
     }
-    mb.positions = (int64_t *)pv->buf;
+    mb.positions = (int64_t *)pos;
     int64_t used = 0;
     const char *err;
     Py_BEGIN_ALLOW_THREADS
@@ -553,17 +563,14 @@ static PyObject *golomb_encode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "indices must be int64 with one entry per kept element");
         return NULL;
     }
-    Py_buffer *w[3];
-    PyObject *objs[3] = {un_o, rem_o, ext_o};
-    for (int i = 0; i < 3; i++) {
-        w[i] = &b.views[b.used];
-        if (PyObject_GetBuffer(objs[i], w[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-            release(&b);
-            return NULL;
-        }
-        b.used++;
+    uint8_t *un, *rem, *ext;
+    int64_t un_n, rem_n, ext_n;
+    if (get_writable(&b, un_o, &un, &un_n) || get_writable(&b, rem_o, &rem, &rem_n) ||
+        get_writable(&b, ext_o, &ext, &ext_n)) {
+        release(&b);
+        return NULL;
     }
-    if (w[1]->len < 8) {
+    if (rem_n < 8) {
         release(&b);
         PyErr_SetString(PyExc_TypeError, "the remainder buffer needs 8 spare bytes");
         return NULL;
@@ -571,9 +578,8 @@ static PyObject *golomb_encode(PyObject *self, PyObject *args) {
     int64_t un_used = 0, ext_used = 0;
     const char *err;
     Py_BEGIN_ALLOW_THREADS
-    err = golomb_encode_walk((const int64_t *)idx.p, &mb, (uint8_t *)w[0]->buf, 8 * (int64_t)w[0]->len,
-                             (uint8_t *)w[1]->buf, 8 * ((int64_t)w[1]->len - 8), (uint8_t *)w[2]->buf,
-                             8 * (int64_t)w[2]->len, &un_used, &ext_used);
+    err = golomb_encode_walk((const int64_t *)idx.p, &mb, un, 8 * un_n, rem, 8 * (rem_n - 8), ext, 8 * ext_n,
+                             &un_used, &ext_used);
     Py_END_ALLOW_THREADS
     return finish(&b, err, err ? NULL : Py_BuildValue("(LL)", (long long)un_used, (long long)ext_used));
 }

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import compeft_format as cf  # noqa: E402
-
-
-def best(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from bench import timed  # noqa: E402
 
 
 def main() -> int:
@@ -61,8 +51,8 @@ def main() -> int:
         compressed = encode()
         decoded = constriction.stream.stack.AnsCoder(compressed).decode(model, n)
         assert np.array_equal(decoded, symbols)
-        t_enc = best(encode)
-        t_dec = best(lambda c=compressed, m=model: constriction.stream.stack.AnsCoder(c).decode(m, n))
+        t_enc, _ = timed(encode, 5)
+        t_dec, _ = timed(lambda c=compressed, m=model: constriction.stream.stack.AnsCoder(c).decode(m, n), 5)
 
         dense = np.zeros(n, dtype=np.float32)
         dense[positions] = np.where(signs, -1.0, 1.0)
@@ -71,7 +61,7 @@ def main() -> int:
             path = Path(tmp) / "g.cpeft.safetensors"
             cf.save(ca, path, positions="golomb")
             r = cf.inspect(path)
-            t_golomb = best(lambda path=path: cf.load(path, dtype=torch.float16))
+            t_golomb, _ = timed(lambda path=path: cf.load(path, dtype=torch.float16), 5)
         print(f"density {p:.0%}: ANS {8 * compressed.nbytes / bound:.4f}x the bound, encode {t_enc * 1e3:.1f} ms, "
               f"decode {t_dec * 1e3:.1f} ms ({t_dec / n * 1e9:.1f} ns per element); Golomb file streams "
               f"{r['ternary_streams_vs_bound']:.4f}x the bound, load and decode to fp16 {t_golomb * 1e3:.1f} ms")
