@@ -55,5 +55,6 @@ def call(fn, *args) -> Any:
 
 
 def as_buffer(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's bytes as a numpy array sharing its memory (any float dtype)."""
-    return t.view(_INT_OF_SIZE[t.element_size()]).numpy() if t.element_size() in _INT_OF_SIZE else t.numpy()
+    """A CPU tensor of 2- or 4-byte elements (bfloat16 included) as a numpy array sharing its
+    memory."""
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
