@@ -1,6 +1,7 @@
 /*
  * compeft_format._native: single-pass decoders for the position codings (spec 4.7) and the
- * ternary encoding (spec 4.2) on the CPU, and the Golomb encoder.
+ * ternary encoding (spec 4.2) on the CPU, and the Golomb encoder. On x86-64 the decoders are
+ * also compiled for BMI2 and for AVX-512, and the widest set the CPU runs is used.
  *
  * The module is optional: compeft_format decodes with torch operations when it is not built,
  * and on every non-CPU device. Both paths accept and refuse the same streams.
@@ -19,10 +20,12 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define CTZ64(x) ((int)__builtin_ctzll(x))
 #define POPCOUNT64(x) ((int64_t)__builtin_popcountll(x))
+#define CLZ64(x) ((int)__builtin_clzll(x))
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #else
 static int CTZ64(uint64_t x) { int n = 0; while (!(x & 1)) { x >>= 1; n++; } return n; }
 static int64_t POPCOUNT64(uint64_t x) { int64_t n = 0; while (x) { x &= x - 1; n++; } return n; }
+static int CLZ64(uint64_t x) { int n = 0; while (!(x >> 63)) { x <<= 1; n++; } return n; }
 #define ALWAYS_INLINE static inline
 #endif
 
@@ -105,80 +108,237 @@ typedef struct {
     span_t signs;
 } members_t;
 
+/* Codes decoded per block: the sign and extra-bit words read once per block hold at least 57
+   bits, and the unary stream's 16 spare bytes hold more 1 bits than one block consumes. */
+#define GBLOCK 56
+
+/* Spare bytes of 0xFF the Golomb decoders need after the unary stream. */
+#define UNARY_PAD 16
+
+ALWAYS_INLINE uint64_t load64(const uint8_t *p) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return LE64(w);
+}
+
+/* Position in the group's streams, carried from block to block and member to member. */
+typedef struct {
+    const uint8_t *next; /* next unread word of the unary stream */
+    uint64_t cur;        /* unread bits of the current unary word */
+    int64_t word_bit;    /* stream bit index of the current word's bit 0 */
+    int64_t last_one;    /* stream bit index of the last 1 bit consumed; -1 before the first */
+    int64_t fbit, xbit;  /* next remainder field and next extra bit */
+} gpos_t;
+
+/* Stream bit index of each of the next `cnt` 1 bits of the unary stream into ones[0 .. cnt).
+   ones needs 7 spare entries: a whole word's bits are taken eight at a time. */
+ALWAYS_INLINE void unary_ones(gpos_t *g, int64_t cnt, int64_t *ones) {
+    const uint8_t *next = g->next;
+    uint64_t cur = g->cur;
+    int64_t wb = g->word_bit, c = 0;
+    while (c < cnt) {
+        while (!cur) {
+            cur = load64(next);
+            next += 8;
+            wb += 64;
+        }
+        const int64_t pc = POPCOUNT64(cur);
+        if (pc <= cnt - c) { /* every 1 bit of the word: no branch per bit */
+            int64_t *o = ones + c;
+            const int64_t *const end = o + pc;
+            do {
+                for (int t = 0; t < 8; t++) {
+                    o[t] = wb + CTZ64(cur | ((uint64_t)1 << 63)); /* past the last: ignored */
+                    cur &= cur - 1;
+                }
+                o += 8;
+            } while (o < end);
+            c += pc;
+            cur = 0;
+        } else {
+            for (; c < cnt; c++) {
+                ones[c] = wb + CTZ64(cur);
+                cur &= cur - 1;
+            }
+        }
+    }
+    g->next = next;
+    g->cur = cur;
+    g->word_bit = wb;
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX512_BUILD 1
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512dq,popcnt,bmi,bmi2")))
+
+/* Eight codes at once (fields of w <= 7 bits, all in fw): positions into loc[0 .. 8), given
+   ones[-1 .. 8) and the position before them; returns the last position. */
+TARGET_AVX512 static inline int64_t golomb8_avx512(const int64_t *ones, uint64_t fw, int w, uint64_t fmask_s,
+                                                   int64_t u_s, int64_t m_s, uint64_t *xw, int64_t p, int64_t *loc) {
+    const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512();
+    const __m512i shifts = _mm512_mullo_epi64(iota, _mm512_set1_epi64(w)), fmask = _mm512_set1_epi64((int64_t)fmask_s);
+    const __m512i u = _mm512_set1_epi64(u_s), m = _mm512_set1_epi64(m_s);
+    __m512i x = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((int64_t)fw), shifts), fmask);
+    const __mmask8 need = _mm512_cmpge_epi64_mask(x, u);
+    const uint64_t e = _pdep_u64(*xw, need); /* the extra bits, moved to the codes that take one */
+    *xw >>= __builtin_popcount(need);
+    const __m512i ev = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((int64_t)e), iota), one);
+    x = _mm512_mask_add_epi64(x, need, x, _mm512_sub_epi64(_mm512_add_epi64(x, ev), u));
+    const __m512i o = _mm512_loadu_si512(ones), op = _mm512_loadu_si512(ones - 1);
+    __m512i gap = _mm512_add_epi64(_mm512_mullo_epi64(_mm512_sub_epi64(o, op), m), _mm512_add_epi64(x, _mm512_sub_epi64(one, m)));
+    gap = _mm512_add_epi64(gap, _mm512_alignr_epi64(gap, zero, 7)); /* inclusive prefix sum */
+    gap = _mm512_add_epi64(gap, _mm512_alignr_epi64(gap, zero, 6));
+    gap = _mm512_add_epi64(gap, _mm512_alignr_epi64(gap, zero, 4));
+    _mm512_storeu_si512(loc, _mm512_add_epi64(gap, _mm512_set1_epi64(p)));
+    return loc[7];
+}
+#endif
+
 /*
  * Golomb codes of a whole group (spec 4.7.2). With `positions`, every entry's member-local
  * position is stored; otherwise the selected members' outputs get their levels at each position.
  * Returns NULL or an error message; *extra_used receives the extra bits consumed.
+ *
+ * Codes are decoded in blocks of GBLOCK: first the block's unary 1 bits, then its remainders,
+ * extra bits and positions. A position is p = p_prev + q*m + r + 1 with q the 0 bits between
+ * consecutive 1 bits. Checks are made per block and are exact: the block's quotients add up to
+ * at most qmax (else some position is past the member's end), and its last position, the
+ * largest, lies within the member. A block that provably ends within the member (the bound
+ * p_prev + (sum q + cnt) * m) has its background filled first; the scalar code then writes its
+ * levels while decoding. Other blocks, and the eight-wide code (`vec`), keep the block's
+ * positions and write them once the block has passed its checks.
  */
 ALWAYS_INLINE const char *golomb_walk(span_t un, span_t rem, span_t ext, const members_t *mb,
-                                      int es, int with_positions, int64_t *extra_used) {
-    /* rem and ext end in PAD spare zero bytes (checked by the callers), so that fields and
-       extra bits are read without bounds tests; the counts below exclude them */
-    const int64_t uwords = (un.n + 7) / 8, xbits = (ext.n - PAD) * 8, fbits = (rem.n - PAD) * 8;
-    const uint8_t *const remp = rem.p, *const extp = ext.p, *const sg = mb->signs.p;
-    /* the unary stream is read a 64-bit word at a time; each 1 bit ends one code */
-    int64_t wi = 0, prev_one = -1;
-    uint64_t cur = uwords ? word_at(un, 0) : 0;
-    int64_t fbit = 0, xbit = 0, entry = 0;
+                                      int es, int with_positions, int vec, int64_t *extra_used) {
+    /* un ends in UNARY_PAD bytes of 0xFF, rem and ext in PAD zero bytes (checked by the callers);
+       the lengths below exclude them */
+    const int64_t ubits = 8 * un.n, xbits = (ext.n - PAD) * 8, fbits = (rem.n - PAD) * 8;
+    const uint8_t *const remp = rem.p;
+    gpos_t g = {un.p + 8, load64(un.p), 0, -1, 0, 0};
+    int64_t ones_at[GBLOCK + 9], loc[GBLOCK];
+    int64_t *const ones = ones_at + 1; /* ones[-1]: the 1 bit before the block */
+    int64_t entry = 0;
     for (int64_t j = 0; j < mb->count; j++) {
         const int64_t k = mb->nnz[j], n = mb->numel[j], m = mb->m[j];
+        uint8_t *const out = with_positions ? NULL : mb->out[j];
+        const uint8_t *const lv = with_positions ? NULL : mb->levels + 3 * (int64_t)es * j;
         if (k == 0) {
-            if (!with_positions && mb->out[j]) fill(mb->out[j], 0, n, mb->levels + 3 * (int64_t)es * j, es);
+            if (out) fill(out, 0, n, lv, es);
             continue;
         }
         const int w = m > 1 ? bit_length((uint64_t)(m - 1)) - 1 : 0;
-        const int64_t u = m > 1 ? ((int64_t)1 << (w + 1)) - m : 0;
+        const int64_t u = m > 1 ? ((int64_t)1 << (w + 1)) - m : INT64_MAX; /* m = 1: no extra bits */
         const uint64_t fmask = ((uint64_t)1 << w) - 1;
-        const int64_t has_extra = m > 1;
         const int64_t qmax = n / m; /* a larger quotient is a gap past the member's end */
-        if (fbit + k * (int64_t)w > fbits) return "remainder stream is shorter than the codes require";
-        uint8_t *const out = with_positions ? NULL : mb->out[j];
-        const uint8_t *const lv = with_positions ? NULL : mb->levels + 3 * (int64_t)es * j;
-        int64_t *const pos = with_positions ? mb->positions + entry : NULL;
-        int64_t p = -1, filled = 0, sbit = entry;
-        for (int64_t i = 0; i < k; i++) {
-            while (!cur) {
-                if (++wi >= uwords) return "unary stream holds fewer codes than the manifest declares";
-                cur = word_at(un, 8 * wi);
+        if (g.fbit + k * (int64_t)w > fbits) return "remainder stream is shorter than the codes require";
+        int64_t p = -1, filled = 0;
+        for (int64_t i = 0; i < k; i += GBLOCK) {
+            const int64_t cnt = k - i < GBLOCK ? k - i : GBLOCK;
+            unary_ones(&g, cnt, ones);
+            const int64_t prev = g.last_one;
+            ones[-1] = prev;
+            g.last_one = ones[cnt - 1];
+            /* the sentinel bytes hold 1 bits: a code found there is one the stream lacks */
+            if (g.last_one >= ubits) return "unary stream holds fewer codes than the manifest declares";
+            if (g.last_one - prev - cnt > qmax) return "a Golomb quotient describes a gap past the end of its tensor";
+            if (g.xbit > xbits) return "extra-bit stream is shorter than the remainders require";
+            const int64_t bound = p + (g.last_one - prev) * m; /* no overflow: (qmax + cnt) * m */
+            const int direct = out && bound < n;
+            if (direct && bound >= filled) {
+                const int64_t upto = (bound / FILL_BLOCK + 1) * FILL_BLOCK;
+                fill(out, filled, upto < n ? upto : n, lv, es);
+                filled = upto;
             }
-            const int64_t one = 64 * wi + CTZ64(cur);
-            cur &= cur - 1;
-            const int64_t q = one - prev_one - 1;
-            prev_one = one;
-            if (q > qmax) return "a Golomb quotient describes a gap past the end of its tensor";
-            uint64_t word;
-            memcpy(&word, remp + (fbit >> 3), 8);
-            int64_t x = (int64_t)((LE64(word) >> (fbit & 7)) & fmask);
-            fbit += w;
-            /* truncated binary: fields at or above u take one more bit (branch-free: the
-               outcome is close to a coin toss); reading bit xbit == xbits touches the padding */
-            if (xbit > xbits) return "extra-bit stream is shorter than the remainders require";
-            const int64_t need = has_extra & (x >= u);
-            x += need * (x + ((extp[xbit >> 3] >> (xbit & 7)) & 1) - u);
-            xbit += need;
-            /* x < m here: below u it is under u <= m, above it 2x + e - u <= 2^(w+1) - 1 - u = m - 1 */
-            p += q * m + x + 1; /* q * m <= n: no overflow */
+            uint64_t sw = out ? bits_at(mb->signs, entry + i) : 0;
+            /* extra bits, with a marker bit above the 56 taken: what is shifted out is consumed */
+            uint64_t xw = (bits_at(ext, g.xbit) & (((uint64_t)1 << 56) - 1)) | ((uint64_t)1 << 56);
+            /* p = (ones[b] - prev) * m + s, with s the block's p_prev plus sum(r + 1 - m) */
+            int64_t fbit = g.fbit, s = p;
+            const int64_t step = 1 - m;
+            /* One code: truncated binary (fields at or above u take an extra bit; branch-free,
+               the outcome is close to a coin toss), then the position. x < m afterwards. */
+#define GOLOMB_CODE(field, b, SINK)                                   \
+            {                                                         \
+                int64_t x = (int64_t)(field);                         \
+                const int64_t need = x >= u;                          \
+                x += need * (x + (int64_t)(xw & 1) - u);              \
+                xw >>= need;                                          \
+                s += x + step;                                        \
+                p = (ones[b] - prev) * m + s;                         \
+                SINK;                                                 \
+            }
+#define TO_OUT(b) put(out, p, lv + (int64_t)es * (1 + (sw & 1)), es); sw >>= 1
+#define TO_LOC(b) loc[b] = p
+            /* fields of up to 7 bits: eight from one 64-bit read */
+#define GOLOMB_CODES(SINK)                                                            \
+            {                                                                         \
+                int64_t b = 0;                                                        \
+                if (w <= 7)                                                           \
+                    for (; b + 8 <= cnt; b += 8) {                                    \
+                        uint64_t fw = load64(remp + (fbit >> 3)) >> (fbit & 7);       \
+                        fbit += 8 * w;                                                \
+                        for (int t = 0; t < 8; t++) {                                 \
+                            GOLOMB_CODE(fw & fmask, b + t, SINK(b + t));              \
+                            fw >>= w;                                                 \
+                        }                                                             \
+                    }                                                                 \
+                for (; b < cnt; b++) {                                                \
+                    GOLOMB_CODE((load64(remp + (fbit >> 3)) >> (fbit & 7)) & fmask, b, SINK(b)); \
+                    fbit += w;                                                        \
+                }                                                                     \
+            }
+#ifdef HAVE_AVX512_BUILD
+            if (vec) {
+                int64_t b = 0;
+                if (w <= 7)
+                    for (; b + 8 <= cnt; b += 8) {
+                        const uint64_t fw = load64(remp + (fbit >> 3)) >> (fbit & 7);
+                        fbit += 8 * w;
+                        p = golomb8_avx512(ones + b, fw, w, fmask, u, m, &xw, p, loc + b);
+                    }
+                s = p - (ones[b - 1] - prev) * m;
+                for (; b < cnt; b++) {
+                    GOLOMB_CODE((load64(remp + (fbit >> 3)) >> (fbit & 7)) & fmask, b, TO_LOC(b));
+                    fbit += w;
+                }
+            } else
+#endif
+            if (direct)
+                GOLOMB_CODES(TO_OUT)
+            else
+                GOLOMB_CODES(TO_LOC)
+#undef GOLOMB_CODES
+#undef TO_LOC
+#undef TO_OUT
+#undef GOLOMB_CODE
+            g.fbit = fbit;
+            g.xbit += 56 - (63 - CLZ64(xw));
             if (p >= n) return "a decoded position is beyond the end of its tensor";
+            if (direct && !vec) continue;
             if (with_positions) {
-                pos[i] = p;
+                memcpy(mb->positions + entry + i, loc, (size_t)cnt * sizeof(int64_t));
             } else if (out) {
                 if (p >= filled) {
                     const int64_t upto = (p / FILL_BLOCK + 1) * FILL_BLOCK;
                     fill(out, filled, upto < n ? upto : n, lv, es);
                     filled = upto;
                 }
-                put(out, p, lv + (int64_t)es * (1 + ((sg[sbit >> 3] >> (sbit & 7)) & 1)), es);
-                sbit++;
+                for (int64_t b = 0; b < cnt; b++) {
+                    put(out, loc[b], lv + (int64_t)es * (1 + (sw & 1)), es);
+                    sw >>= 1;
+                }
             }
         }
         if (out) fill(out, filled, n, lv, es);
         entry += k;
     }
-    if (xbit > xbits) return "extra-bit stream is shorter than the remainders require";
+    if (g.xbit > xbits) return "extra-bit stream is shorter than the remainders require";
     /* the last code's 1 bit lies in the last byte, and no 1 bit follows it */
-    if (entry == 0 ? un.n != 0 : (prev_one >> 3) != un.n - 1 || cur != 0)
+    if (entry == 0 ? un.n != 0
+                   : (g.last_one >> 3) != un.n - 1 || (un.p[un.n - 1] >> ((g.last_one & 7) + 1)) != 0)
         return "unary stream has bits after its last code";
-    *extra_used = xbit;
+    *extra_used = g.xbit;
     return NULL;
 }
 
@@ -229,6 +389,63 @@ ALWAYS_INLINE const char *bitmap_walk(span_t bm, const members_t *mb, int es) {
         declared += mb->nnz[j];
     }
     return NULL;
+}
+
+/* ---- instruction sets --------------------------------------------------------------------- */
+
+/* The walkers are compiled three times on x86-64: for the baseline instruction set; with POPCNT,
+   BMI1 and BMI2 (one-instruction population counts, trailing-zero counts, shifts and bit
+   deposits); and with AVX-512 F and DQ on top, which decodes eight Golomb codes per step. The
+   module picks the widest the CPU reports at import. All produce the same results. */
+#define WALKERS(suffix, vec, attr)                                                                  \
+    attr static const char *golomb_##suffix(span_t un, span_t rem, span_t ext, const members_t *mb, \
+                                            int es, int with_positions, int64_t *used) {           \
+        if (with_positions) return golomb_walk(un, rem, ext, mb, 2, 1, vec, used);                 \
+        return es == 2 ? golomb_walk(un, rem, ext, mb, 2, 0, vec, used)                           \
+                       : golomb_walk(un, rem, ext, mb, 4, 0, vec, used);                          \
+    }                                                                                              \
+    attr static const char *bitmap_##suffix(span_t bm, const members_t *mb, int es) {              \
+        return es == 2 ? bitmap_walk(bm, mb, 2) : bitmap_walk(bm, mb, 4);                         \
+    }
+
+WALKERS(generic, 0, )
+
+enum { ISA_GENERIC, ISA_BMI2, ISA_AVX512 };
+static const char *const isa_names[] = {"generic", "bmi2", "avx512"};
+
+#ifdef HAVE_AVX512_BUILD
+WALKERS(bmi2, 0, __attribute__((target("popcnt,bmi,bmi2"))))
+WALKERS(avx512, 1, TARGET_AVX512)
+
+/* The widest instruction set this CPU runs. */
+static int cpu_isa(void) {
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")))
+        return ISA_GENERIC;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return ISA_AVX512;
+    return ISA_BMI2;
+}
+#else
+static int cpu_isa(void) { return ISA_GENERIC; }
+#endif
+
+static int use_isa = ISA_GENERIC;
+
+static const char *golomb_run(span_t un, span_t rem, span_t ext, const members_t *mb, int es, int with_positions,
+                              int64_t *used) {
+#ifdef HAVE_AVX512_BUILD
+    if (use_isa == ISA_AVX512) return golomb_avx512(un, rem, ext, mb, es, with_positions, used);
+    if (use_isa == ISA_BMI2) return golomb_bmi2(un, rem, ext, mb, es, with_positions, used);
+#endif
+    return golomb_generic(un, rem, ext, mb, es, with_positions, used);
+}
+
+static const char *bitmap_run(span_t bm, const members_t *mb, int es) {
+#ifdef HAVE_AVX512_BUILD
+    if (use_isa == ISA_AVX512) return bitmap_avx512(bm, mb, es);
+    if (use_isa == ISA_BMI2) return bitmap_bmi2(bm, mb, es);
+#endif
+    return bitmap_generic(bm, mb, es);
 }
 
 /* ---- argument handling ------------------------------------------------------------------ */
@@ -367,11 +584,17 @@ static int get_outputs(buffers_t *b, PyObject *outs, PyObject *levels, PyObject 
     return 0;
 }
 
-/* The remainder and extra-bit streams must end in PAD spare bytes. */
-static int check_padded(span_t rem, span_t ext) {
-    if (rem.n >= PAD && ext.n >= PAD) return 0;
-    PyErr_SetString(PyExc_TypeError, "remainders and extra need 8 spare bytes");
-    return -1;
+/* The unary stream must end in UNARY_PAD bytes of 0xFF, the remainder and extra-bit streams in
+   PAD spare bytes; the spans are shortened to the streams themselves. */
+static int check_padded(span_t *un, span_t rem, span_t ext) {
+    int ok = un->n >= UNARY_PAD && rem.n >= PAD && ext.n >= PAD;
+    for (int i = 1; ok && i <= UNARY_PAD; i++) ok = un->p[un->n - i] == 0xFF;
+    if (!ok) {
+        PyErr_SetString(PyExc_TypeError, "unary needs 16 spare 0xFF bytes, remainders and extra 8 spare bytes");
+        return -1;
+    }
+    un->n -= UNARY_PAD;
+    return 0;
 }
 
 static PyObject *finish(buffers_t *b, const char *err, PyObject *result) {
@@ -388,8 +611,8 @@ PyDoc_STRVAR(golomb_ternary_doc,
 "golomb_ternary(unary, remainders, extra, signs, numel, nnz, m, outs, levels, es) -> extra bits used\n\n"
 "Decode a ternary group's Golomb codes into the selected members' outputs: the background level\n"
 "everywhere, the + or - level at each kept position (levels: three values of es bytes per member).\n"
-"outs holds a writable buffer or None per member; remainders and extra are the streams followed by\n"
-"8 spare zero bytes.");
+"outs holds a writable buffer or None per member. unary is the stream followed by 16 bytes of 0xFF,\n"
+"remainders and extra are the streams followed by 8 zero bytes.");
 
 static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
     (void)self;
@@ -403,14 +626,14 @@ static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
     members_t mb = {0};
     if (get_view(&b, un_o, &un) || get_view(&b, rem_o, &rem) || get_view(&b, ext_o, &ext) ||
         get_members(&b, numel_o, nnz_o, m_o, &mb) || get_outputs(&b, outs_o, lv_o, sg_o, es, &mb) ||
-        check_padded(rem, ext)) {
+        check_padded(&un, rem, ext)) {
         release(&b);
         return NULL;
     }
     int64_t used = 0;
     const char *err;
     Py_BEGIN_ALLOW_THREADS
-    err = es == 2 ? golomb_walk(un, rem, ext, &mb, 2, 0, &used) : golomb_walk(un, rem, ext, &mb, 4, 0, &used);
+    err = golomb_run(un, rem, ext, &mb, es, 0, &used);
     Py_END_ALLOW_THREADS
     return finish(&b, err, err ? NULL : PyLong_FromLongLong(used));
 }
@@ -418,8 +641,7 @@ static PyObject *golomb_ternary(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(golomb_positions_doc,
 "golomb_positions(unary, remainders, extra, numel, nnz, m, positions) -> extra bits used\n\n"
 "Decode a group's Golomb codes into positions (a writable int64 buffer, one entry per code):\n"
-"each entry's position within its member. remainders and extra are the streams followed by 8\n"
-"spare zero bytes.");
+"each entry's position within its member. The streams are padded as golomb_ternary's are.");
 
 static PyObject *golomb_positions(PyObject *self, PyObject *args) {
     (void)self;
@@ -430,7 +652,7 @@ static PyObject *golomb_positions(PyObject *self, PyObject *args) {
     span_t un, rem, ext;
     members_t mb = {0};
     if (get_view(&b, un_o, &un) || get_view(&b, rem_o, &rem) || get_view(&b, ext_o, &ext) ||
-        get_members(&b, numel_o, nnz_o, m_o, &mb) || check_padded(rem, ext)) {
+        get_members(&b, numel_o, nnz_o, m_o, &mb) || check_padded(&un, rem, ext)) {
         release(&b);
         return NULL;
     }
@@ -449,7 +671,7 @@ static PyObject *golomb_positions(PyObject *self, PyObject *args) {
     int64_t used = 0;
     const char *err;
     Py_BEGIN_ALLOW_THREADS
-    err = golomb_walk(un, rem, ext, &mb, 2, 1, &used);
+    err = golomb_run(un, rem, ext, &mb, 2, 1, &used);
     Py_END_ALLOW_THREADS
     return finish(&b, err, err ? NULL : PyLong_FromLongLong(used));
 }
@@ -481,7 +703,7 @@ static PyObject *bitmap_ternary(PyObject *self, PyObject *args) {
     }
     const char *err;
     Py_BEGIN_ALLOW_THREADS
-    err = es == 2 ? bitmap_walk(bm, &mb, 2) : bitmap_walk(bm, &mb, 4);
+    err = bitmap_run(bm, &mb, es);
     Py_END_ALLOW_THREADS
     if (err) return finish(&b, err, NULL);
     Py_INCREF(Py_None);
@@ -584,7 +806,30 @@ static PyObject *golomb_encode(PyObject *self, PyObject *args) {
     return finish(&b, err, err ? NULL : Py_BuildValue("(LL)", (long long)un_used, (long long)ext_used));
 }
 
+PyDoc_STRVAR(isa_doc,
+"isa(name=None) -> the instruction set the decoders use\n\n"
+"'avx512', 'bmi2' or 'generic'; the widest the CPU runs by default. With a name, switch to it\n"
+"first (ValueError if the CPU lacks it). Every choice decodes the same.");
+
+static PyObject *isa(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
+    if (name) {
+        int found = -1;
+        for (int i = 0; i <= ISA_AVX512; i++)
+            if (strcmp(name, isa_names[i]) == 0) found = i;
+        if (found < 0 || found > cpu_isa()) {
+            PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", name);
+            return NULL;
+        }
+        use_isa = found;
+    }
+    return PyUnicode_FromString(isa_names[use_isa]);
+}
+
 static PyMethodDef methods[] = {
+    {"isa", isa, METH_VARARGS, isa_doc},
     {"golomb_ternary", golomb_ternary, METH_VARARGS, golomb_ternary_doc},
     {"golomb_positions", golomb_positions, METH_VARARGS, golomb_positions_doc},
     {"bitmap_ternary", bitmap_ternary, METH_VARARGS, bitmap_ternary_doc},
@@ -598,4 +843,7 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    use_isa = cpu_isa();
+    return PyModule_Create(&module);
+}

@@ -20,19 +20,30 @@ settings.load_profile("default")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["native", "torch"])
+def _backends() -> list[str]:
+    from compeft_format.codecs import native
+
+    return ["native"] + [f"native-{isa}" for isa in native.isas()[:-1]] + ["torch"]
+
+
+@pytest.fixture(params=_backends())
 def backend(request, monkeypatch):
-    """Run a test with the C decoders (``native``) and with the torch decoders that every other
+    """Run a test with the C decoders (``native``: the widest instruction set the CPU runs;
+    ``native-<isa>``: each narrower one it also runs) and with the torch decoders that every other
     device uses (``torch``). ``make test`` sets COMPEFT_REQUIRE_NATIVE=1, so there a missing
     extension fails instead of skipping."""
     from compeft_format.codecs import native
 
-    if request.param == "native" and not native.built():
+    if request.param.startswith("native") and not native.built():
         if os.environ.get("COMPEFT_REQUIRE_NATIVE") == "1":
             pytest.fail("compeft_format._native is not built")
         pytest.skip("compeft_format._native is not built (no C compiler at install)")
-    monkeypatch.setenv("COMPEFT_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
+    monkeypatch.setenv("COMPEFT_NATIVE", "0" if request.param == "torch" else "1")
+    if request.param.startswith("native-"):
+        with native.use_isa(request.param.removeprefix("native-")):
+            yield request.param
+    else:
+        yield request.param
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -28,11 +28,23 @@ def test_extension_is_built_where_required():
     assert native.module(torch.device("meta")) is None  # never off the CPU
 
 
-def _group(seed: int, density: float, mode: str, members: int, offset: bool):
+@needs_native
+def test_instruction_sets_switch_and_refuse_unknown_names():
+    isas = native.isas()
+    assert isas[0] == "generic" and native._ext.isa() == isas[-1]  # the widest by default
+    with native.use_isa("generic"):
+        assert native._ext.isa() == "generic"
+    assert native._ext.isa() == isas[-1]
+    with pytest.raises(ValueError, match="not available"):
+        native._ext.isa("sse9")
+
+
+def _group(seed: int, density: float, mode: str, members: int, offset: bool, size: int = 1):
     rng = np.random.default_rng(seed)
     sd = {}
     for i in range(members):
-        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40))) if i % 3 else (int(rng.integers(0, 300)),)
+        shape = ((int(rng.integers(1, 40)), size * int(rng.integers(1, 40))) if i % 3
+                 else (size * int(rng.integers(0, 300)),))
         sd[f"t{i}"] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     ref = "ones" if offset else "zero"
     ca = cf.compress(sd, density=density, mode=mode, min_sparse_numel=0, reference=ref)
@@ -63,10 +75,12 @@ damage = st.lists(st.tuples(st.integers(0, 3), st.floats(0, 1), st.integers(0, 2
        mode=st.sampled_from([C.MODE_TERNARY, C.MODE_PRUNE]), members=st.integers(1, 6), offset=st.booleans(),
        coding=st.sampled_from([C.POSITIONS_GOLOMB, C.POSITIONS_BITMAP]), edits=damage,
        cut=st.sampled_from([None, -1, 1]), dtype=st.sampled_from([None, torch.float16, torch.bfloat16]),
-       one=st.booleans())
+       one=st.booleans(), isa=st.sampled_from(native.isas() or ["none"]), size=st.sampled_from([1, 1, 16]))
 def test_same_verdict_on_damaged_streams(monkeypatch, seed, density, mode, members, offset, coding, edits, cut,
-                                         dtype, one):
-    group = _group(seed, density, mode, members, offset)
+                                         dtype, one, isa, size):
+    """Every instruction set the CPU runs; size 16 gives members long enough for the blocked
+    decoding (56 codes a block, eight at a time) to run in the middle of a member."""
+    group = _group(seed, density, mode, members, offset, size)
     if not group:
         return
     params = {"positions": coding}
@@ -89,8 +103,9 @@ def test_same_verdict_on_damaged_streams(monkeypatch, seed, density, mode, membe
             buf.append(0)
     infos = [TensorInfo(m.name, m.shape, m.dtype, 0, m.nnz, m.scale, m.offset) for m in group]
     select = [len(group) // 2] if one else list(range(len(group)))
-    results = [_decode(monkeypatch, w, _tensors({r: bytes(b) for r, b in damaged.items()}), infos, params, select,
-                       dtype) for w in ("native", "torch")]
+    with native.use_isa(isa):
+        results = [_decode(monkeypatch, w, _tensors({r: bytes(b) for r, b in damaged.items()}), infos, params,
+                           select, dtype) for w in ("native", "torch")]
     got, want = results
     if isinstance(want, Exception) or isinstance(got, Exception):
         assert isinstance(got, cf.StreamCorrupt) and isinstance(want, cf.StreamCorrupt), (got, want)
@@ -115,9 +130,11 @@ def test_large_group_matches_torch(monkeypatch):
         for coding in (C.POSITIONS_GOLOMB, C.POSITIONS_BITMAP):
             params = {"positions": coding}
             raw = get_codec(C.ENC_TERNARY).encode(group, params)
-            got = _decode(monkeypatch, "native", _tensors(raw), infos, params, [0, 1], torch.float16)
-            for j, m in enumerate(group):
-                assert bits_equal(got[j], m.to_dense(torch.float16))
+            for isa in native.isas():
+                with native.use_isa(isa):
+                    got = _decode(monkeypatch, "native", _tensors(raw), infos, params, [0, 1], torch.float16)
+                for j, m in enumerate(group):
+                    assert bits_equal(got[j], m.to_dense(torch.float16)), (isa, density, coding)
 
 
 @needs_native
@@ -156,6 +173,9 @@ def test_extension_refuses_hostile_arguments_without_leaks():
         lib.golomb_positions(np.full(1 << 10, 0xFF, np.uint8), pad, pad, numel, numel.copy(),
                              np.ones(count, np.int64), np.empty(0, np.int64))
     one = np.array([8], np.int64)
+    with pytest.raises(TypeError, match="0xFF"):  # the unary stream's 1-bit sentinel is missing
+        lib.golomb_positions(np.concatenate([[1], np.zeros(16, np.uint8)]), pad, pad, one, np.array([1], np.int64),
+                             np.array([1], np.int64), np.empty(1, np.int64))
     with pytest.raises(ValueError, match="out of range"):  # m above numel
         lib.golomb_positions(np.ones(1, np.uint8), pad, pad, one, np.array([1], np.int64),
                              np.array([1 << 62], np.int64), np.empty(1, np.int64))

@@ -7,8 +7,9 @@ codecs use torch operations. Both paths accept and refuse the same streams (test
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -22,6 +23,12 @@ try:
 except ImportError:  # not built: the torch path decodes
     _ext = None
 
+#: spare bytes the Golomb decoders need after the unary stream (1 bits: a decoder that runs past
+#: the stream's codes finds one there, and reports the stream short) and after the remainder and
+#: extra-bit streams (read whole 64-bit words at a time)
+UNARY_PAD = np.full(16, 0xFF, dtype=np.uint8)
+PAD = np.zeros(8, dtype=np.uint8)
+
 #: integer dtype of each element size, to hand outputs to the extension as plain buffers
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
@@ -29,6 +36,35 @@ _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 def built() -> bool:
     """True when the extension is importable."""
     return _ext is not None
+
+
+def isas() -> list[str]:
+    """Instruction sets the extension can decode with on this CPU, narrowest first (all decode
+    the same; the widest is used unless ``use_isa`` says otherwise)."""
+    if _ext is None:
+        return []
+    current, found = _ext.isa(), []
+    for name in ("generic", "bmi2", "avx512"):
+        try:
+            _ext.isa(name)
+            found.append(name)
+        except ValueError:
+            pass
+    _ext.isa(current)
+    return found
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Decode with instruction set ``name`` (one of ``isas()``) inside the block."""
+    if _ext is None:
+        raise RuntimeError("compeft_format._native is not built")
+    previous = _ext.isa()
+    _ext.isa(name)
+    try:
+        yield
+    finally:
+        _ext.isa(previous)
 
 
 def module(device: torch.device) -> ModuleType | None:

@@ -198,9 +198,8 @@ def golomb_native(lib, raw: dict[str, torch.Tensor], members: Sequence[Any], *,
     nfield = sum(m.nnz * golomb_widths(p)[0] for m, p in zip(members, params, strict=True))
     check_bit_stream(raw[C.ROLE_REMAINDERS], nfield)
     numel, nnz, mm = native.member_arrays(members, params)
-    pad = np.zeros(8, dtype=np.uint8)  # the C decoder reads fields and extra bits past the ends
-    streams = [raw[C.ROLE_UNARY].numpy()] + [np.concatenate([raw[r].numpy(), pad])
-                                             for r in (C.ROLE_REMAINDERS, C.ROLE_EXTRA)]
+    streams = [np.concatenate([raw[C.ROLE_UNARY].numpy(), native.UNARY_PAD])]
+    streams += [np.concatenate([raw[r].numpy(), native.PAD]) for r in (C.ROLE_REMAINDERS, C.ROLE_EXTRA)]
     if fill is None:
         used = native.call(lib.golomb_positions, *streams, numel, nnz, mm, positions)
     else:
