@@ -31,10 +31,10 @@ def test_extension_is_built_where_required():
 @needs_native
 def test_instruction_sets_switch_and_refuse_unknown_names():
     isas = native.isas()
-    assert isas[0] == "generic" and native._ext.isa() == isas[-1]  # the widest by default
+    assert isas[0] == "generic" and native.isa() == isas[-1]  # the widest by default
     with native.use_isa("generic"):
-        assert native._ext.isa() == "generic"
-    assert native._ext.isa() == isas[-1]
+        assert native.isa() == "generic"
+    assert native.isa() == isas[-1]
     with pytest.raises(ValueError, match="not available"):
         native._ext.isa("sse9")
 

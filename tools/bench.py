@@ -77,6 +77,11 @@ def measure(ca: cf.CompressedAdapter, workdir: Path, repeat: int, peak: bool = F
     with torch_decoders():
         dec_torch_s, out_torch = timed(lambda: cf.load(path, dtype=torch.float16), repeat)
     copy_s, _ = timed(lambda: {k: v.clone() for k, v in out.items()}, repeat)
+    by_isa = {}
+    if peak:  # the random-tensor rows: the codecs under each instruction set the CPU runs
+        for isa in native.isas():
+            with native.use_isa(isa):
+                by_isa[isa] = timed(codec_decoder(path), repeat)[0] / copy_s
     ref = ca.state_dict(dtype=torch.float16)
     for got in (out, out_torch):
         assert all(torch.equal(got[k].view(torch.int16), ref[k].view(torch.int16)) for k in got), "decode mismatch"
@@ -98,6 +103,7 @@ def measure(ca: cf.CompressedAdapter, workdir: Path, repeat: int, peak: bool = F
         "decode_torch_s": dec_torch_s,
         "codec_decode_s": codec_s,
         "codec_decode_vs_copy": codec_s / copy_s,
+        "codec_decode_vs_copy_by_isa": by_isa,
         "copy_s": copy_s,
         "decode_vs_copy": dec_s / copy_s,
         "decode_torch_vs_copy": dec_torch_s / copy_s,
@@ -295,6 +301,14 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {row['encode_vs_copy']:.1f} "
             f"| {row['save_vs_copy']:.1f} | {row['decoded_mb_per_s']:.0f} "
             f"| {row['peak_vs_output']:.2f} |")
+    isas = [isa for isa in ("avx512", "bmi2", "generic") if isa in res["random"]["rows"][0]["codec_decode_vs_copy_by_isa"]]
+    if isas:
+        lines += ["", f"Decode / copy (the codecs alone) with each instruction set of the C extension "
+                  f"(`{res['isa']}` is the default here):", "",
+                  "| density | encoding | " + " | ".join(isas) + " |", "|---:|---|" + "---:|" * len(isas)]
+        for row in res["random"]["rows"]:
+            lines.append(f"| {row['density']:.0%} | {row['encoding']} | "
+                         + " | ".join(f"{row['codec_decode_vs_copy_by_isa'][i]:.1f}" for i in isas) + " |")
     for a in res["adapters"]:
         lines += ["", f"Whole files (header included), LoRA-shaped adapter, {a['label']}: {a['params']:,} params "
                   f"in {a['tensors']} tensors:", "",
@@ -356,7 +370,8 @@ def main() -> int:
     n = 1 << (18 if a.quick else 22)
     repeat = 3 if a.quick else 11
     res: dict[str, Any] = {"threads": 1, "torch": torch.__version__, "compeft": cf.__version__,
-                           "native": native.module(torch.device("cpu")) is not None}
+                           "native": native.module(torch.device("cpu")) is not None,
+                           "isa": native.isa()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         g = torch.Generator().manual_seed(0)

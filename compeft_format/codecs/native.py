@@ -54,6 +54,11 @@ def isas() -> list[str]:
     return found
 
 
+def isa() -> str | None:
+    """The instruction set the extension decodes with now; None when it is not built."""
+    return None if _ext is None else _ext.isa()
+
+
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
     """Decode with instruction set ``name`` (one of ``isas()``) inside the block."""
