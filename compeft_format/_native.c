@@ -845,5 +845,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     use_isa = cpu_isa();
-    return PyModule_Create(&module);
+    PyObject *mod = PyModule_Create(&module);
+    if (!mod) return NULL;
+    /* the instruction sets' names, narrowest first */
+    PyObject *names = Py_BuildValue("(sss)", isa_names[ISA_GENERIC], isa_names[ISA_BMI2], isa_names[ISA_AVX512]);
+    if (!names || PyModule_AddObject(mod, "ISAS", names) < 0) {
+        Py_XDECREF(names);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
 }

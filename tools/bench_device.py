@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,21 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compeft_format as cf  # noqa: E402
+from bench import timed  # noqa: E402
 
 DENSITIES = (0.01, 0.05, 0.1, 0.2, 0.5)
 
 
-def timed(fn, device: torch.device, repeat: int = 21) -> float:
-    """Best wall time of ``repeat`` calls after a warm-up, synchronising the device around each."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
+def synced(fn, device: torch.device):
+    """``fn`` followed by waiting for the device, so that ``timed`` measures the work itself (the
+    previous call has already waited, so each timing starts with the device idle)."""
+    def call():
+        out = fn()
         torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+        return out
+    return call
 
 
 def main() -> int:
@@ -63,9 +60,9 @@ def main() -> int:
                 out = cf.load(path, device=dev, dtype=torch.float16)
                 assert torch.equal(out["w"].cpu().view(torch.int16),
                                    ca.state_dict(dtype=torch.float16)["w"].view(torch.int16)), "decode mismatch"
-                load_s = timed(lambda p=path: cf.load(p, device=dev, dtype=torch.float16), dev)
-                copy_s = timed(lambda o=out: o["w"].clone(), dev)
-                h2d_s = timed(lambda: host.to(dev, non_blocking=True), dev)
+                load_s = timed(synced(lambda p=path: cf.load(p, device=dev, dtype=torch.float16), dev), 21)[0]
+                copy_s = timed(synced(lambda o=out: o["w"].clone(), dev), 21)[0]
+                h2d_s = timed(synced(lambda: host.to(dev, non_blocking=True), dev), 21)[0]
                 rows.append({"density": density, "positions": coding, "file_bytes": path.stat().st_size,
                              "load_s": load_s, "device_copy_s": copy_s, "host_to_device_fp16_s": h2d_s})
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "params": n, "rows": rows}

@@ -44,7 +44,7 @@ def isas() -> list[str]:
     if _ext is None:
         return []
     current, found = _ext.isa(), []
-    for name in ("generic", "bmi2", "avx512"):
+    for name in _ext.ISAS:
         try:
             _ext.isa(name)
             found.append(name)
