@@ -1,7 +1,8 @@
 """compeft: small, verifiable files for fine-tuned adapters.
 
 ComPEFT compression (top-k sparsification plus ternary quantisation of task vectors) and a
-versioned safetensors-based format (``spec/FORMAT.md``) with integrity checks.
+versioned safetensors-based format (``spec/FORMAT.md``) with integrity checks and a binding to
+the exact base model an adapter was made for.
 
 Example:
     >>> import compeft_format as cf
@@ -9,51 +10,72 @@ Example:
     >>> cf.save(ca, "adapter.cpeft.safetensors")
     >>> cf.verify("adapter.cpeft.safetensors")
     >>> tensors = cf.load("adapter.cpeft.safetensors", dtype="float16")
+    >>> ca == cf.read("adapter.cpeft.safetensors")   # the same tensors and metadata, compressed
 """
 
-from . import constants, errors
+from . import binding, codecs, constants, errors, peft_layout
 from ._version import __version__
-from .apply import MergedAdapter, base_fingerprint, load_adapter, merge_adapter
-from .compress import alpha_search, compress, kept_count, rescale, top_k_indices
+from .apply import MergedAdapter, load_adapter, merge_adapter
+from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
+from .compress import CompeftConfig, alpha_search, compress, kept_count, rescale, top_k_indices
 from .compressed import CompressedAdapter, CompressedTensor
-from .container import CompeftFile, load, open_file, save, verify
 from .errors import *  # noqa: F403  (the typed errors are part of the public API)
-from .hub import PullResult, PushResult, pull, push
-from .integrity import state_dict_fingerprint, tensor_sha256
-from .manifest import Manifest
+from .hub import Index, IndexEntry, PullResult, PushResult, pull, push
+from .integrity import tensor_sha256
+from .manifest import Manifest, TensorDescription, TensorInfo
 from .peft_io import compress_peft, decompress_to_peft, read_source, write_peft_folder
+from .reader import CompeftFile, load, open_file, read, verify
 from .report import inspect, ternary_bound_bits
+from .writer import WriterOptions, save
 
 __all__ = [
     "__version__",
+    "binding",
+    "codecs",
     "constants",
+    "errors",
+    "peft_layout",
+    # compress and write
+    "CompeftConfig",
     "compress",
     "compress_peft",
-    "decompress_to_peft",
-    "load_adapter",
-    "push",
-    "pull",
-    "PushResult",
-    "PullResult",
-    "merge_adapter",
-    "MergedAdapter",
-    "base_fingerprint",
     "alpha_search",
     "rescale",
     "kept_count",
     "top_k_indices",
     "CompressedAdapter",
     "CompressedTensor",
-    "CompeftFile",
-    "Manifest",
-    "open_file",
+    "WriterOptions",
     "save",
+    # read
+    "CompeftFile",
+    "open_file",
+    "read",
     "load",
     "verify",
     "inspect",
+    "Manifest",
+    "TensorDescription",
+    "TensorInfo",
     "ternary_bound_bits",
     "tensor_sha256",
-    "state_dict_fingerprint",
+    # base models
+    "BaseBinding",
+    "ModelRef",
+    "Fingerprint",
+    "fingerprint",
+    # models and PEFT folders
+    "load_adapter",
+    "merge_adapter",
+    "MergedAdapter",
+    "decompress_to_peft",
     "read_source",
     "write_peft_folder",
+    # the Hub
+    "push",
+    "pull",
+    "PushResult",
+    "PullResult",
+    "Index",
+    "IndexEntry",
 ] + errors.__all__

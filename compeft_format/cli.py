@@ -10,12 +10,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import binding
 from . import constants as C
 from ._version import __version__
-from .container import CompeftFile, save
-from .errors import CompeftError
+from .errors import CompeftError, IOFailure
 from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_dict
+from .peft_layout import DEFAULT_DENSE_PATTERNS
+from .reader import CompeftFile
 from .report import format_report, inspect
+from .writer import save
+
+#: ``--fingerprint`` choices: the algorithm each names
+FINGERPRINTS = {"stored": binding.AS_STORED, "float32": binding.FLOAT32}
 
 
 def _number(text: str) -> float:
@@ -44,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep tensors matching this name pattern dense (repeatable)")
     c.add_argument("--min-sparse-numel", type=int, default=C.DEFAULT_MIN_SPARSE_NUMEL,
                    help="tensors with fewer elements stay dense")
-    c.add_argument("--base-model", default=None, help="base model id (default: the PEFT config's)")
-    c.add_argument("--base-revision", default=None, help="base model revision")
+    c.add_argument("--base-model", default=None, metavar="ID",
+                   help="base model id (default, when no --base-* option is given: the PEFT config's)")
+    c.add_argument("--base-revision", default=None, metavar="REV", help="base model revision")
+    c.add_argument("--base-weights", default=None, metavar="PATH",
+                   help="record the fingerprint of these base weights: a safetensors checkpoint (a file, or a "
+                        "folder with model.safetensors or a sharded index)")
+    c.add_argument("--fingerprint", choices=sorted(FINGERPRINTS), default="stored",
+                   help="fingerprint of the weights as stored (default) or of their values as float32, which "
+                        "also matches copies of the base in another float dtype")
     c.add_argument("--positions", choices=("auto",) + C.POSITION_CODINGS, default="auto",
                    help="position coding: golomb (smallest), bitmap (device layout) or auto")
     c.add_argument("--zstd-level", type=int, choices=range(1, 23), default=C.DEFAULT_ZSTD_LEVEL,
@@ -79,10 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("repo", metavar="NAMESPACE/NAME[@REVISION]")
     pl.add_argument("-o", "--output", default=None, help="folder for the verified files")
     pl.add_argument("--to-peft", action="store_true", help="write PEFT adapter folder(s) instead of the files")
-    pl.add_argument("--base-model", default=None, help="refuse artifacts made for another base model id")
+    pl.add_argument("--base-model", default=None, metavar="ID", help="refuse artifacts made for another base model id")
+    pl.add_argument("--base", default=None, metavar="PATH",
+                    help="refuse artifacts not bound to these base weights (a safetensors checkpoint)")
     pl.add_argument("--endpoint", default=None)
     pl.add_argument("--token", default=None)
     pl.add_argument("--cache-dir", default=None)
+
+    cb = sub.add_parser("check-base", help="check that a file was made for the given base weights")
+    cb.add_argument("file")
+    cb.add_argument("model", metavar="MODEL", help="a safetensors checkpoint: a file, or a folder with "
+                                                   "model.safetensors or a sharded index")
 
     h = sub.add_parser("hub", help="run a local Hub-compatible server")
     hs = h.add_subparsers(dest="hub_command", required=True)
@@ -99,16 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _binding(a: argparse.Namespace) -> binding.BaseBinding | None:
+    """The binding the --base-* options give; None when none is given."""
+    if a.base_model is None and a.base_revision is None and a.base_weights is None:
+        return None
+    fp = None if a.base_weights is None else binding.fingerprint(a.base_weights, FINGERPRINTS[a.fingerprint])
+    return binding.BaseBinding(id=a.base_model, revision=a.base_revision, fingerprint=fp)
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     reference: str | dict | None = a.reference
+    base_weights = None
     if reference is not None and reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
-        reference = load_safetensors_state_dict(Path(reference))
+        reference, base_weights = C.REFERENCE_BASE, load_safetensors_state_dict(Path(reference))
     ca = compress_peft(
         a.src, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, reference=reference,
-        dtype=a.dtype, dense_patterns=C.DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
-        min_sparse_numel=a.min_sparse_numel, base_model_id=a.base_model, base_model_revision=a.base_revision,
+        base_weights=base_weights, dtype=a.dtype, dense_patterns=DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
+        min_sparse_numel=a.min_sparse_numel, base=_binding(a),
     )
-    save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
+    manifest = save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
+    if not manifest.base_model.is_empty:
+        print(f"{a.output}: bound to {manifest.base_model.describe()}")
     r = inspect(a.output)
     print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
           f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32")
@@ -135,11 +166,19 @@ def cmd_validate(a: argparse.Namespace) -> int:
             line = f"{path}: INVALID {e.code}: {e}"
         except OSError as e:
             bad += 1
-            result = {"path": path, "valid": False, "code": C.E_IO, "reason": e.strerror or str(e)}
-            line = f"{path}: INVALID {C.E_IO}: {result['reason']}"
+            result = {"path": path, "valid": False, "code": IOFailure.code, "reason": e.strerror or str(e)}
+            line = f"{path}: INVALID {IOFailure.code}: {result['reason']}"
         print(json.dumps(result) if a.json else line, flush=False)
     sys.stdout.flush()
     return 1 if bad else 0
+
+
+def cmd_check_base(a: argparse.Namespace) -> int:
+    with CompeftFile(a.file) as f:
+        recorded = f.manifest.base_model
+    binding.check(recorded, a.model, require=True, subject=a.file)
+    print(f"{a.file}: {a.model} is its base ({recorded.describe()})")
+    return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -156,7 +195,7 @@ def _quiet_hub_logging() -> None:
 
 
 def cmd_push(a: argparse.Namespace) -> int:
-    from .hub import push
+    from .hub.client import push
 
     _quiet_hub_logging()
     r = push(a.files, a.repo, revision=a.revision, private=a.private, message=a.message,
@@ -166,22 +205,22 @@ def cmd_push(a: argparse.Namespace) -> int:
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
-    from .hub import pull
+    from .hub.client import pull
 
     _quiet_hub_logging()
-    r = pull(a.repo, local_dir=a.output, to_peft=a.to_peft, base_model=a.base_model, endpoint=a.endpoint,
-             token=a.token, cache_dir=a.cache_dir)
+    r = pull(a.repo, local_dir=a.output, to_peft=a.to_peft, base_model=a.base_model, base=a.base,
+             endpoint=a.endpoint, token=a.token, cache_dir=a.cache_dir)
     for p in r.paths:
         print(f"{p}: verified ({r.repo_id}@{r.commit[:12]})")
     return 0
 
 
 def cmd_hub(a: argparse.Namespace) -> int:
-    from .hub_server import make_server
+    from .hub.server import make_server
 
     server = make_server(a.root, host=a.host, port=a.port, token=a.token, user=a.user, lfs=a.lfs,
                          verbose=a.verbose)
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), int(server.server_address[1])
     print(f"compeft hub serving {Path(a.root).resolve()} on http://{host}:{port} "
           f"(writes {'need a token' if a.token else 'are open'}); Ctrl-C stops", flush=True)
     try:
@@ -192,7 +231,7 @@ def cmd_hub(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect,
-            "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub}
+            "check-base": cmd_check_base, "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compeft {args.command}: {e.code}: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"compeft {args.command}: {C.E_IO}: {e.strerror or e}", file=sys.stderr)
+        print(f"compeft {args.command}: {IOFailure.code}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"compeft {args.command}: interrupted", file=sys.stderr)

@@ -1,31 +1,100 @@
-"""ComPEFT compression (Yadav et al., 2023): sparsify a task vector by magnitude, then replace each
-kept entry by ``sign * alpha * sigma``.
+"""ComPEFT compression (Yadav et al., 2023; spec section 6): sparsify a task vector by magnitude,
+then replace each kept entry by ``sign * alpha * sigma``.
 
 The task vector is the adapter minus a reference: zero for LoRA, ones for (IA)3, the pretrained
 weights for a full fine-tuning residual. With ``scope="global"`` every sparsified tensor joins one
 vector (keys in sorted order) for one top-k and one scale; ``scope="tensor"`` does both per tensor.
+
+``CompeftConfig`` holds the method's parameters; ``compress`` takes it (or single parameters as
+keywords) and, separately, what the file records about the adapter: its PEFT config, the base
+model it belongs to, where it came from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import glob
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import constants as C
 from ._version import __version__
+from .binding import BaseBinding
 from .compressed import CompressedAdapter, CompressedTensor
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES, name_of
 from .errors import InvalidArgument, NonFiniteInput, UnsupportedDtype
-from .manifest import AdapterInfo, BaseModelInfo, CompressionInfo, ProvenanceInfo
+from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo
+from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, peft_type, sparsifiable
 
-Reference = str | Mapping[str, torch.Tensor]
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class CompeftConfig:
+    """The parameters of ComPEFT (spec section 6); checked when made.
+
+    Example:
+        >>> cfg = CompeftConfig(density=0.05, alpha=2.0, scope="tensor")
+        >>> compress(state_dict, cfg)
+    """
+
+    #: fraction of task-vector entries kept, in (0, 1]; exactly ``round(density * N)`` are selected
+    density: float = 0.1
+    #: multiplier of sigma, the standard deviation of the dense task vector
+    alpha: float = 1.0
+    #: ``"global"`` (one top-k and one scale over all sparsified tensors, the paper's default) or
+    #: ``"tensor"`` (per tensor)
+    scope: str = C.SCOPE_GLOBAL
+    #: ``"ternary"`` (kept entries become ``+/- alpha*sigma``) or ``"prune"`` (kept entries keep
+    #: their values; the paper's ablation)
+    mode: str = C.MODE_TERNARY
+    #: ``"zero"`` (LoRA), ``"ones"`` ((IA)3), ``"base"`` (a full fine-tune: ``compress`` then takes
+    #: the pretrained weights as ``base_weights``), or None: from the PEFT type, zero without one
+    reference: str | None = None
+    #: dtype the tensors decode to (a spec name or torch dtype); None: each tensor's own
+    dtype: str | None = None
+    #: glob patterns of tensor names stored dense, as they are
+    dense_patterns: tuple[str, ...] = DEFAULT_DENSE_PATTERNS
+    #: tensors with fewer elements are stored dense
+    min_sparse_numel: int = C.DEFAULT_MIN_SPARSE_NUMEL
+
+    def __post_init__(self) -> None:
+        if not (_number(self.density) and 0.0 < float(self.density) <= 1.0):
+            raise InvalidArgument(f"density must be in (0, 1], got {self.density!r}")
+        if not (_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise InvalidArgument(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if self.scope not in C.SCOPES:
+            raise InvalidArgument(f"scope must be one of {list(C.SCOPES)}, got {self.scope!r}")
+        if self.mode not in C.MODES:
+            raise InvalidArgument(f"mode must be one of {list(C.MODES)}, got {self.mode!r}")
+        if self.reference is not None and self.reference not in C.REFERENCES:
+            raise InvalidArgument(f"reference must be one of {list(C.REFERENCES)} (or base weights), "
+                                  f"not {self.reference!r}")
+        if not (isinstance(self.min_sparse_numel, int) and self.min_sparse_numel >= 0):
+            raise InvalidArgument("min_sparse_numel must be an integer >= 0")
+        if isinstance(self.dense_patterns, str) or not all(isinstance(p, str) for p in self.dense_patterns):
+            raise InvalidArgument("dense_patterns must be a sequence of glob patterns")
+        object.__setattr__(self, "dense_patterns", tuple(self.dense_patterns))
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", name_of(self.dtype))
+
+    def replace(self, **changes: Any) -> CompeftConfig:
+        """This config with some parameters changed; an unknown name is an ``InvalidArgument``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise InvalidArgument(f"unknown ComPEFT parameter(s) {unknown}; the parameters are {sorted(names)}")
+        return replace(self, **changes)
 
 
 def kept_count(density: float, n: int) -> int:
@@ -63,99 +132,122 @@ def task_std(values: np.ndarray) -> float:
     return float(np.std(values, dtype=np.float64, ddof=1))
 
 
-def _as_f32(name: str, t: torch.Tensor) -> np.ndarray:
+def _as_f32(name: str, t: Any) -> np.ndarray:
     if not isinstance(t, torch.Tensor):
-        raise UnsupportedDtype(f"tensor {name!r} is a {type(t).__name__}, not a torch tensor")
+        raise UnsupportedDtype(f"tensor {name!r} is a {type(t).__name__}, not a torch tensor", tensor=name)
     if t.dtype not in DTYPE_NAMES:
-        raise UnsupportedDtype(f"tensor {name!r} has dtype {t.dtype}; only float32, float16 and bfloat16 can be compressed")
+        raise UnsupportedDtype(f"tensor {name!r} has dtype {t.dtype}; only float32, float16 and bfloat16 can be "
+                               "compressed", tensor=name)
     a = t.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
     if not np.isfinite(a).all():
-        raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf")
+        raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
     return a
 
 
-def _reference_for(name: str, t: torch.Tensor, reference: Reference) -> tuple[np.ndarray | None, float]:
-    """The reference as (explicit base array or None, scalar offset)."""
-    if isinstance(reference, str):
-        if reference == C.REFERENCE_ZERO:
-            return None, 0.0
-        if reference == C.REFERENCE_ONES:
-            return None, 1.0
-        raise InvalidArgument(f"reference must be 'zero', 'ones' or a base state dict, not {reference!r}")
-    if name not in reference:
+def _base_for(name: str, t: torch.Tensor, base: Mapping[str, torch.Tensor]) -> np.ndarray:
+    if name not in base:
         raise InvalidArgument(f"base state dict has no tensor {name!r}")
-    base = reference[name]
-    if tuple(base.shape) != tuple(t.shape):
-        raise InvalidArgument(f"base tensor {name!r} has shape {tuple(base.shape)}, adapter has {tuple(t.shape)}")
-    return _as_f32(name, base), 0.0
+    b = base[name]
+    if tuple(b.shape) != tuple(t.shape):
+        raise InvalidArgument(f"base tensor {name!r} has shape {tuple(b.shape)}, adapter has {tuple(t.shape)}")
+    return _as_f32(name, b)
 
 
 def _keep_dense(name: str, numel: int, patterns: Sequence[str], min_sparse_numel: int) -> bool:
     return numel < min_sparse_numel or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _from_peft_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    """The active adapter's state dict and config of a ``peft.PeftModel``."""
+    configs = getattr(model, "peft_config", None)
+    name = getattr(model, "active_adapter", None)
+    if not isinstance(configs, Mapping) or not isinstance(name, str) or name not in configs:
+        raise InvalidArgument(f"a {type(model).__name__} is not a peft model with one active adapter; pass a state dict")
+    from peft import get_peft_model_state_dict
+
+    return dict(get_peft_model_state_dict(model, adapter_name=name)), configs[name]
+
+
 def compress(
-    state_dict: Mapping[str, torch.Tensor],
+    adapter: Mapping[str, torch.Tensor] | nn.Module,
+    config: CompeftConfig | None = None,
+    /,
     *,
-    density: float = 0.1,
-    alpha: float = 1.0,
-    scope: str = C.SCOPE_GLOBAL,
-    mode: str = C.MODE_TERNARY,
-    reference: Reference = C.REFERENCE_ZERO,
-    dtype: str | torch.dtype | None = None,
-    dense_patterns: Iterable[str] = C.DEFAULT_DENSE_PATTERNS,
-    min_sparse_numel: int = C.DEFAULT_MIN_SPARSE_NUMEL,
-    adapter_kind: str = "other",
-    peft_config: Mapping[str, Any] | None = None,
-    base_model_id: str | None = None,
-    base_model_revision: str | None = None,
-    base_fingerprint: Mapping[str, str] | None = None,
+    peft_config: Mapping[str, Any] | Any | None = None,
+    base: BaseBinding | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+    adapter_kind: str | None = None,
     source: str | None = None,
     created_at: str | None = None,
+    **parameters: Any,
 ) -> CompressedAdapter:
     """Compress an adapter's tensors with ComPEFT.
 
     Args:
-        state_dict: adapter tensors (float32, float16 or bfloat16), by name.
-        density: fraction of task-vector entries kept, in (0, 1]; exactly
-            ``round(density * N)`` entries are selected (``kept_count``).
-        alpha: multiplier of sigma, the standard deviation of the dense task vector.
-        scope: ``"global"`` (one top-k and one scale over all sparsified tensors, the paper's
-            default) or ``"tensor"`` (per tensor).
-        mode: ``"ternary"`` (kept entries become ``+/- alpha*sigma``) or ``"prune"`` (kept entries
-            keep their values; the paper's ablation).
-        reference: ``"zero"`` (LoRA), ``"ones"`` ((IA)3) or the pretrained state dict (full
-            fine-tuning; the file then stores deltas).
-        dtype: dtype the tensors decode to; default each tensor's own.
-        dense_patterns: glob patterns of tensor names stored dense, as they are.
-        min_sparse_numel: tensors with fewer elements are stored dense.
+        adapter: tensors by name (float32, float16 or bfloat16), or a ``peft.PeftModel`` (its active
+            adapter, with its PEFT config).
+        config: the method's parameters; keyword arguments change single ones
+            (``compress(sd, density=0.05)``). ``reference=`` may also be given the pretrained state
+            dict itself, as ``base_weights``.
+        peft_config: the adapter's PEFT config (a mapping or a peft config object), recorded in the
+            file. With a known PEFT type only its task-vector factors are sparsified (LoRA and (IA)3
+            weights; DoRA magnitudes, ``modules_to_save`` copies and the like stay dense) and the
+            reference defaults from the type.
+        base: the base model the adapter belongs to (``binding.BaseBinding``), recorded as is.
+        base_weights: the pretrained weights, for ``reference="base"``: the file then stores deltas.
+        adapter_kind: ``lora``, ``ia3``, ``full`` or ``other``; by default from the PEFT type
+            (``full`` for deltas without one).
+        source, created_at: provenance (``created_at`` defaults to now, UTC).
 
     Returns:
         A ``CompressedAdapter``; ``save`` writes it to a file.
 
     Raises:
-        InvalidArgument: density, alpha, scope, mode or reference out of range.
+        InvalidArgument: a parameter out of range, or a PEFT type without a known reference and
+            no reference given.
         UnsupportedDtype: a tensor is not a float tensor.
         NonFiniteInput: a tensor holds NaN or Inf.
 
     Example:
-        >>> ca = compress(peft_state_dict, density=0.1, alpha=1.0)
+        >>> ca = compress(peft_state_dict, density=0.1, alpha=1.0, peft_config=cfg)
         >>> save(ca, "adapter.cpeft.safetensors")
     """
-    if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
-        raise InvalidArgument(f"density must be in (0, 1], got {density!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise InvalidArgument(f"alpha must be a finite number > 0, got {alpha!r}")
-    if scope not in C.SCOPES:
-        raise InvalidArgument(f"scope must be one of {list(C.SCOPES)}, got {scope!r}")
-    if mode not in C.MODES:
-        raise InvalidArgument(f"mode must be one of {list(C.MODES)}, got {mode!r}")
-    if min_sparse_numel < 0:
-        raise InvalidArgument("min_sparse_numel must be >= 0")
-    patterns = tuple(dense_patterns)
-    target = None if dtype is None else name_of(dtype)
-    explicit_base = not isinstance(reference, str)
+    ref = parameters.get("reference")
+    if ref is not None and not isinstance(ref, str):
+        if not isinstance(ref, Mapping):
+            raise InvalidArgument(f"reference must be 'zero', 'ones', 'base' or a base state dict, not {ref!r}")
+        base_weights, parameters["reference"] = ref, C.REFERENCE_BASE
+    cfg = (config or CompeftConfig()).replace(**parameters)
+    if isinstance(adapter, nn.Module):
+        state_dict, model_config = _from_peft_model(adapter)
+        peft_config = model_config if peft_config is None else peft_config
+    elif isinstance(adapter, Mapping):
+        state_dict = dict(adapter)
+    else:
+        raise InvalidArgument(f"cannot compress a {type(adapter).__name__}; pass a state dict or a peft model")
+    cfg_json = None if peft_config is None else config_dict(peft_config)
+    ptype = peft_type(cfg_json)
 
+    reference = cfg.reference
+    if reference is None:
+        if base_weights is not None:
+            reference = C.REFERENCE_BASE
+        elif ptype is not None:
+            reference = ptype.reference
+        elif cfg_json is not None:
+            raise InvalidArgument(f"peft_type {cfg_json.get('peft_type')!r} has no default reference; pass "
+                                  "--reference (CLI) or reference= (Python)")
+        else:
+            reference = C.REFERENCE_ZERO
+    if (reference == C.REFERENCE_BASE) != (base_weights is not None):
+        raise InvalidArgument("reference 'base' needs the pretrained weights (base_weights=), and they need it")
+    patterns = cfg.dense_patterns
+    if ptype is not None:  # a known PEFT type: only its factors are task vectors
+        patterns += tuple(glob.escape(n) for n in sorted(state_dict) if not sparsifiable(n))
+    if adapter_kind is None:
+        adapter_kind = ptype.kind if ptype else ("full" if base_weights is not None else "other")
+
+    target = cfg.dtype
     names = sorted(state_dict)
     dense: dict[str, CompressedTensor] = {}
     sparse_names: list[str] = []
@@ -166,63 +258,56 @@ def compress(
         values = _as_f32(name, t)
         tdtype = target or name_of(t.dtype)
         shape = tuple(int(d) for d in t.shape)
-        if _keep_dense(name, values.size, patterns, min_sparse_numel):
+        if _keep_dense(name, values.size, patterns, cfg.min_sparse_numel):
             src = t.detach().to("cpu")
-            if explicit_base:
-                base, _ = _reference_for(name, t, reference)
-                src = torch.from_numpy(values - base)
-            dense[name] = CompressedTensor(name, shape, tdtype, C.ENC_DENSE,
-                                           values=_finite_cast(name, src.reshape(-1), tdtype).clone())
+            if base_weights is not None:
+                src = torch.from_numpy(values - _base_for(name, t, base_weights))
+            dense[name] = CompressedTensor.dense(name, shape, tdtype, _finite_cast(name, src.reshape(-1), tdtype).clone())
             continue
-        base, offset = _reference_for(name, t, reference)
-        taus[name] = values - base if base is not None else values - np.float32(offset)
-        offsets[name] = offset
+        if base_weights is not None:
+            taus[name], offsets[name] = values - _base_for(name, t, base_weights), 0.0
+        else:
+            offsets[name] = 1.0 if reference == C.REFERENCE_ONES else 0.0
+            taus[name] = values - np.float32(offsets[name])
         sparse_names.append(name)
 
     sparse: dict[str, CompressedTensor] = {}
     sigma_global: float | None = None
     candidates = sum(taus[n].size for n in sparse_names)
-    if scope == C.SCOPE_GLOBAL and sparse_names:
+    if cfg.scope == C.SCOPE_GLOBAL and sparse_names:
         flat = np.concatenate([taus[n] for n in sparse_names])
         sigma_global = task_std(flat)
-        keep = top_k_indices(np.abs(flat), kept_count(density, flat.size))
+        keep = top_k_indices(np.abs(flat), kept_count(cfg.density, flat.size))
         bounds = np.cumsum([0] + [taus[n].size for n in sparse_names])
         split = np.searchsorted(keep, bounds)
         for i, n in enumerate(sparse_names):
             local = keep[split[i]:split[i + 1]] - bounds[i]
-            sparse[n] = _make_sparse(n, state_dict[n], taus[n], local, sigma_global, alpha,
-                                     offsets[n], mode, target)
+            sparse[n] = _make_sparse(n, state_dict[n], taus[n], local, sigma_global, cfg, offsets[n])
     else:
         for n in sparse_names:
             tau = taus[n]
-            keep = top_k_indices(np.abs(tau), kept_count(density, tau.size))
-            sparse[n] = _make_sparse(n, state_dict[n], tau, keep, task_std(tau), alpha,
-                                     offsets[n], mode, target)
+            keep = top_k_indices(np.abs(tau), kept_count(cfg.density, tau.size))
+            sparse[n] = _make_sparse(n, state_dict[n], tau, keep, task_std(tau), cfg, offsets[n])
 
     tensors = {n: (sparse.get(n) or dense[n]) for n in names}
-    kept = sum(t.nnz for t in sparse.values())
     return CompressedAdapter(
         tensors=tensors,
         adapter=AdapterInfo(
             kind=adapter_kind if adapter_kind in C.ADAPTER_KINDS else "other",
-            representation=C.REPRESENTATION_DELTA if explicit_base else C.REPRESENTATION_WEIGHTS,
-            peft_config=dict(peft_config) if peft_config is not None else None,
+            representation=C.REPRESENTATION_DELTA if base_weights is not None else C.REPRESENTATION_WEIGHTS,
+            peft_config=cfg_json,
         ),
-        base_model=BaseModelInfo(
-            id=base_model_id,
-            revision=base_model_revision,
-            fingerprint=dict(base_fingerprint) if base_fingerprint else None,
-        ),
+        base_model=base or BaseBinding(),
         compression=CompressionInfo(
             method=C.METHOD_COMPEFT,
-            density=float(density),
-            alpha=float(alpha),
-            scope=scope,
-            mode=mode,
-            reference=C.REFERENCE_BASE if explicit_base else str(reference),
+            density=float(cfg.density),
+            alpha=float(cfg.alpha),
+            scope=cfg.scope,
+            mode=cfg.mode,
+            reference=reference,
             sigma=sigma_global,
             candidates=int(candidates),
-            kept=int(kept),
+            kept=int(sum(t.nnz for t in sparse.values())),
         ),
         provenance=ProvenanceInfo(
             tool=f"compeft {__version__}",
@@ -232,21 +317,20 @@ def compress(
     )
 
 
-
 def _make_sparse(name: str, t: torch.Tensor, tau: np.ndarray, keep: np.ndarray, sigma: float,
-                 alpha: float, offset: float, mode: str, target: str | None) -> CompressedTensor:
+                 cfg: CompeftConfig, offset: float) -> CompressedTensor:
     # An entry whose task value is exactly zero has sign 0 in the paper's formula: it is not stored.
     keep = keep[tau[keep] != 0]
-    tdtype = target or name_of(t.dtype)
-    if mode == C.MODE_TERNARY and not math.isfinite(float(np.float32(alpha * sigma))):
-        raise InvalidArgument(f"alpha * sigma = {alpha * sigma:g} overflows binary32 for tensor {name!r}")
+    tdtype = cfg.dtype or name_of(t.dtype)
     shape = tuple(int(d) for d in t.shape)
-    if mode == C.MODE_TERNARY:
-        return CompressedTensor(name, shape, tdtype, C.ENC_TERNARY, indices=keep,
-                                negative=tau[keep] < 0, scale=float(np.float32(alpha * sigma)), offset=offset,
-                                sigma=sigma)
+    if cfg.mode == C.MODE_TERNARY:
+        with np.errstate(over="ignore"):
+            scale = np.float32(cfg.alpha * sigma)
+        if not np.isfinite(scale):
+            raise InvalidArgument(f"alpha * sigma = {cfg.alpha * sigma:g} overflows binary32 for tensor {name!r}")
+        return CompressedTensor.ternary(name, shape, tdtype, keep, tau[keep] < 0, float(scale), offset, sigma=sigma)
     values = _finite_cast(name, torch.from_numpy(tau[keep].copy()), tdtype)
-    return CompressedTensor(name, shape, tdtype, C.ENC_SPARSE, indices=keep, values=values, offset=offset)
+    return CompressedTensor.sparse(name, shape, tdtype, keep, values, offset)
 
 
 def _finite_cast(name: str, values: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -262,13 +346,15 @@ def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
     old = adapter.compression.alpha
     if not old or adapter.compression.mode != C.MODE_TERNARY:
         raise InvalidArgument("rescale needs a ternary ComPEFT adapter with a recorded alpha")
-    if not (math.isfinite(alpha) and alpha > 0):
+    if not (_number(alpha) and math.isfinite(alpha) and alpha > 0):
         raise InvalidArgument(f"alpha must be a finite number > 0, got {alpha!r}")
     tensors = {}
     for n, t in adapter.tensors.items():
         if t.encoding == C.ENC_TERNARY:
+            assert t.scale is not None
             sigma = t.sigma if t.sigma is not None else t.scale / old
-            scale = np.float32(sigma * alpha)
+            with np.errstate(over="ignore"):
+                scale = np.float32(sigma * alpha)
             if not np.isfinite(scale):
                 raise InvalidArgument(f"alpha {alpha:g} times sigma overflows binary32 for tensor {n!r}")
             t = replace(t, scale=float(scale))
@@ -302,3 +388,6 @@ def alpha_search(
             best_alpha, best_score, best = float(a), score, candidate
     assert best_alpha is not None
     return best_alpha, scores, best
+
+
+__all__ = ["CompeftConfig", "compress", "rescale", "alpha_search", "kept_count", "top_k_indices", "task_std"]

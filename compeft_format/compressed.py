@@ -1,55 +1,77 @@
-"""The in-memory compressed adapter: what ``compress`` returns and ``save`` writes.
+"""The in-memory form of a compeft file: what ``compress`` and ``read`` return and ``save`` writes.
 
-``CompressedTensor.to_dense`` is the reference meaning of a compressed tensor (spec section 5);
-decoding a saved file must reproduce it bit for bit.
+A ``CompressedTensor`` is the manifest's description of a tensor (``TensorDescription``) plus its
+payload; a ``CompressedAdapter`` is those tensors plus the manifest's descriptive objects. The
+reference meaning of a compressed tensor (spec section 5) is its codec's ``to_dense``; decoding a
+saved file must reproduce it bit for bit.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import constants as C
-from .dtypes import TORCH_DTYPES, name_of, rounded_scalar, ternary_levels, to_torch
-from .manifest import AdapterInfo, BaseModelInfo, CompressionInfo, ProvenanceInfo
+from .binding import BaseBinding
+from .codecs import Payload, get_codec
+from .dtypes import name_of
+from .errors import InvalidArgument
+from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo, TensorDescription
 
 
-@dataclass(eq=False)
-class CompressedTensor:
-    """One tensor in compressed form.
+@dataclass(frozen=True, eq=False, kw_only=True)
+class CompressedTensor(TensorDescription):
+    """One tensor in compressed form: its description plus the payload of its ``encoding``.
 
     ternary: ``indices`` (strictly increasing flat positions, int64) and ``negative`` (bool per
-    kept entry) with one ``scale``; value at a kept position is ``offset +/- scale``.
+    kept entry), one ``scale``; value at a kept position is ``offset +/- scale``.
     sparse: ``indices`` and ``values`` (torch, value dtype); value is ``offset + value``.
     dense: ``values`` holds every element (torch, value dtype).
-    Positions not kept hold ``offset``.
+    Positions not kept hold ``offset``. Build one with ``ternary``, ``sparse`` or ``dense``.
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
     encoding: str
     indices: np.ndarray | None = None
     negative: np.ndarray | None = None
     values: torch.Tensor | None = None
-    scale: float | None = None
-    offset: float = 0.0
     #: standard deviation the scale was derived from (in memory only; lets alpha change later)
     sigma: float | None = None
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def __post_init__(self) -> None:
+        count = self.numel if self.encoding == C.ENC_DENSE else (None if self.indices is None else self.indices.size)
+        if count != self.nnz:
+            raise InvalidArgument(f"tensor {self.name!r}: nnz {self.nnz} disagrees with its payload ({count})")
 
-    @property
-    def nnz(self) -> int:
-        if self.encoding == C.ENC_DENSE:
-            return self.numel
-        assert self.indices is not None
-        return int(self.indices.size)
+    @classmethod
+    def ternary(cls, name: str, shape: tuple[int, ...], dtype: str, indices: np.ndarray, negative: np.ndarray,
+                scale: float, offset: float = 0.0, sigma: float | None = None) -> CompressedTensor:
+        indices = np.asarray(indices, dtype=np.int64)
+        return cls(name=name, shape=tuple(shape), dtype=dtype, nnz=int(indices.size), scale=scale, offset=offset,
+                   encoding=C.ENC_TERNARY, indices=indices, negative=np.asarray(negative, dtype=bool), sigma=sigma)
+
+    @classmethod
+    def sparse(cls, name: str, shape: tuple[int, ...], dtype: str, indices: np.ndarray, values: torch.Tensor,
+               offset: float = 0.0) -> CompressedTensor:
+        indices = np.asarray(indices, dtype=np.int64)
+        return cls(name=name, shape=tuple(shape), dtype=dtype, nnz=int(indices.size), offset=offset,
+                   encoding=C.ENC_SPARSE, indices=indices, values=values)
+
+    @classmethod
+    def dense(cls, name: str, shape: tuple[int, ...], dtype: str, values: torch.Tensor) -> CompressedTensor:
+        shape = tuple(shape)
+        return cls(name=name, shape=shape, dtype=dtype, nnz=int(np.prod(shape, dtype=np.int64)),
+                   encoding=C.ENC_DENSE, values=values.reshape(-1))
+
+    @classmethod
+    def from_payload(cls, description: TensorDescription, encoding: str, payload: Payload,
+                     sigma: float | None = None) -> CompressedTensor:
+        """The tensor a file describes, with the payload its codec unpacked."""
+        return cls(name=description.name, shape=description.shape, dtype=description.dtype, nnz=description.nnz,
+                   scale=description.scale, offset=description.offset, encoding=encoding, indices=payload.indices,
+                   negative=payload.negative, values=payload.values, sigma=sigma)
 
     @property
     def value_dtype(self) -> str | None:
@@ -57,27 +79,7 @@ class CompressedTensor:
 
     def to_dense(self, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor this compressed form stands for, rounded once to ``dtype``."""
-        tdt = to_torch(dtype or self.dtype)
-        if self.encoding == C.ENC_DENSE:
-            assert self.values is not None
-            return self.values.reshape(self.shape).to(device=device, dtype=tdt)
-        assert self.indices is not None
-        idx = torch.from_numpy(self.indices).to(device)
-        if self.encoding == C.ENC_TERNARY:
-            assert self.negative is not None and self.scale is not None
-            levels = torch.from_numpy(ternary_levels(self.scale, self.offset)).to(tdt)
-            out = torch.empty(self.numel, dtype=tdt, device=device).fill_(levels[0].to(device))
-            out[idx] = torch.where(
-                torch.from_numpy(self.negative).to(device), levels[2].to(device), levels[1].to(device)
-            )
-        else:
-            assert self.values is not None
-            v = self.values.to(device)
-            if self.offset != 0.0:
-                v = v.to(torch.float32) + torch.tensor(self.offset, dtype=torch.float32, device=device)
-            out = torch.empty(self.numel, dtype=tdt, device=device).fill_(rounded_scalar(self.offset, tdt, device))
-            out[idx] = v.to(tdt)
-        return out.reshape(self.shape)
+        return get_codec(self.encoding).to_dense(self, dtype, device)
 
 
 @dataclass(eq=False)
@@ -86,11 +88,12 @@ class CompressedAdapter:
 
     tensors: dict[str, CompressedTensor]
     adapter: AdapterInfo = field(default_factory=AdapterInfo)
-    base_model: BaseModelInfo = field(default_factory=BaseModelInfo)
+    base_model: BaseBinding = field(default_factory=BaseBinding)
     compression: CompressionInfo = field(default_factory=CompressionInfo)
     provenance: ProvenanceInfo = field(default_factory=ProvenanceInfo)
 
-    def state_dict(self, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def state_dict(self, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Dense tensors, each in its target dtype unless ``dtype`` is given."""
         return {n: t.to_dense(dtype, device) for n, t in self.tensors.items()}
 
@@ -98,5 +101,10 @@ class CompressedAdapter:
     def num_params(self) -> int:
         return sum(t.numel for t in self.tensors.values())
 
+    def describe(self) -> dict[str, Any]:
+        """The manifest's descriptive objects (spec 3.5) as JSON values."""
+        return {"adapter": vars(self.adapter).copy(), "base_model": self.base_model.to_json(),
+                "compression": vars(self.compression).copy(), "provenance": vars(self.provenance).copy()}
 
-__all__ = ["CompressedTensor", "CompressedAdapter", "TORCH_DTYPES"]
+
+__all__ = ["CompressedTensor", "CompressedAdapter"]

@@ -1,8 +1,9 @@
 """Constants of the compeft on-disk format, named as ``spec/FORMAT.md`` names them.
 
 Everything a reader or writer must agree on lives here: metadata keys, the version, encoding and
-stream names, limits and error codes. Reader and writer import these names; no other module spells
-them as literals.
+stream names, limits and error codes. Other modules import these names; none spells them as
+literals. Which streams an encoding has, and what its parameters mean, belongs to that encoding's
+codec (``codecs/``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 # --- identification (spec section 2) ----------------------------------------------------------
 FORMAT_NAME = "compeft"
 FORMAT_VERSION_MAJOR = 1
-FORMAT_VERSION_MINOR = 1
+FORMAT_VERSION_MINOR = 2
 FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
 
 META_FORMAT = "compeft.format"
@@ -45,7 +46,11 @@ POSITIONS_BITMAP = "bitmap"
 POSITIONS_GOLOMB = "golomb"
 POSITION_CODINGS = (POSITIONS_BITMAP, POSITIONS_GOLOMB)
 
-# stream roles
+# group parameters (spec 3.3)
+PARAM_POSITIONS = "positions"
+PARAM_VALUE_DTYPE = "value_dtype"
+
+# stream roles (spec 3.3)
 ROLE_POSITIONS = "positions"
 ROLE_UNARY = "unary"
 ROLE_REMAINDERS = "remainders"
@@ -53,25 +58,7 @@ ROLE_EXTRA = "extra"
 ROLE_SIGNS = "signs"
 ROLE_VALUES = "values"
 
-#: Streams of each position coding, then of each encoding after its positions, in order.
-POSITION_STREAMS: dict[str, tuple[str, ...]] = {
-    POSITIONS_BITMAP: (ROLE_POSITIONS,),
-    POSITIONS_GOLOMB: (ROLE_UNARY, ROLE_REMAINDERS, ROLE_EXTRA),
-}
-ENCODING_STREAMS: dict[str, tuple[str, ...]] = {
-    ENC_TERNARY: (ROLE_SIGNS,),
-    ENC_SPARSE: (ROLE_VALUES,),
-    ENC_DENSE: (ROLE_VALUES,),
-}
-
-
-def stream_roles(encoding: str, params: dict) -> tuple[str, ...]:
-    """The stream roles of a group, in order: position streams (when the encoding has positions)
-    then the encoding's own."""
-    pos = POSITION_STREAMS[params["positions"]] if encoding in (ENC_TERNARY, ENC_SPARSE) else ()
-    return pos + ENCODING_STREAMS[encoding]
-
-# stream compression
+# stream compression (spec 4.5)
 COMP_NONE = "none"
 COMP_ZSTD = "zstd"
 COMPRESSIONS = (COMP_NONE, COMP_ZSTD)
@@ -100,7 +87,12 @@ MODE_PRUNE = "prune"
 MODES = (MODE_TERNARY, MODE_PRUNE)
 METHOD_COMPEFT = "compeft"
 METHOD_NONE = "none"
+
+#: Base-model fingerprint algorithms (spec 3.4): the weights as stored, and (1.2) every floating
+#: tensor as binary32, so that copies of one base in different float dtypes agree.
 FINGERPRINT_ALGORITHM = "sha256-state-dict-v1"
+FINGERPRINT_ALGORITHM_F32 = "sha256-state-dict-f32-v1"
+FINGERPRINT_ALGORITHMS = (FINGERPRINT_ALGORITHM, FINGERPRINT_ALGORITHM_F32)
 
 # --- limits a reader enforces (spec section 8) ------------------------------------------------
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -111,7 +103,7 @@ MAX_ELEMENTS_PER_TENSOR = 1 << 36
 MAX_GROUP_ELEMENTS = 1 << 36
 MAX_NAME_BYTES = 1024
 
-# --- error codes (spec section 9) -------------------------------------------------------------
+# --- error codes (spec section 9); each is the code of exactly one class in ``errors`` --------
 E_FILE_NOT_FOUND = "FILE_NOT_FOUND"
 E_NOT_SAFETENSORS = "NOT_SAFETENSORS"
 E_TRUNCATED = "TRUNCATED"
@@ -135,6 +127,7 @@ E_MODEL_MISMATCH = "MODEL_MISMATCH"
 E_CONFIG_MISMATCH = "CONFIG_MISMATCH"
 E_BASE_MISMATCH = "BASE_MISMATCH"
 E_UNSUPPORTED_ADAPTER = "UNSUPPORTED_ADAPTER"
+E_UNSUPPORTED_MODEL = "UNSUPPORTED_MODEL"
 E_HUB_REPO_NOT_FOUND = "HUB_REPO_NOT_FOUND"
 E_HUB_REVISION_NOT_FOUND = "HUB_REVISION_NOT_FOUND"
 E_HUB_ENTRY_NOT_FOUND = "HUB_ENTRY_NOT_FOUND"
@@ -143,10 +136,6 @@ E_HUB_AUTH = "HUB_AUTH"
 E_HUB_UNREACHABLE = "HUB_UNREACHABLE"
 E_HUB_ERROR = "HUB_ERROR"
 E_ARTIFACT_DIGEST_MISMATCH = "ARTIFACT_DIGEST_MISMATCH"
-
-#: The index file a compeft Hub repository carries (``compeft push`` writes it, ``pull`` checks it).
-HUB_INDEX_FILE = "compeft-index.json"
-HUB_INDEX_VERSION = 1
 
 #: Codes a conforming reader returns for a file (spec section 9.1).
 READER_ERROR_CODES = (
@@ -166,17 +155,12 @@ READER_ERROR_CODES = (
     E_TENSOR_DIGEST_MISMATCH,
 )
 
+# --- Hub repositories (spec section 12, informative) -------------------------------------------
+#: The index file a compeft Hub repository carries (``compeft push`` writes it, ``pull`` checks it).
+HUB_INDEX_FILE = "compeft-index.json"
+HUB_INDEX_VERSION = 1
+
 # --- writer defaults (not normative) ----------------------------------------------------------
 DEFAULT_ZSTD_LEVEL = 19
-#: Above this fraction of kept elements in a group the writer codes positions as a bitmap.
-GOLOMB_MAX_DENSITY = 0.4
 DEFAULT_MAX_GROUP_ELEMENTS = 1 << 26
 DEFAULT_MIN_SPARSE_NUMEL = 32
-#: Tensor-name patterns kept dense by default: they are not deltas from the reference (DoRA
-#: magnitudes, ``modules_to_save`` copies) or are small and sensitive (biases, norms).
-DEFAULT_DENSE_PATTERNS = (
-    "*lora_magnitude_vector*",
-    "*modules_to_save*",
-    "*.bias",
-    "*norm*",
-)

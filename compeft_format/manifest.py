@@ -1,24 +1,87 @@
-"""The manifest: the JSON document in ``__metadata__["compeft.manifest"]`` (spec section 3).
+"""The manifest (spec sections 2.2, 2.4, 3): the JSON document in ``__metadata__["compeft.manifest"]``,
+how the metadata stores it, and the rules that make it valid.
 
 Dataclasses mirror the JSON one to one. ``Manifest.from_dict`` is the only place that validates a
 manifest's structure; unknown fields are ignored, as the spec requires for optional additions.
+What an encoding's parameters, streams and sizes must be is asked of that encoding's rules
+(``EncodingRules``, implemented by the codecs), which the caller passes in: the manifest knows
+the JSON, the codecs know the encodings.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import zstandard
 
 from . import constants as C
-from .errors import LimitExceeded, ManifestError, UnknownEncoding
+from .binding import BaseBinding
+from .errors import (
+    InvalidArgument,
+    LimitExceeded,
+    ManifestDigestMismatch,
+    ManifestError,
+    NotCompeft,
+    StreamCorrupt,
+    UnknownEncoding,
+    UnsupportedFeature,
+    VersionError,
+)
+from .framing import frame, unframe
+from .integrity import sha256_hex
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------------
+# tensors, groups, streams
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorDescription:
+    """What one decoded tensor is (spec 3.2): its name, shape and target dtype, how many entries
+    it keeps, and the scale and offset of its values. The manifest's ``TensorInfo`` adds where it
+    is stored; ``compressed.CompressedTensor`` adds its payload."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nnz: int
+    scale: float | None = None
+    offset: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorInfo(TensorDescription):
+    """A tensor object of the manifest: the description, its group and optionally its digest."""
+
+    group: int
+    #: sha256 of the decoded tensor (spec 7.3)
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "group": self.group,
+                             "nnz": self.nnz}
+        if self.scale is not None:
+            d["scale"] = self.scale
+        if self.offset != 0.0:
+            d["offset"] = self.offset
+        if self.sha256 is not None:
+            d["sha256"] = self.sha256
+        return d
+
+
+@dataclass(frozen=True)
 class StreamInfo:
     """One payload stream: a U8 tensor of the safetensors file."""
 
@@ -40,37 +103,59 @@ class GroupInfo:
     #: sha256 of the members' decoded tensors, concatenated in member order (spec 7.3)
     decoded_sha256: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"encoding": self.encoding, "params": dict(self.params),
+                             "streams": {r: vars(s).copy() for r, s in self.streams.items()}}
+        if self.decoded_sha256 is not None:
+            d["decoded_sha256"] = self.decoded_sha256
+        return d
 
-@dataclass
-class TensorInfo:
-    """One decoded tensor: where its data lives and how to rebuild it."""
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    group: int
-    nnz: int
-    scale: float | None = None
-    offset: float = 0.0
-    sha256: str | None = None
+class EncodingRules(Protocol):
+    """What the manifest needs to know about an encoding (spec 3.2, 3.3, 8.4); each codec
+    provides it."""
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def member_scale(self) -> bool:
+        """Members carry a ``scale`` (required); members of other encodings must not."""
+        ...
+
+    @property
+    def member_offset(self) -> bool:
+        """Members may carry a non-zero ``offset``."""
+        ...
+
+    @property
+    def every_element(self) -> bool:
+        """Every element is an entry: ``nnz == numel``."""
+        ...
+
+    def parse_params(self, params: dict[str, Any], where: str) -> dict[str, Any]:
+        """The group's ``params``, checked; a missing or unknown required parameter raises
+        ``UnknownEncoding``."""
+        ...
+
+    def roles(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The group's stream roles, in order."""
+        ...
+
+    def raw_sizes(self, params: Mapping[str, Any], members: Sequence[TensorDescription]) -> dict[str, tuple[int, bool]]:
+        """Per role: (raw size implied by the shapes and counts, exact); ``exact`` False means
+        the size is an upper bound."""
+        ...
 
 
+Encodings = Mapping[str, EncodingRules]
+
+
+# ---------------------------------------------------------------------------------------------
+# descriptive objects (spec 3.5)
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class AdapterInfo:
     kind: str = "other"
     representation: str = C.REPRESENTATION_WEIGHTS
     peft_config: dict[str, Any] | None = None
-
-
-@dataclass
-class BaseModelInfo:
-    id: str | None = None
-    revision: str | None = None
-    fingerprint: dict[str, str] | None = None
 
 
 @dataclass
@@ -93,12 +178,15 @@ class ProvenanceInfo:
     source: str | None = None
 
 
+# ---------------------------------------------------------------------------------------------
+# the manifest
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class Manifest:
     tensors: list[TensorInfo]
     groups: list[GroupInfo]
     adapter: AdapterInfo = field(default_factory=AdapterInfo)
-    base_model: BaseModelInfo = field(default_factory=BaseModelInfo)
+    base_model: BaseBinding = field(default_factory=BaseBinding)
     compression: CompressionInfo = field(default_factory=CompressionInfo)
     provenance: ProvenanceInfo = field(default_factory=ProvenanceInfo)
     library_version: str = ""
@@ -106,32 +194,31 @@ class Manifest:
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for t in d["tensors"]:
-            t["shape"] = list(t["shape"])
-            if t["scale"] is None:
-                del t["scale"]
-            if t["sha256"] is None:
-                del t["sha256"]
-            if t["offset"] == 0.0:
-                del t["offset"]
-        for g in d["groups"]:
-            if g["decoded_sha256"] is None:
-                del g["decoded_sha256"]
-        return d
+        return {
+            "tensors": [t.to_dict() for t in self.tensors],
+            "groups": [g.to_dict() for g in self.groups],
+            "adapter": vars(self.adapter).copy(),
+            "base_model": self.base_model.to_json(),
+            "compression": vars(self.compression).copy(),
+            "provenance": vars(self.provenance).copy(),
+            "library_version": self.library_version,
+            "required_features": list(self.required_features),
+        }
 
     def to_json(self) -> str:
+        """The manifest text (spec 6.5: compact, UTF-8, no NaN)."""
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, obj: Any) -> Manifest:
+    def from_dict(cls, obj: Any, encodings: Encodings) -> Manifest:
+        """Validate a parsed manifest (spec 3, in the order of 9.1 step 6)."""
         o = _obj(obj, "manifest")
         raw_tensors = _list(o.get("tensors"), "tensors")
         raw_groups = _list(o.get("groups"), "groups")
         if len(raw_tensors) > C.MAX_TENSORS:
             raise LimitExceeded(f"{len(raw_tensors)} tensors, limit {C.MAX_TENSORS}")
-        groups = [_parse_group(g, i) for i, g in enumerate(raw_groups)]
-        tensors = [_parse_tensor(t, i, groups) for i, t in enumerate(raw_tensors)]
+        groups = [_parse_group(g, i, encodings) for i, g in enumerate(raw_groups)]
+        tensors = [_parse_tensor(t, i, groups, encodings) for i, t in enumerate(raw_tensors)]
         req = _list(o.get("required_features", []), "required_features")
         if not all(isinstance(x, str) for x in req):
             raise ManifestError("required_features must be a list of strings")
@@ -139,13 +226,13 @@ class Manifest:
             tensors=tensors,
             groups=groups,
             adapter=_parse_adapter(o.get("adapter", {})),
-            base_model=_parse_base(o.get("base_model", {})),
+            base_model=BaseBinding.from_json(o.get("base_model", {})),
             compression=_parse_compression(o.get("compression", {})),
             provenance=_parse_provenance(o.get("provenance", {})),
             library_version=_opt_str(o.get("library_version", ""), "library_version") or "",
             required_features=list(req),
         )
-        m.check_consistency()
+        m.check_consistency(encodings)
         return m
 
     # -- structure -------------------------------------------------------------------------
@@ -156,27 +243,16 @@ class Manifest:
             members[t.group].append(i)
         return members
 
-    def expected_raw_sizes(self, gi: int, member_index: list[list[int]] | None = None) -> dict[str, tuple[int, bool]]:
-        """Decoded byte size of each stream of group ``gi`` implied by shapes and counts, as
+    def expected_raw_sizes(self, gi: int, encodings: Encodings,
+                           member_index: list[list[int]] | None = None) -> dict[str, tuple[int, bool]]:
+        """Raw byte size of each stream of group ``gi`` implied by shapes and counts, as
         (size, exact); ``exact`` False means the size is an upper bound (spec 8.4).
         ``member_index`` is ``group_members()``, when the caller already has it."""
-        from .codecs.positions import raw_sizes
-
         g = self.groups[gi]
         members = [self.tensors[i] for i in (member_index or self.group_members())[gi]]
-        k = sum(t.nnz for t in members)
-        out: dict[str, tuple[int, bool]] = {}
-        if g.encoding in (C.ENC_TERNARY, C.ENC_SPARSE):
-            out.update(raw_sizes(g.params["positions"], members))
-        if g.encoding == C.ENC_TERNARY:
-            out[C.ROLE_SIGNS] = ((k + 7) // 8, True)
-        else:
-            item = C.DTYPE_ITEMSIZE[g.params["value_dtype"]]
-            count = k if g.encoding == C.ENC_SPARSE else sum(t.numel for t in members)
-            out[C.ROLE_VALUES] = (count * item, True)
-        return out
+        return encodings[g.encoding].raw_sizes(g.params, members)
 
-    def check_consistency(self) -> None:
+    def check_consistency(self, encodings: Encodings) -> None:
         """Cross-field rules: unique names, every group used, group sizes within limits, raw
         sizes equal to what the shapes imply."""
         names = set()
@@ -197,7 +273,7 @@ class Manifest:
             total = sum(self.tensors[i].numel for i in idx)
             if total > C.MAX_GROUP_ELEMENTS:
                 raise LimitExceeded(f"group {gi} holds {total} elements, limit {C.MAX_GROUP_ELEMENTS}")
-            expected = self.expected_raw_sizes(gi, members)
+            expected = self.expected_raw_sizes(gi, encodings, members)
             for role, info in self.groups[gi].streams.items():
                 size, exact = expected[role]
                 if info.raw_size > size or (exact and info.raw_size != size):
@@ -209,7 +285,120 @@ class Manifest:
                     raise ManifestError(f"uncompressed stream {info.name!r} has size != raw_size")
 
 
-# -- parsing helpers ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# the metadata keys and the manifest's stored form (spec 2.2, 2.4, 7.2, 8.1, 8.2)
+# ---------------------------------------------------------------------------------------------
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+
+
+def parse_metadata(meta: Mapping[str, str], encodings: Encodings) -> Manifest:
+    """The manifest of a file's ``__metadata__``: format key, version, manifest encoding and
+    digest, required features, then the manifest itself, checked in that order."""
+    if meta.get(C.META_FORMAT) != C.FORMAT_NAME:
+        raise NotCompeft("safetensors file without compeft metadata")
+    version = meta.get(C.META_VERSION)
+    m = _VERSION_RE.fullmatch(version or "")
+    if not m:
+        raise ManifestError(f"format version {version!r} is not MAJOR.MINOR")
+    if int(m.group(1)) != C.FORMAT_VERSION_MAJOR:
+        raise VersionError(f"format version {version} is not supported (this reader reads {C.FORMAT_VERSION_MAJOR}.x)",
+                           version=version)
+    stored = meta.get(C.META_MANIFEST)
+    digest = meta.get(C.META_MANIFEST_SHA256)
+    if stored is None or digest is None:
+        raise ManifestError("metadata lacks the manifest or its digest")
+    text = decode_manifest_text(stored, meta.get(C.META_MANIFEST_ENCODING, C.MANIFEST_JSON))
+    try:
+        actual = sha256_hex(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ManifestError("manifest is not valid Unicode text") from None
+    if actual != digest:
+        raise ManifestDigestMismatch(f"manifest sha256 is {actual}, metadata declares {digest}", subject="manifest",
+                                     expected=digest, actual=actual)
+    try:
+        obj = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:
+        raise ManifestError(f"manifest is not valid JSON: {e}") from None
+    if isinstance(obj, dict):
+        req = obj.get("required_features", [])
+        if isinstance(req, list):
+            unknown = [f for f in req if not isinstance(f, str) or f not in C.SUPPORTED_FEATURES]
+            if unknown:
+                raise UnsupportedFeature(f"file requires features this reader lacks: {unknown}", features=unknown)
+    return Manifest.from_dict(obj, encodings)
+
+
+def metadata(manifest: Manifest, encoding: str = "auto") -> dict[str, str]:
+    """The ``__metadata__`` of a file holding ``manifest``, its text stored with ``encoding``
+    (``"auto"``: the shortest; on a tie the simpler)."""
+    text = manifest.to_json()
+    if encoding == "auto":
+        encoding, stored = min(((e, encode_manifest_text(text, e)) for e in C.MANIFEST_ENCODINGS),
+                               key=lambda c: len(c[1].encode("utf-8")))
+    elif encoding in C.MANIFEST_ENCODINGS:
+        stored = encode_manifest_text(text, encoding)
+    else:
+        raise InvalidArgument(f"manifest_encoding must be 'auto' or one of {list(C.MANIFEST_ENCODINGS)}")
+    return {
+        C.META_FORMAT: C.FORMAT_NAME,
+        C.META_VERSION: C.FORMAT_VERSION,
+        C.META_MANIFEST_ENCODING: encoding,
+        C.META_MANIFEST: stored,
+        C.META_MANIFEST_SHA256: sha256_hex(text.encode("utf-8")),
+    }
+
+
+@functools.cache
+def manifest_dictionary() -> zstandard.ZstdCompressionDict:
+    """The raw-content zstd dictionary of the ``zstd+dict1+base64`` manifest encoding (spec 2.4)."""
+    data = (Path(__file__).parent / "data" / C.MANIFEST_DICT1_FILE).read_bytes()
+    if sha256_hex(data) != C.MANIFEST_DICT1_SHA256:
+        raise RuntimeError(f"the installed {C.MANIFEST_DICT1_FILE} is not the format's dictionary")
+    return zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def decode_manifest_text(stored: str, encoding: str) -> str:
+    """The manifest's JSON text from the ``compeft.manifest`` value (spec 2.2, 2.4)."""
+    if encoding == C.MANIFEST_JSON:
+        return stored
+    if encoding not in (C.MANIFEST_ZSTD_BASE64, C.MANIFEST_ZSTD_DICT1_BASE64):
+        raise UnknownEncoding(f"unknown manifest encoding {encoding!r}")
+    try:
+        packed = base64.b64decode(stored.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise ManifestError("compressed manifest is not valid base64") from None
+    try:
+        size = zstandard.get_frame_parameters(packed).content_size
+    except zstandard.ZstdError:
+        raise ManifestError("compressed manifest is not a zstd frame") from None
+    if size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise ManifestError("compressed manifest frame does not declare its size")
+    if size > C.MAX_MANIFEST_BYTES:
+        raise LimitExceeded(f"manifest declares {size} bytes, limit {C.MAX_MANIFEST_BYTES}")
+    dictionary = manifest_dictionary() if encoding == C.MANIFEST_ZSTD_DICT1_BASE64 else None
+    try:
+        raw = unframe(packed, C.COMP_ZSTD, size, dictionary=dictionary)
+        return bytes(raw).decode("utf-8")
+    except (StreamCorrupt, UnicodeDecodeError):
+        raise ManifestError("compressed manifest does not decode to UTF-8 text") from None
+
+
+def encode_manifest_text(text: str, encoding: str) -> str:
+    """The ``compeft.manifest`` value holding ``text`` with ``encoding``."""
+    if encoding == C.MANIFEST_JSON:
+        return text
+    dictionary = manifest_dictionary() if encoding == C.MANIFEST_ZSTD_DICT1_BASE64 else None
+    packed = frame(text.encode("utf-8"), C.COMP_ZSTD, C.DEFAULT_ZSTD_LEVEL, dictionary=dictionary)
+    return base64.b64encode(packed).decode("ascii")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing helpers
+# ---------------------------------------------------------------------------------------------
 def _obj(x: Any, what: str) -> dict[str, Any]:
     if not isinstance(x, dict):
         raise ManifestError(f"{what} must be an object")
@@ -254,7 +443,9 @@ def _finite(x: Any, what: str) -> float:
 def _f32(x: Any, what: str) -> float:
     """A finite JSON number that is exactly a binary32 value."""
     v = _finite(x, what)
-    if float(np.float32(v)) != v:
+    with np.errstate(over="ignore"):  # beyond binary32: inf, which is not equal
+        exact = float(np.float32(v)) == v
+    if not exact:
         raise ManifestError(f"{what} must be a finite value exactly representable in binary32")
     return v
 
@@ -280,22 +471,15 @@ def _hex64(x: Any, what: str) -> str:
     return s
 
 
-def _parse_group(g: Any, i: int) -> GroupInfo:
+def _parse_group(g: Any, i: int, encodings: Encodings) -> GroupInfo:
     g = _obj(g, f"groups[{i}]")
     enc = _str(g.get("encoding"), f"groups[{i}].encoding")
-    if enc not in C.ENCODINGS:
+    rules = encodings.get(enc)
+    if rules is None:
         raise UnknownEncoding(f"groups[{i}] uses unknown encoding {enc!r}")
-    params = _obj(g.get("params", {}), f"groups[{i}].params")
-    if enc in (C.ENC_TERNARY, C.ENC_SPARSE):
-        pos = params.get("positions")
-        if pos not in C.POSITION_CODINGS:
-            raise UnknownEncoding(f"groups[{i}] uses unknown position coding {pos!r}")
-    if enc in (C.ENC_SPARSE, C.ENC_DENSE):
-        vd = params.get("value_dtype")
-        if vd not in C.FLOAT_DTYPES:
-            raise UnknownEncoding(f"groups[{i}] uses unknown value dtype {vd!r}")
+    params = rules.parse_params(_obj(g.get("params", {}), f"groups[{i}].params"), f"groups[{i}]")
     raw_streams = _obj(g.get("streams"), f"groups[{i}].streams")
-    roles = C.stream_roles(enc, params)
+    roles = rules.roles(params)
     if set(raw_streams) != set(roles):
         raise ManifestError(f"groups[{i}] ({enc}) must have exactly the streams {list(roles)}")
     streams = {}
@@ -312,11 +496,11 @@ def _parse_group(g: Any, i: int) -> GroupInfo:
             sha256=_hex64(s.get("sha256"), f"groups[{i}].streams.{role}.sha256"),
         )
     dsha = g.get("decoded_sha256")
-    return GroupInfo(encoding=enc, params=dict(params), streams=streams,
+    return GroupInfo(encoding=enc, params=params, streams=streams,
                      decoded_sha256=None if dsha is None else _hex64(dsha, f"groups[{i}].decoded_sha256"))
 
 
-def _parse_tensor(t: Any, i: int, groups: list[GroupInfo]) -> TensorInfo:
+def _parse_tensor(t: Any, i: int, groups: list[GroupInfo], encodings: Encodings) -> TensorInfo:
     t = _obj(t, f"tensors[{i}]")
     name = _str(t.get("name"), f"tensors[{i}].name")
     if _utf8_len(name, f"tensors[{i}].name") > C.MAX_NAME_BYTES:
@@ -325,8 +509,10 @@ def _parse_tensor(t: Any, i: int, groups: list[GroupInfo]) -> TensorInfo:
     if len(shape) > C.MAX_RANK:
         raise LimitExceeded(f"tensor {name!r} has rank {len(shape)}, limit {C.MAX_RANK}")
     dims = tuple(_int(d, f"tensor {name!r} shape") for d in shape)
+    if any(d > C.MAX_ELEMENTS_PER_TENSOR for d in dims):  # each dimension before the product
+        raise LimitExceeded(f"tensor {name!r} has a dimension over {C.MAX_ELEMENTS_PER_TENSOR}")
     numel = math.prod(dims)
-    if numel > C.MAX_ELEMENTS_PER_TENSOR or any(d > C.MAX_ELEMENTS_PER_TENSOR for d in dims):
+    if numel > C.MAX_ELEMENTS_PER_TENSOR:
         raise LimitExceeded(f"tensor {name!r} has {numel} elements, limit {C.MAX_ELEMENTS_PER_TENSOR}")
     dtype = _str(t.get("dtype"), f"tensor {name!r} dtype")
     if dtype not in C.FLOAT_DTYPES:
@@ -335,28 +521,21 @@ def _parse_tensor(t: Any, i: int, groups: list[GroupInfo]) -> TensorInfo:
     if gi >= len(groups):
         raise ManifestError(f"tensor {name!r} names group {gi}, the file has {len(groups)}")
     enc = groups[gi].encoding
+    rules = encodings[enc]
     nnz = _int(t.get("nnz"), f"tensor {name!r} nnz")
-    if nnz > numel or (enc == C.ENC_DENSE and nnz != numel):
+    if nnz > numel or (rules.every_element and nnz != numel):
         raise ManifestError(f"tensor {name!r} declares nnz {nnz} for {numel} elements")
     scale = t.get("scale")
-    if enc == C.ENC_TERNARY:
+    if rules.member_scale:
         scale = _f32(scale, f"tensor {name!r} scale")
     elif scale is not None:
         raise ManifestError(f"tensor {name!r} has a scale but its encoding is {enc}")
     offset = _f32(t.get("offset", 0.0), f"tensor {name!r} offset") + 0.0  # an offset of -0 reads as +0 (spec 3.2)
-    if enc == C.ENC_DENSE and offset != 0.0:
-        raise ManifestError(f"dense tensor {name!r} must have offset 0")
+    if not rules.member_offset and offset != 0.0:
+        raise ManifestError(f"{enc} tensor {name!r} must have offset 0")
     sha = t.get("sha256")
-    return TensorInfo(
-        name=name,
-        shape=dims,
-        dtype=dtype,
-        group=gi,
-        nnz=nnz,
-        scale=scale,
-        offset=offset,
-        sha256=None if sha is None else _hex64(sha, f"tensor {name!r} sha256"),
-    )
+    return TensorInfo(name=name, shape=dims, dtype=dtype, nnz=nnz, scale=scale, offset=offset, group=gi,
+                      sha256=None if sha is None else _hex64(sha, f"tensor {name!r} sha256"))
 
 
 def _parse_adapter(a: Any) -> AdapterInfo:
@@ -371,22 +550,6 @@ def _parse_adapter(a: Any) -> AdapterInfo:
     if cfg is not None:
         cfg = _obj(cfg, "adapter.peft_config")
     return AdapterInfo(kind=kind, representation=rep, peft_config=cfg)
-
-
-def _parse_base(b: Any) -> BaseModelInfo:
-    b = _obj(b, "base_model")
-    fp = b.get("fingerprint")
-    if fp is not None:
-        fp = _obj(fp, "base_model.fingerprint")
-        fp = {
-            "algorithm": _str(fp.get("algorithm"), "base_model.fingerprint.algorithm"),
-            "value": _str(fp.get("value"), "base_model.fingerprint.value"),
-        }
-    return BaseModelInfo(
-        id=_opt_str(b.get("id"), "base_model.id"),
-        revision=_opt_str(b.get("revision"), "base_model.revision"),
-        fingerprint=fp,
-    )
 
 
 def _parse_compression(c: Any) -> CompressionInfo:
@@ -411,3 +574,8 @@ def _parse_provenance(p: Any) -> ProvenanceInfo:
         created_at=_opt_str(p.get("created_at"), "provenance.created_at"),
         source=_opt_str(p.get("source"), "provenance.source"),
     )
+
+
+__all__ = ["TensorDescription", "TensorInfo", "StreamInfo", "GroupInfo", "AdapterInfo", "CompressionInfo",
+           "ProvenanceInfo", "Manifest", "EncodingRules", "Encodings", "parse_metadata", "metadata",
+           "decode_manifest_text", "encode_manifest_text", "manifest_dictionary"]

@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 from . import constants as C
-from .container import CompeftFile
-
-
-def ternary_bound_bits(n: int, k: int) -> float:
-    """``log2 C(n, k) + k``: bits needed for k signed non-zeros among n entries, uniform model."""
-    if k <= 0 or k >= n:
-        return float(k)
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2) + k
+from .codecs import get_codec
+from .codecs.ternary import bound_bits as ternary_bound_bits
+from .reader import CompeftFile
 
 
 def dense_safetensors_size(shapes: dict[str, tuple[int, ...]], itemsize: int) -> int:
@@ -33,91 +27,91 @@ def dense_safetensors_size(shapes: dict[str, tuple[int, ...]], itemsize: int) ->
     return 8 + h + off
 
 
-def inspect(path: str | os.PathLike) -> dict[str, Any]:
-    """Describe a compeft file: tensors, groups, streams, sizes and ratios.
+def report(f: CompeftFile) -> dict[str, Any]:
+    """Describe an open compeft file: tensors, groups, streams, sizes and ratios.
 
-    Ratios are (reference size) / (file size); ``vs_bound`` is (file bits) / (bound bits), where the
-    bound counts ``log2 C(n,k) + k`` bits per ternary tensor, ``log2 C(n,k)`` plus the value bits per
-    sparse tensor, and the raw bits of dense tensors.
+    Ratios are (reference size) / (file size); ``vs_bound`` is (file bits) / (bound bits), where
+    each member's bound is its encoding's (``log2 C(n,k) + k`` bits for a ternary tensor,
+    ``log2 C(n,k)`` plus the value bits for a sparse one, the raw bits of a dense one).
     """
-    p = Path(path)
-    with CompeftFile(p) as f:
-        m = f.manifest
-        members = m.group_members()
-        file_bytes = p.stat().st_size
-        stream_bytes = sum(s.size for g in m.groups for s in g.streams.values())
-        tensors = []
-        bound_bits = 0.0
-        ternary_bits = 0.0
-        for t in m.tensors:
-            g = m.groups[t.group]
-            if g.encoding == C.ENC_TERNARY:
-                b = ternary_bound_bits(t.numel, t.nnz)
-                ternary_bits += b
-            elif g.encoding == C.ENC_SPARSE:
-                b = ternary_bound_bits(t.numel, t.nnz) - t.nnz + t.nnz * 8 * C.DTYPE_ITEMSIZE[g.params["value_dtype"]]
-            else:
-                b = t.numel * 8 * C.DTYPE_ITEMSIZE[g.params["value_dtype"]]
-            bound_bits += b
-            tensors.append({
-                "name": t.name, "shape": list(t.shape), "dtype": t.dtype, "encoding": g.encoding,
-                "group": t.group, "nnz": t.nnz, "density": (t.nnz / t.numel) if t.numel else 0.0,
-                "scale": t.scale, "offset": t.offset, "bound_bits": b,
-            })
-        groups = []
-        ternary_stream_bytes = 0
-        for gi, g in enumerate(m.groups):
-            n = sum(m.tensors[i].numel for i in members[gi])
-            size = sum(s.size for s in g.streams.values())
-            if g.encoding == C.ENC_TERNARY:
-                ternary_stream_bytes += size
-            groups.append({
-                "index": gi, "encoding": g.encoding, "params": g.params, "tensors": len(members[gi]),
-                "elements": n, "bytes": size, "bits_per_param": (8 * size / n) if n else 0.0,
-                "streams": {r: {"name": s.name, "compression": s.compression, "size": s.size,
-                                "raw_size": s.raw_size, "sha256": s.sha256} for r, s in g.streams.items()},
-            })
-        params = sum(t.numel for t in m.tensors)
-        shapes = {t.name: t.shape for t in m.tensors}
-        fp16 = dense_safetensors_size(shapes, 2)
-        fp32 = dense_safetensors_size(shapes, 4)
-        return {
-            "path": str(p),
-            "format_version": f.metadata.get(C.META_VERSION),
-            "library_version": m.library_version,
-            "adapter": {"kind": m.adapter.kind, "representation": m.adapter.representation,
-                        "peft_type": (m.adapter.peft_config or {}).get("peft_type")},
-            "base_model": {"id": m.base_model.id, "revision": m.base_model.revision,
-                           "fingerprint": m.base_model.fingerprint},
-            "compression": vars(m.compression).copy(),
-            "params": params,
-            "file_bytes": file_bytes,
-            "header_bytes": file_bytes - stream_bytes,
-            "stream_bytes": stream_bytes,
-            "bits_per_param": (8 * file_bytes / params) if params else 0.0,
-            "fp16_safetensors_bytes": fp16,
-            "fp32_safetensors_bytes": fp32,
-            "ratio_vs_fp16": fp16 / file_bytes,
-            "ratio_vs_fp32": fp32 / file_bytes,
-            "bound_bits": bound_bits,
-            "file_vs_bound": (8 * file_bytes / bound_bits) if bound_bits else None,
-            "ternary_bound_bits": ternary_bits,
-            "ternary_streams_vs_bound": (8 * ternary_stream_bytes / ternary_bits) if ternary_bits else None,
-            "groups": groups,
-            "tensors": tensors,
-        }
+    m = f.manifest
+    members = m.group_members()
+    file_bytes = f.size
+    stream_bytes = sum(s.size for g in m.groups for s in g.streams.values())
+    tensors = []
+    bound_bits = 0.0
+    ternary_bits = 0.0
+    for t in m.tensors:
+        g = m.groups[t.group]
+        b = get_codec(g.encoding).bound_bits(g.params, t)
+        bound_bits += b
+        if g.encoding == C.ENC_TERNARY:
+            ternary_bits += b
+        tensors.append({
+            "name": t.name, "shape": list(t.shape), "dtype": t.dtype, "encoding": g.encoding,
+            "group": t.group, "nnz": t.nnz, "density": (t.nnz / t.numel) if t.numel else 0.0,
+            "scale": t.scale, "offset": t.offset, "bound_bits": b,
+        })
+    groups = []
+    ternary_stream_bytes = 0
+    for gi, g in enumerate(m.groups):
+        n = sum(m.tensors[i].numel for i in members[gi])
+        size = sum(s.size for s in g.streams.values())
+        if g.encoding == C.ENC_TERNARY:
+            ternary_stream_bytes += size
+        groups.append({
+            "index": gi, "encoding": g.encoding, "params": g.params, "tensors": len(members[gi]),
+            "elements": n, "bytes": size, "bits_per_param": (8 * size / n) if n else 0.0,
+            "streams": {r: vars(s).copy() for r, s in g.streams.items()},
+        })
+    params = sum(t.numel for t in m.tensors)
+    shapes = {t.name: t.shape for t in m.tensors}
+    fp16 = dense_safetensors_size(shapes, 2)
+    fp32 = dense_safetensors_size(shapes, 4)
+    return {
+        "path": str(f.path),
+        "format_version": f.metadata.get(C.META_VERSION),
+        "library_version": m.library_version,
+        "adapter": {"kind": m.adapter.kind, "representation": m.adapter.representation,
+                    "peft_type": (m.adapter.peft_config or {}).get("peft_type")},
+        "base_model": m.base_model.to_json(),
+        "compression": vars(m.compression).copy(),
+        "params": params,
+        "file_bytes": file_bytes,
+        "header_bytes": file_bytes - stream_bytes,
+        "stream_bytes": stream_bytes,
+        "bits_per_param": (8 * file_bytes / params) if params else 0.0,
+        "fp16_safetensors_bytes": fp16,
+        "fp32_safetensors_bytes": fp32,
+        "ratio_vs_fp16": fp16 / file_bytes,
+        "ratio_vs_fp32": fp32 / file_bytes,
+        "bound_bits": bound_bits,
+        "file_vs_bound": (8 * file_bytes / bound_bits) if bound_bits else None,
+        "ternary_bound_bits": ternary_bits,
+        "ternary_streams_vs_bound": (8 * ternary_stream_bytes / ternary_bits) if ternary_bits else None,
+        "groups": groups,
+        "tensors": tensors,
+    }
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``report`` of the file at ``path``."""
+    with CompeftFile(path) as f:
+        return report(f)
 
 
 def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
     """Human-readable text of an ``inspect`` result."""
+    from .binding import BaseBinding
+
     c = r["compression"]
+    base = BaseBinding.from_json(r["base_model"])
     lines = [
         f"{r['path']}",
         f"  format {r['format_version']}, written by compeft {r['library_version']}",
         f"  adapter: {r['adapter']['kind']} ({r['adapter']['peft_type'] or 'no PEFT config'}), "
         f"values are {r['adapter']['representation']}",
-        f"  base model: {r['base_model']['id'] or '-'} @ {r['base_model']['revision'] or '-'}"
-        + (f", fingerprint {r['base_model']['fingerprint']['value'][:16]}" if r["base_model"]["fingerprint"] else ""),
+        f"  base model: {'-' if base.is_empty else base.describe()}",
         f"  compression: {c['method']} density={c['density']} alpha={c['alpha']} scope={c['scope']} "
         f"mode={c['mode']} reference={c['reference']} kept={c['kept']}/{c['candidates']}",
         f"  params {r['params']:,}  file {r['file_bytes']:,} B (header {r['header_bytes']:,} B, "
@@ -140,3 +134,6 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
     if len(r["tensors"]) > max_tensors:
         lines.append(f"    ... {len(r['tensors']) - max_tensors} more (use --json for all)")
     return "\n".join(lines)
+
+
+__all__ = ["inspect", "report", "format_report", "ternary_bound_bits", "dense_safetensors_size"]

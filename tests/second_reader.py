@@ -1,5 +1,6 @@
-"""Independent reader of the compeft 1.0 format, written from spec/FORMAT.md alone (without the
-reference implementation) so that the conformance vectors can be checked against the spec text."""
+"""Independent reader of the compeft 1.2 format, written from spec/FORMAT.md alone (without the
+reference implementation) so that the conformance vectors can be checked against the spec text.
+It also computes the base-model fingerprints of spec 3.4 (`fingerprint`)."""
 import base64
 import hashlib
 import json
@@ -234,6 +235,15 @@ def _check_tensor(t, groups):
             "nnz": nnz, "scale": scale, "offset": offset + np.float32(0), "sha256": sha}
 
 
+def _check_base(bm, where):
+    """`id`, `revision` and `fingerprint` of `base_model` or of `base_model.derived_from` (3.4, 3.5)."""
+    _req(_str_or_null(bm.get("id")), MI, f"{where}.id")
+    _req(_str_or_null(bm.get("revision")), MI, f"{where}.revision")
+    fp = bm.get("fingerprint")
+    _req(fp is None or (isinstance(fp, dict) and isinstance(fp.get("algorithm"), str)
+                        and isinstance(fp.get("value"), str)), MI, f"{where}.fingerprint")
+
+
 def _check_descriptive(m):
     _req(isinstance(m.get("required_features", []), list), MI, "required_features")
     ad, bm = m.get("adapter", {}), m.get("base_model", {})
@@ -241,10 +251,13 @@ def _check_descriptive(m):
     _req(all(isinstance(x, dict) for x in (ad, bm, co, pr)), MI, "descriptive member not an object")
     _req(_one_of(ad.get("representation", "weights"), ("weights", "delta")), MI, "representation")
     _req(ad.get("peft_config") is None or isinstance(ad["peft_config"], dict), MI, "peft_config")
-    fp = bm.get("fingerprint")
-    _req(_str_or_null(bm.get("id")) and _str_or_null(bm.get("revision")), MI, "base_model")
-    _req(fp is None or (isinstance(fp, dict) and isinstance(fp.get("algorithm"), str)
-                        and isinstance(fp.get("value"), str)), MI, "fingerprint")
+    _check_base(bm, "base_model")
+    df = bm.get("derived_from")
+    _req(df is None or isinstance(df, dict), MI, "base_model.derived_from")
+    if df is not None:
+        _check_base(df, "base_model.derived_from")  # its other members are ignored (3.5)
+    # recipe: object or null; its members are informative and any are accepted (3.5)
+    _req(bm.get("recipe") is None or isinstance(bm["recipe"], dict), MI, "base_model.recipe")
     _req(isinstance(co.get("method", "none"), str), MI, "compression.method")
     _req(all(co.get(k) is None or _number(co[k]) for k in ("density", "alpha", "sigma")), MI, "numbers")
     _req(all(_str_or_null(co.get(k)) for k in ("scope", "mode", "reference")), MI, "compression strings")
@@ -445,3 +458,89 @@ def read(path):
                  "TENSOR_DIGEST_MISMATCH", t["name"])
             result[t["name"]] = (t["dtype"], t["shape"], data)
     return result
+
+
+# Base-model fingerprints (spec 3.4).
+
+FP_AS_STORED, FP_FLOAT32 = "sha256-state-dict-v1", "sha256-state-dict-f32-v1"
+FP_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
+               "int64": 8, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
+_FP_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r"}
+
+
+def _fp_json_name(name):
+    """NAME of 3.4: a JSON string escaped to ASCII, `\\uXXXX` in lowercase hex, surrogate pairs above U+FFFF."""
+    out = ['"']
+    for ch in name:
+        c = ord(ch)
+        if c in _FP_ESCAPES:
+            out.append(_FP_ESCAPES[c])
+        elif 0x20 <= c <= 0x7E:
+            out.append(ch)
+        elif c > 0xFFFF:
+            c -= 0x10000
+            out.append(f"\\u{0xD800 + (c >> 10):04x}\\u{0xDC00 + (c & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{c:04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _e4m3fn_table():
+    """binary32 value of every float8_e4m3fn byte (bias 7, no infinities, S.1111.111 is NaN): all exact."""
+    b = np.arange(256, dtype=np.uint32)
+    s, e, f = b >> 7, (b >> 3) & 15, (b & 7).astype(np.float64)
+    mag = np.where(e == 0, f * 2.0 ** -9, (1 + f / 8) * 2.0 ** (e.astype(np.float64) - 7))
+    x = np.where(s == 1, -mag, mag).astype(np.float32)
+    nan = (e == 15) & ((b & 7) == 7)
+    x.view(np.uint32)[nan] = (s[nan] << 31) | 0x7F800000 | ((b[nan] & 7) << 20)  # sign and payload kept
+    return x
+
+
+def _fp_to_f32(dtype, data):
+    """Elements of a floating-point dtype converted to binary32 (3.4): exact from the formats binary32
+    contains, RNE from float64, every NaN as the bits 0x7FC00000."""
+    if dtype == "float32":
+        x = np.frombuffer(data, "<f4")
+    elif dtype == "bfloat16":  # the upper 16 bits of a binary32
+        x = (np.frombuffer(data, "<u2").astype("<u4") << 16).view("<f4")
+    elif dtype == "float16":
+        x = np.frombuffer(data, "<f2").astype("<f4")
+    elif dtype == "float64":
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow goes to infinity (RNE, section 1)
+            x = np.frombuffer(data, "<f8").astype("<f4")
+    elif dtype == "float8_e5m2":  # the upper 8 bits of a binary16
+        x = (np.frombuffer(data, np.uint8).astype("<u2") << 8).view("<f2").astype("<f4")
+    elif dtype == "float8_e4m3fn":
+        x = _e4m3fn_table()[np.frombuffer(data, np.uint8)].astype("<f4")
+    else:
+        raise ValueError(f"no binary32 conversion for floating-point dtype {dtype!r}")
+    u = x.view("<u4").copy()
+    u[np.isnan(x)] = 0x7FC00000
+    return u.tobytes()
+
+
+def fingerprint(tensors, algorithm):
+    """Hex digest of spec 3.4's fingerprint. `tensors` maps each name to (dtype_name, shape, data): the
+    dtype name of 3.4 (`float32`, ..., `bool`), a tuple of ints, the elements in C order as little-endian
+    bytes of that dtype."""
+    if algorithm not in (FP_AS_STORED, FP_FLOAT32):
+        raise ValueError(f"unknown fingerprint algorithm {algorithm!r}")
+    h = hashlib.sha256()
+    for name in sorted(tensors):  # Python compares str by code points
+        dtype, shape, data = tensors[name]
+        shape, data = tuple(shape), bytes(data)
+        if not (isinstance(name, str) and isinstance(dtype, str) and all(_nat(d) for d in shape)):
+            raise ValueError(f"bad tensor {name!r}")
+        numel = math.prod(shape)
+        if dtype in FP_ITEMSIZE and len(data) != numel * FP_ITEMSIZE[dtype]:
+            raise ValueError(f"{name!r}: {len(data)} bytes for {numel} {dtype} elements")
+        if algorithm == FP_FLOAT32 and (dtype in ("float16", "bfloat16", "float32", "float64")
+                                        or dtype.startswith("float8")):
+            dtype, data = "float32", _fp_to_f32(dtype, data)
+        line = (f'{{"name":{_fp_json_name(name)},"dtype":{_fp_json_name(dtype)},'
+                f'"shape":[{",".join(map(str, shape))}]}}\n')
+        h.update(line.encode("ascii"))
+        if numel:
+            h.update(data)
+    return h.hexdigest()

@@ -123,7 +123,7 @@ def test_merge_full_finetuning_delta(tmp_path):
     sd_ft = ft.state_dict()
     changed = {k: v for k, v in sd_ft.items() if not torch.equal(v, sd_base[k])}
     ca = cf.compress(changed, density=0.2, reference={k: sd_base[k] for k in changed}, adapter_kind="full",
-                     base_fingerprint=cf.base_fingerprint(base))
+                     base=cf.BaseBinding(fingerprint=cf.fingerprint(base)))
     path = tmp_path / "delta.cpeft.safetensors"
     cf.save(ca, path)
     delta = cf.load(path, dtype=torch.float32)
@@ -174,7 +174,7 @@ def test_config_that_disagrees_with_tensors(tmp_path):
 
 def test_unknown_peft_type_is_refused(tmp_path):
     path = tmp_path / "vera.cpeft.safetensors"
-    cf.save(cf.compress({"base_model.model.x.vera_lambda_b": torch.randn(64)}, density=0.5,
+    cf.save(cf.compress({"base_model.model.x.vera_lambda_b": torch.randn(64)}, density=0.5, reference="zero",
                         peft_config={"peft_type": "VERA"}), path)
     with pytest.raises(cf.UnsupportedAdapter) as e:
         cf.load_adapter(base_model(), path)
@@ -185,8 +185,8 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     src = tmp_path / "src"
     trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), 1).save_pretrained(src)
     path = tmp_path / "bound.cpeft.safetensors"
-    cf.save(cf.compress_peft(src, density=0.3, base_fingerprint=cf.base_fingerprint(base_model(0)),
-                             base_model_id="org/tiny"), path)
+    cf.save(cf.compress_peft(src, density=0.3, base=cf.BaseBinding(id="org/tiny",
+                                                                   fingerprint=cf.fingerprint(base_model(0)))), path)
     cf.load_adapter(base_model(0), path)  # the right base
     other = base_model(seed=7)
     before = {k: v.clone() for k, v in other.state_dict().items()}
@@ -217,7 +217,7 @@ def test_config_leaving_out_a_module_is_refused_before_touching_the_model(tmp_pa
 
 def test_fingerprint_unchanged_by_loaded_adapters(tmp_path):
     base = base_model()
-    fp = cf.base_fingerprint(base)
+    fp = cf.fingerprint(base)
     path = compressed(tmp_path, LORA_RICH)  # modules_to_save wraps lm_head
     model = cf.load_adapter(base, path)
-    assert cf.base_fingerprint(model) == fp
+    assert cf.fingerprint(model) == fp

@@ -13,7 +13,7 @@ import compeft_format as cf
 from compeft_format import constants as C
 from compeft_format.codecs import REGISTRY, get_codec
 from compeft_format.codecs.bits import pack_bits, unpack_bits
-from compeft_format.codecs.streams import frame, smallest_frame, unframe
+from compeft_format.framing import frame, smallest_frame, unframe
 from compeft_format.manifest import TensorInfo
 from conftest import bits_equal, state_dicts
 
@@ -90,7 +90,7 @@ def test_group_encode_decode_is_exact(backend, sd, density, mode, dense, out_dty
         raw = codec.encode(group, params)
         raw_t = {r: torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
                  for r, b in raw.items()}
-        infos = [TensorInfo(m.name, m.shape, m.dtype, 0, m.nnz, m.scale, m.offset) for m in group]
+        infos = [TensorInfo(m.name, m.shape, m.dtype, m.nnz, m.scale, m.offset, group=0) for m in group]
         out = codec.decode(raw_t, infos, params, list(range(len(group))), out_dtype)
         for j, m in enumerate(group):
             assert bits_equal(out[j], m.to_dense(out_dtype)), m.name
@@ -103,15 +103,15 @@ def test_group_encode_decode_is_exact(backend, sd, density, mode, dense, out_dty
 def test_ternary_levels_rounding_is_once_to_target():
     # offset 1 + scale that is not representable in fp16: computed in binary32, rounded once
     scale = float(np.float32(1e-3 + 1e-7))
-    ct = cf.CompressedTensor("w", (3,), "float16", C.ENC_TERNARY, indices=np.array([0, 2]),
-                             negative=np.array([False, True]), scale=scale, offset=1.0)
+    ct = cf.CompressedTensor.ternary("w", (3,), "float16", indices=np.array([0, 2]),
+                                     negative=np.array([False, True]), scale=scale, offset=1.0)
     expect32 = np.array([np.float32(1) + np.float32(scale), 1.0, np.float32(1) - np.float32(scale)], np.float32)
     assert bits_equal(ct.to_dense(), torch.from_numpy(expect32).to(torch.float16))
     assert bits_equal(ct.to_dense(torch.float32), torch.from_numpy(expect32))
 
 
 def test_sparse_negative_zero_survives_with_zero_offset():
-    ct = cf.CompressedTensor("w", (2,), "float16", C.ENC_SPARSE, indices=np.array([1]),
-                             values=torch.tensor([-0.0], dtype=torch.float16))
+    ct = cf.CompressedTensor.sparse("w", (2,), "float16", indices=np.array([1]),
+                                    values=torch.tensor([-0.0], dtype=torch.float16))
     out = ct.to_dense()
     assert out.view(torch.int16).tolist() == [0, -32768]

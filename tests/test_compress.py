@@ -135,7 +135,7 @@ def test_dense_overrides_defaults_and_patterns():
         "m.tiny": torch.randn(4),
         "m.head.weight": torch.randn(16, 16),
     }
-    ca = cf.compress(sd, density=0.1, dense_patterns=C.DEFAULT_DENSE_PATTERNS + ("*.head.*",))
+    ca = cf.compress(sd, density=0.1, dense_patterns=cf.peft_layout.DEFAULT_DENSE_PATTERNS + ("*.head.*",))
     enc = {n: t.encoding for n, t in ca.tensors.items()}
     assert enc == {
         "m.bias": "dense", "m.head.weight": "dense", "m.lora_A.weight": "ternary",

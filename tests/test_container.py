@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 import compeft_format as cf
 from compeft_format import constants as C
-from compeft_format.container import build, decode_manifest_text
+from compeft_format.manifest import decode_manifest_text
+from compeft_format.writer import build
 from conftest import ROOT, bits_equal, state_dicts
 
 
@@ -28,7 +29,7 @@ def test_save_load_exact_and_safetensors(tmp_path_factory, sd, density, mode, sc
     # a valid safetensors file whose tensors are exactly the manifest's U8 streams
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        assert meta[C.META_FORMAT] == "compeft" and meta[C.META_VERSION] == "1.1"
+        assert meta[C.META_FORMAT] == "compeft" and meta[C.META_VERSION] == C.FORMAT_VERSION == "1.2"
         names = set(f.keys())
         for g in manifest.groups:
             for s in g.streams.values():
@@ -76,20 +77,19 @@ def test_ternary_bound_matches_anchors_table():
 def test_manifest_records_metadata(tmp_file):
     sd = {"w": torch.randn(8, 8)}
     base = {"w": torch.randn(8, 8)}
-    fp = cf.state_dict_fingerprint(base)
-    ca = cf.compress(sd, density=0.5, base_model_id="org/base", base_model_revision="abc123",
-                     base_fingerprint=fp, peft_config={"peft_type": "LORA", "r": 8}, adapter_kind="lora",
-                     min_sparse_numel=0)
+    fp = cf.fingerprint(base)
+    ca = cf.compress(sd, density=0.5, base=cf.BaseBinding(id="org/base", revision="abc123", fingerprint=fp),
+                     peft_config={"peft_type": "LORA", "r": 8}, adapter_kind="lora", min_sparse_numel=0)
     cf.save(ca, tmp_file)
     m = cf.verify(tmp_file)
     assert m.base_model.id == "org/base" and m.base_model.revision == "abc123"
-    assert m.base_model.fingerprint == fp and fp["algorithm"] == C.FINGERPRINT_ALGORITHM
+    assert m.base_model.fingerprint == fp and fp.algorithm == C.FINGERPRINT_ALGORITHM
     assert m.adapter.peft_config == {"peft_type": "LORA", "r": 8}
     assert m.compression.density == 0.5 and m.compression.method == "compeft"
     assert m.library_version == cf.__version__
     # fingerprint changes with any weight
     base["w"][0, 0] += 1
-    assert cf.state_dict_fingerprint(base)["value"] != fp["value"]
+    assert cf.fingerprint(base).value != fp.value
 
 
 def test_manifest_schema_accepts_written_manifests(tmp_file):
@@ -116,7 +116,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("compeft_format.container.save_file", boom)
+    monkeypatch.setattr("compeft_format.writer.save_file", boom)
     with pytest.raises(cf.IOFailure):
         cf.save(ca, dest)
     assert list(tmp_path.iterdir()) == []
@@ -178,18 +178,12 @@ def test_decode_on_device_equals_cpu(tmp_file, device, positions, monkeypatch):
     ca = cf.compress(sd, density=0.2)
     cf.save(ca, tmp_file, positions=positions)
     seen = []
-    real = cf.container.get_codec
-
-    def spy(encoding):
-        codec = real(encoding)
-
-        def decode(raw, *args, **kw):
+    for codec in cf.codecs.REGISTRY.values():
+        def decode(raw, *args, _real=codec.decode, **kw):
             seen.extend(t.device.type for t in raw.values())
-            return codec.decode(raw, *args, **kw)
+            return _real(raw, *args, **kw)
 
-        return type(codec)(codec.name, codec.encode, decode)
-
-    monkeypatch.setattr(cf.container, "get_codec", spy)
+        monkeypatch.setattr(codec, "decode", decode)
     out = cf.load(tmp_file, device=device, dtype=torch.float32)
     assert seen and set(seen) == {torch.device(device).type}
     for n, t in out.items():

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import compeft_format as cf
 from compeft_format import constants as C
-from compeft_format.container import decode_manifest_text
+from compeft_format.manifest import decode_manifest_text
 
 
 def make(tmp_path, **kw):
@@ -154,12 +154,12 @@ def test_every_manifest_encoding_reads_back(tmp_path, encoding):
         n = struct.unpack("<Q", f.read(8))[0]
         meta = json.loads(f.read(n))["__metadata__"]
     assert meta[C.META_MANIFEST_ENCODING] == encoding
-    assert cf.verify(path).to_json() == cf.container.build(ca)[0].to_json()
+    assert cf.verify(path).to_json() == cf.writer.build(ca)[0].to_json()
 
 
 def test_manifest_dictionary_is_the_spec_file_and_shrinks_lora_manifests():
-    from compeft_format.container import encode_manifest_text
     from compeft_format.integrity import sha256_hex
+    from compeft_format.manifest import encode_manifest_text
     from conftest import ROOT
 
     shipped = (ROOT / "compeft_format" / "data" / C.MANIFEST_DICT1_FILE).read_bytes()
@@ -168,7 +168,7 @@ def test_manifest_dictionary_is_the_spec_file_and_shrinks_lora_manifests():
     assert f"`{C.MANIFEST_DICT1_SHA256}`" in (ROOT / "spec" / "FORMAT.md").read_text()
     sd = {f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{f}.weight": torch.randn(4, 32)
           for i in range(8) for p in "qv" for f in "AB"}
-    manifest = cf.container.build(cf.compress(sd, density=0.1))[0]
+    manifest = cf.writer.build(cf.compress(sd, density=0.1))[0]
     text = manifest.to_json()
     sizes = {e: len(encode_manifest_text(text, e)) for e in C.MANIFEST_ENCODINGS}
     assert sizes[C.MANIFEST_ZSTD_DICT1_BASE64] < 0.7 * sizes[C.MANIFEST_ZSTD_BASE64] < 0.7 * sizes[C.MANIFEST_JSON]
@@ -214,7 +214,7 @@ def test_writer_enforces_reader_limits(tmp_path):
 
 
 def test_skippable_or_dictionary_frames_are_refused():
-    from compeft_format.codecs.streams import unframe
+    from compeft_format.framing import unframe
 
     skippable = b"\x50\x2a\x4d\x18" + (0).to_bytes(4, "little")
     with pytest.raises(cf.StreamCorrupt):
@@ -263,7 +263,7 @@ def test_safetensors_write_failures_are_io_errors(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise SafetensorError("File too large (os error 27)")
 
-    monkeypatch.setattr("compeft_format.container.save_file", fail)
+    monkeypatch.setattr("compeft_format.writer.save_file", fail)
     with pytest.raises(cf.IOFailure):
         cf.save(cf.compress({"w": torch.randn(64)}, density=0.5), tmp_path / "x.cpeft.safetensors")
     assert list(tmp_path.iterdir()) == []
@@ -276,5 +276,5 @@ def test_manifest_checks_group_members_once(tmp_path, monkeypatch):
     calls = []
     real = cf.Manifest.group_members
     monkeypatch.setattr(cf.Manifest, "group_members", lambda self: calls.append(1) or real(self))
-    cf.container.parse_metadata(cf.container.read_safetensors_header(path)[1])
+    cf.manifest.parse_metadata(cf.container.read_safetensors_header(path)[1], cf.codecs.REGISTRY)
     assert len(calls) == 1

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import compeft_format as cf
 from compeft_format import constants as C
-from compeft_format.container import decode_manifest_text, encode_manifest_text
 from compeft_format.integrity import sha256_hex
+from compeft_format.manifest import decode_manifest_text, encode_manifest_text
 from conftest import VECTORS
 
 FILES = sorted(VECTORS.glob("v1_*.safetensors"))

@@ -18,7 +18,7 @@ from huggingface_hub import errors as hfe
 
 import compeft_format as cf
 from compeft_format import constants as C
-from compeft_format.hub_server import make_server
+from compeft_format.hub.server import make_server
 from conftest import ROOT, bits_equal
 
 TOKEN = "s3cret"
@@ -31,7 +31,8 @@ def adapter_file(tmp_path: Path, seed: int = 0, name: str = "adapter.cpeft.safet
     cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
            "base_model_name_or_path": "org/tiny-llama"}
     path = tmp_path / name
-    cf.save(cf.compress(sd, density=0.1, adapter_kind="lora", peft_config=cfg, base_model_id="org/tiny-llama"), path)
+    cf.save(cf.compress(sd, density=0.1, adapter_kind="lora", peft_config=cfg,
+                         base=cf.BaseBinding(id="org/tiny-llama")), path)
     return path
 
 

@@ -101,7 +101,7 @@ def test_same_verdict_on_damaged_streams(monkeypatch, seed, density, mode, membe
             del buf[-1]
         elif cut > 0:
             buf.append(0)
-    infos = [TensorInfo(m.name, m.shape, m.dtype, 0, m.nnz, m.scale, m.offset) for m in group]
+    infos = [TensorInfo(m.name, m.shape, m.dtype, m.nnz, m.scale, m.offset, group=0) for m in group]
     select = [len(group) // 2] if one else list(range(len(group)))
     with native.use_isa(isa):
         results = [_decode(monkeypatch, w, _tensors({r: bytes(b) for r, b in damaged.items()}), infos, params,
@@ -126,7 +126,7 @@ def test_large_group_matches_torch(monkeypatch):
           "b": torch.from_numpy(rng.standard_normal(100_003).astype(np.float32))}
     for density in (0.001, 0.1, 0.6):
         group = list(cf.compress(sd, density=density).tensors.values())
-        infos = [TensorInfo(m.name, m.shape, m.dtype, 0, m.nnz, m.scale, m.offset) for m in group]
+        infos = [TensorInfo(m.name, m.shape, m.dtype, m.nnz, m.scale, m.offset, group=0) for m in group]
         for coding in (C.POSITIONS_GOLOMB, C.POSITIONS_BITMAP):
             params = {"positions": coding}
             raw = get_codec(C.ENC_TERNARY).encode(group, params)
@@ -151,12 +151,14 @@ def test_native_golomb_encoder_writes_the_same_bytes(monkeypatch, seed, density,
 
 @needs_native
 def test_native_golomb_encoder_refuses_unsorted_indices():
-    from compeft_format.codecs import positions
+    import dataclasses
+
+    from compeft_format.codecs import get_position_coding
 
     group = _group(3, 0.3, C.MODE_TERNARY, 1, False)
-    group[0].indices = group[0].indices[::-1].copy()
+    unsorted = dataclasses.replace(group[0], indices=group[0].indices[::-1].copy())
     with pytest.raises(cf.InvalidArgument):
-        positions.encode(C.POSITIONS_GOLOMB, group)
+        get_position_coding(C.POSITIONS_GOLOMB).encode([unsorted])
 
 
 @needs_native

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import compeft_format as cf  # noqa: E402
 from compeft_format.codecs import get_codec, native  # noqa: E402
-from compeft_format.container import build  # noqa: E402
 from compeft_format.report import ternary_bound_bits  # noqa: E402
+from compeft_format.writer import build  # noqa: E402
 
 DENSITIES = [0.01, 0.05, 0.10, 0.20, 0.50]
 #: name -> save() options

@@ -130,7 +130,7 @@ def main() -> int:
     loss_memory = val_loss(model, val)
 
     # 5. share it through a Hub: a local server, the real huggingface_hub client underneath
-    from compeft_format.hub_server import make_server
+    from compeft_format.hub.server import make_server
 
     token = secrets.token_hex(16)
     server = make_server(a.out / "hub", token=token)

@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import compeft_format as cf  # noqa: E402
 from compeft_format import constants as C  # noqa: E402
-from compeft_format.container import build, decode_manifest_text, encode_manifest_text  # noqa: E402
 from compeft_format.integrity import sha256_hex, tensor_sha256  # noqa: E402
+from compeft_format.manifest import decode_manifest_text, encode_manifest_text  # noqa: E402
+from compeft_format.writer import build  # noqa: E402
 
 CREATED_AT = "2026-01-01T00:00:00Z"
 
@@ -61,7 +62,7 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
     common = dict(min_sparse_numel=0, created_at=CREATED_AT)
     return {
         "v1_ternary_global": cf.compress(lora, density=0.3, alpha=1.5, adapter_kind="lora",
-                                         base_model_id="example/tiny-llama", base_model_revision="main", **common),
+                                         base=cf.BaseBinding(id="example/tiny-llama", revision="main"), **common),
         "v1_ternary_tensor": cf.compress(lora, density=0.5, alpha=1.0, scope="tensor", dtype="float32", **common),
         "v1_ternary_golomb": cf.compress(lora, density=0.05, alpha=1.0, **common),
         "v1_ternary_bitmap": cf.compress(lora, density=0.3, alpha=1.5, **common),
@@ -71,7 +72,26 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
         "v1_delta_base": cf.compress(full_ft, density=0.1, reference=full_base, adapter_kind="full",
                                      dense_patterns=("b",), **common),
         "v1_dense_only": cf.compress(lora, density=1.0, dense_patterns=("*",), **common),
+        "v1_2_compressed_base": cf.compress(lora, density=0.1, alpha=1.0, adapter_kind="lora",
+                                            base=compressed_base_binding(rng), **common),
     }
+
+
+def compressed_base_binding(rng: np.random.Generator) -> cf.BaseBinding:
+    """A binding to a compressed base (1.2): a small model rounded to a 4-bit grid in groups of 8,
+    fingerprinted by value, derived from its float16 original, fingerprinted as stored."""
+    original = {"model.layers.0.mlp.down_proj.weight": _randn(rng, (8, 16), torch.float16),
+                "model.norm.weight": torch.ones(8, dtype=torch.float16)}
+    w = original["model.layers.0.mlp.down_proj.weight"].float().reshape(-1, 8)
+    step = w.abs().amax(dim=1, keepdim=True) / 7
+    quantised = dict(original, **{"model.layers.0.mlp.down_proj.weight": ((w / step).round().clamp(-8, 7) * step)
+                                  .reshape(8, 16)})
+    source = cf.ModelRef(id="example/tiny-llama", revision="main", fingerprint=cf.fingerprint(original))
+    return cf.binding.compute(quantised, id="example/tiny-llama-int4", algorithm=cf.binding.FLOAT32,
+                              derived_from=source,
+                              recipe={"name": "int4:g8", "library": "example", "library_version": "1.0",
+                                      "params": {"bits": 4, "group_size": 8, "symmetric": True},
+                                      "calibration_sha256": None})
 
 
 VALID_OPTIONS: dict[str, dict[str, Any]] = {
@@ -130,6 +150,21 @@ def d_unknown_feature(p: Parts):
 
 def d_manifest_digest(p: Parts):
     p.meta[C.META_MANIFEST_SHA256] = "0" * 64
+
+
+def d_derived_from_type(p: Parts):
+    p.manifest["base_model"]["derived_from"] = "example/tiny-llama"
+    p.seal()
+
+
+def d_derived_fingerprint_type(p: Parts):
+    p.manifest["base_model"]["derived_from"]["fingerprint"]["value"] = 7
+    p.seal()
+
+
+def d_recipe_type(p: Parts):
+    p.manifest["base_model"]["recipe"] = ["int4:g8"]
+    p.seal()
 
 
 def d_manifest_invalid(p: Parts):
@@ -299,6 +334,7 @@ def _raw_stream(p: Parts, gi: int, role: str) -> bytes:
 
 BITMAP_DEFECTS = {"zstd_bomb", "padding_bits", "popcount", "unknown_compression"}
 GOLOMB_DEFECTS = {"golomb_missing_code", "golomb_trailing_byte", "golomb_overrun"}
+BINDING_DEFECTS = {"derived_from_type", "derived_fingerprint_type", "recipe_type"}
 
 DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "unknown_major": (d_unknown_major, C.E_UNSUPPORTED_VERSION),
@@ -327,6 +363,9 @@ DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "golomb_missing_code": (d_golomb_missing_code, C.E_STREAM_CORRUPT),
     "golomb_trailing_byte": (d_golomb_trailing, C.E_STREAM_CORRUPT),
     "golomb_overrun": (d_golomb_overrun, C.E_STREAM_CORRUPT),
+    "derived_from_type": (d_derived_from_type, C.E_MANIFEST_INVALID),
+    "derived_fingerprint_type": (d_derived_fingerprint_type, C.E_MANIFEST_INVALID),
+    "recipe_type": (d_recipe_type, C.E_MANIFEST_INVALID),
 }
 
 
@@ -345,19 +384,22 @@ def generate(out: Path) -> dict[str, Any]:
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
                         for n, t in adapter.tensors.items()},
         })
-    # A file as a 1.0 writer wrote it (no manifest dictionary): 1.1 readers read it unchanged.
+    # Files as earlier writers wrote them: 1.0 (no manifest dictionary) and 1.1 (no 1.2 fields).
     golomb = valid_adapters()["v1_ternary_golomb"]
-    parts = Parts(*build(golomb, manifest_encoding=C.MANIFEST_ZSTD_BASE64))
-    parts.meta[C.META_VERSION] = "1.0"
-    parts.write(out / "v1_0_ternary_golomb.cpeft.safetensors")
-    index["valid"].append({
-        "file": "v1_0_ternary_golomb.cpeft.safetensors",
-        "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
-                    for n, t in golomb.tensors.items()},
-    })
+    for version, encoding in (("1.0", C.MANIFEST_ZSTD_BASE64), ("1.1", C.MANIFEST_ZSTD_DICT1_BASE64)):
+        parts = Parts(*build(golomb, manifest_encoding=encoding))
+        parts.meta[C.META_VERSION] = version
+        name = f"v{version.replace('.', '_')}_ternary_golomb.cpeft.safetensors"
+        parts.write(out / name)
+        index["valid"].append({
+            "file": name,
+            "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
+                        for n, t in golomb.tensors.items()},
+        })
     for name, (mutate, code) in DEFECTS.items():
         base = ("v1_ternary_bitmap" if name in BITMAP_DEFECTS else
-                "v1_ternary_golomb" if name in GOLOMB_DEFECTS else "v1_ternary_global")
+                "v1_ternary_golomb" if name in GOLOMB_DEFECTS else
+                "v1_2_compressed_base" if name in BINDING_DEFECTS else "v1_ternary_global")
         parts = Parts(*built[base])
         mutate(parts)
         path = out / f"bad_{name}.cpeft.safetensors"

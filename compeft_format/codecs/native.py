@@ -19,7 +19,7 @@ import torch
 from ..errors import StreamCorrupt
 
 try:
-    from .. import _native as _ext
+    from .. import _native as _ext  # type: ignore[attr-defined]
 except ImportError:  # not built: the torch path decodes
     _ext = None
 
@@ -30,7 +30,7 @@ UNARY_PAD = np.full(16, 0xFF, dtype=np.uint8)
 PAD = np.zeros(8, dtype=np.uint8)
 
 #: integer dtype of each element size, to hand outputs to the extension as plain buffers
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
 def built() -> bool:
@@ -98,4 +98,4 @@ def call(fn, *args) -> Any:
 def as_buffer(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor of 2- or 4-byte elements (bfloat16 included) as a numpy array sharing its
     memory."""
-    return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
+    return t.view(INT_OF_SIZE[t.element_size()]).numpy()

@@ -20,15 +20,16 @@ import hmac
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..fileio import atomic_write_bytes
 
 REPO_TYPES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_BRANCH = "main"
@@ -39,7 +40,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
 
 
-class HubError(Exception):
+class ApiError(Exception):
+    """An HTTP error answer: status, message, and the Hub's ``X-Error-Code`` when it has one."""
+
     def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
@@ -54,18 +57,9 @@ def _git_blob_oid(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a file of the store whole or not at all, creating its folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 @dataclass
@@ -91,7 +85,7 @@ class Store:
     def put_blob(self, data: bytes, expected: str | None = None) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if expected is not None and digest != expected:
-            raise HubError(400, f"content sha256 {digest} does not match the declared oid {expected}")
+            raise ApiError(400, f"content sha256 {digest} does not match the declared oid {expected}")
         if not self.has_blob(digest, len(data)):
             _atomic_write(self.blob_path(digest), data)
         return digest
@@ -100,7 +94,7 @@ class Store:
     def repo_dir(self, rtype: str, repo_id: str) -> Path:
         ns, _, name = repo_id.partition("/")
         if rtype not in REPO_TYPES or not _NAME.match(ns) or not _NAME.match(name) or ".." in repo_id:
-            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+            raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return self.root / "repos" / f"{rtype}s" / ns / name
 
     def lock(self, rtype: str, repo_id: str) -> threading.Lock:
@@ -110,7 +104,7 @@ class Store:
     def repo(self, rtype: str, repo_id: str) -> dict[str, Any]:
         p = self.repo_dir(rtype, repo_id) / "repo.json"
         if not p.is_file():
-            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+            raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return json.loads(p.read_text())
 
     def create_repo(self, rtype: str, repo_id: str, private: bool) -> bool:
@@ -142,7 +136,7 @@ class Store:
             return refs["tags"][name]
         if _HEX40.match(revision) and (self.repo_dir(rtype, repo_id) / "commits" / f"{revision}.json").is_file():
             return revision
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        raise ApiError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
     def _write_commit(self, rtype: str, repo_id: str, parents: list[str], files: dict[str, Any], title: str,
                       message: str) -> str:
@@ -159,44 +153,44 @@ class Store:
         with self.lock(rtype, repo_id):
             refs = self.refs(rtype, repo_id)
             if branch not in refs["branches"]:
-                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                raise ApiError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             head = refs["branches"][branch]
             parent = header.get("parentCommit")
             if parent is not None and parent != head:
-                raise HubError(412, f"A commit has happened since {parent}; the head of {branch} is {head}. "
+                raise ApiError(412, f"A commit has happened since {parent}; the head of {branch} is {head}. "
                                     "Pull the latest changes and commit again.")
             files = dict(self.commit(rtype, repo_id, head)["files"])
             for key, value in ops:
                 if not isinstance(value, dict):
-                    raise HubError(400, f"commit operation {key!r} must be an object")
+                    raise ApiError(400, f"commit operation {key!r} must be an object")
                 path = str(value.get("path", "")).strip("/")
                 if key in ("file", "lfsFile") and (not path or ".." in path.split("/")):
-                    raise HubError(400, f"invalid path {path!r}")
+                    raise ApiError(400, f"invalid path {path!r}")
                 if key == "file":
                     if value.get("encoding", "base64") != "base64":
-                        raise HubError(400, "file content must be base64")
+                        raise ApiError(400, "file content must be base64")
                     data = base64.b64decode(value.get("content", ""))
                     files[path] = {"sha256": self.put_blob(data), "size": len(data), "lfs": False,
                                    "oid": _git_blob_oid(data)}
                 elif key == "lfsFile":
                     oid, size = value.get("oid"), value.get("size")
                     if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not _HEX64.match(oid):
-                        raise HubError(400, f"lfsFile {path!r} needs a sha256 oid")
+                        raise ApiError(400, f"lfsFile {path!r} needs a sha256 oid")
                     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                        raise HubError(400, f"lfsFile {path!r} needs an integer size")
+                        raise ApiError(400, f"lfsFile {path!r} needs an integer size")
                     if not self.has_blob(oid, size):
-                        raise HubError(422, f"LFS object {oid} for {path!r} was not uploaded")
+                        raise ApiError(422, f"LFS object {oid} for {path!r} was not uploaded")
                     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
                     files[path] = {"sha256": oid, "size": size, "lfs": True, "oid": _git_blob_oid(pointer.encode()),
                                    "pointer_size": len(pointer)}
                 elif key == "deletedFile":
                     if files.pop(path, None) is None:
-                        raise HubError(404, f"{path} does not exist", "EntryNotFound")
+                        raise ApiError(404, f"{path} does not exist", "EntryNotFound")
                 elif key == "deletedFolder":
                     for p in [p for p in files if p.startswith(path + "/")]:
                         del files[p]
                 else:
-                    raise HubError(400, f"unsupported commit operation {key!r}")
+                    raise ApiError(400, f"unsupported commit operation {key!r}")
             oid = self._write_commit(rtype, repo_id, [head], files, header.get("summary") or "update",
                                      header.get("description") or "")
             refs["branches"][branch] = oid
@@ -219,7 +213,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------------
     def _base(self) -> str:
-        host, port = self.server.server_address[:2]
+        host, port = cast(tuple[str, int], self.server.server_address)[:2]
         return f"http://{self.headers.get('Host', f'{host}:{port}')}"
 
     def _body(self) -> bytes:
@@ -236,7 +230,7 @@ class HubHandler(BaseHTTPRequestHandler):
         try:
             return json.loads(raw or b"{}")
         except ValueError:
-            raise HubError(400, "request body is not JSON") from None
+            raise ApiError(400, "request body is not JSON") from None
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
               raw: bytes | None = None, head: bool = False) -> None:
@@ -251,7 +245,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(data)
 
-    def _error(self, e: HubError, head: bool = False) -> None:
+    def _error(self, e: ApiError, head: bool = False) -> None:
         # An error can come before the request body was read; closing the connection keeps an
         # unread body from being taken for the next request on it.
         self.close_connection = True
@@ -269,12 +263,12 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _require_write(self) -> None:
         if not self._authorized():
-            raise HubError(401, "Invalid credentials in Authorization header")
+            raise ApiError(401, "Invalid credentials in Authorization header")
 
     def _require_read(self, rtype: str, repo_id: str) -> dict[str, Any]:
         repo = self.store.repo(rtype, repo_id)
         if repo.get("private") and not (getattr(self.server, "token", None) and self._authorized()):
-            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+            raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
 
     def _dispatch(self, method: str) -> None:
@@ -285,10 +279,10 @@ class HubHandler(BaseHTTPRequestHandler):
         self._body_read = False
         try:
             self._route(method, segs, query)
-        except HubError as e:
+        except ApiError as e:
             self._error(e, head=head)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as e:
-            self._error(HubError(400, f"bad request: {type(e).__name__}: {e}"), head=head)
+            self._error(ApiError(400, f"bad request: {type(e).__name__}: {e}"), head=head)
         if not self._body_read and int(self.headers.get("Content-Length") or 0):
             self.close_connection = True
 
@@ -302,7 +296,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def _route(self, method: str, s: list[str], q: dict[str, str]) -> None:
         if s[:2] == ["api", "whoami-v2"] and method == "GET":
             if not self._authorized():
-                raise HubError(401, "Invalid credentials in Authorization header")
+                raise ApiError(401, "Invalid credentials in Authorization header")
             return self._send(200, {"type": "user", "name": self.server.user, "fullname": self.server.user,  # type: ignore[attr-defined]
                                     "orgs": [], "auth": {"accessToken": {"role": "write"}}})
         if s[:2] == ["api", "validate-yaml"] and method == "POST":
@@ -322,21 +316,21 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._lfs_batch(rtype, f"{s[0]}/{s[1][:-4]}")
         if len(s) >= 5 and s[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(method, rtype, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
-        raise HubError(404, f"no route for {method} {self.path}")
+        raise ApiError(404, f"no route for {method} {self.path}")
 
     def _create_repo(self) -> None:
         self._require_write()
         body = self._json_body()
         if not isinstance(body, dict):
-            raise HubError(400, "request body must be a JSON object")
+            raise ApiError(400, "request body must be a JSON object")
         name, org = body.get("name"), body.get("organization") or self.server.user  # type: ignore[attr-defined]
         rtype = body.get("type") or "model"
         if rtype not in REPO_TYPES or not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(org):
-            raise HubError(400, f"invalid repository name {org}/{name}")
+            raise ApiError(400, f"invalid repository name {org}/{name}")
         repo_id = f"{org}/{name}"
         url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}"
         if not self.store.create_repo(rtype, repo_id, bool(body.get("private"))):
-            raise HubError(409, "You already created this repo", extra={"url": url})
+            raise ApiError(409, "You already created this repo", extra={"url": url})
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _api_repo(self, method: str, rtype: str, repo_id: str, rest: list[str], q: dict[str, str]) -> None:
@@ -359,10 +353,10 @@ class HubHandler(BaseHTTPRequestHandler):
             branch = rest[1] if len(rest) > 1 else DEFAULT_BRANCH
             lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
             if not all(isinstance(x, dict) for x in lines):
-                raise HubError(400, "every commit line must be a JSON object")
-            header = next((x["value"] for x in lines if x.get("key") == "header"), {})
+                raise ApiError(400, "every commit line must be a JSON object")
+            header: Any = next((x["value"] for x in lines if x.get("key") == "header"), {})
             if not isinstance(header, dict):
-                raise HubError(400, "the commit header must be an object")
+                raise ApiError(400, "the commit header must be an object")
             ops = [(x["key"], x["value"]) for x in lines if x.get("key") != "header"]
             oid = self.store.apply_commit(rtype, repo_id, branch, header, ops)
             url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}/commit/{oid}"
@@ -388,18 +382,18 @@ class HubHandler(BaseHTTPRequestHandler):
                 "converts": [], "pullRequests": None})
         if verb == "commits" and method == "GET":
             self._require_read(rtype, repo_id)
-            oid = self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
+            at: str | None = self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
             out = []
-            while oid:
-                c = self.store.commit(rtype, repo_id, oid)
+            while at:
+                c = self.store.commit(rtype, repo_id, at)
                 out.append({"id": c["id"], "title": c["title"], "message": c["message"], "date": c["date"],
                             "authors": [{"user": c["author"]}]})
-                oid = c["parents"][0] if c["parents"] else None
+                at = c["parents"][0] if c["parents"] else None
             return self._send(200, out)
         if verb in ("branch", "tag") and len(rest) > 1 and method in ("POST", "DELETE"):
             self._require_write()
             return self._ref(method, verb, rtype, repo_id, rest[1])
-        raise HubError(404, f"no route for {method} {self.path}")
+        raise ApiError(404, f"no route for {method} {self.path}")
 
     def _ref(self, method: str, kind: str, rtype: str, repo_id: str, name: str) -> None:
         body = self._json_body() if method == "POST" else {}
@@ -411,14 +405,14 @@ class HubHandler(BaseHTTPRequestHandler):
             else:
                 target = self.store.resolve(rtype, repo_id, body.get("startingPoint") or DEFAULT_BRANCH)
             if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._/-]{1,200}$", name) or ".." in name:
-                raise HubError(400, f"invalid {kind} name {name!r}")
+                raise ApiError(400, f"invalid {kind} name {name!r}")
             if method == "DELETE":
                 if name not in table or (kind == "branch" and name == DEFAULT_BRANCH):
-                    raise HubError(404, f"{kind} {name} not found", "RevisionNotFound")
+                    raise ApiError(404, f"{kind} {name} not found", "RevisionNotFound")
                 del table[name]
             else:
                 if name in table:
-                    raise HubError(409, f"{kind} {name} already exists")
+                    raise ApiError(409, f"{kind} {name} already exists")
                 table[name] = target
             self.store.set_refs(rtype, repo_id, refs)
         self._send(200, {})
@@ -436,10 +430,10 @@ class HubHandler(BaseHTTPRequestHandler):
         files = self.store.commit(rtype, repo_id, oid)["files"]
         prefix = prefix.strip("/")
         if prefix and prefix in files:
-            raise HubError(400, f"{prefix} is a file")
+            raise ApiError(400, f"{prefix} is a file")
         base = prefix + "/" if prefix else ""
         if prefix and not any(p.startswith(base) for p in files):
-            raise HubError(404, f"{prefix} does not exist on {oid}", "EntryNotFound")
+            raise ApiError(404, f"{prefix} does not exist on {oid}", "EntryNotFound")
         out, dirs = [], set()
         for path, f in sorted(files.items()):
             if not path.startswith(base):
@@ -463,7 +457,7 @@ class HubHandler(BaseHTTPRequestHandler):
         files = self.store.commit(rtype, repo_id, oid)["files"]
         f = files.get(path)
         if f is None:
-            raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
+            raise ApiError(404, f"Entry not found: {path}", "EntryNotFound")
         headers = {"X-Repo-Commit": oid, "ETag": f'"{f["oid"]}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         if f["lfs"]:
@@ -491,7 +485,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self.store.repo(rtype, repo_id)
         body = self._json_body()
         if body.get("operation") != "upload":
-            raise HubError(400, "only uploads go through this LFS endpoint")
+            raise ApiError(400, "only uploads go through this LFS endpoint")
         objects = []
         for o in body.get("objects", []):
             oid, size = o.get("oid"), o.get("size")
@@ -514,23 +508,23 @@ class HubHandler(BaseHTTPRequestHandler):
     def _lfs_object(self, method: str, rest: list[str], q: dict[str, str]) -> None:
         oid = rest[0] if rest else ""
         if not _HEX64.match(oid):
-            raise HubError(400, "bad LFS oid")
+            raise ApiError(400, "bad LFS oid")
         if method == "PUT" and len(rest) == 1:
             size = q.get("size", "")
             if not (size.isdigit() and hmac.compare_digest(q.get("sig", ""), self._sign(oid, int(size)))):
-                raise HubError(403, "upload URL signature does not match")
+                raise ApiError(403, "upload URL signature does not match")
             data = self._body()
             if len(data) != int(size):
-                raise HubError(400, f"uploaded {len(data)} bytes, the batch request declared {size}")
+                raise ApiError(400, f"uploaded {len(data)} bytes, the batch request declared {size}")
             self.store.put_blob(data, expected=oid)
             return self._send(200, {})
         self._require_write()
         if method == "POST" and rest[1:] == ["verify"]:
             body = self._json_body()
             if not self.store.has_blob(oid, body.get("size")):
-                raise HubError(404, f"LFS object {oid} of size {body.get('size')} is not stored")
+                raise ApiError(404, f"LFS object {oid} of size {body.get('size')} is not stored")
             return self._send(200, {})
-        raise HubError(404, "no such LFS route")
+        raise ApiError(404, "no such LFS route")
 
 
 def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
@@ -547,4 +541,4 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     return server
 
 
-__all__ = ["make_server", "Store", "HubHandler", "HubError"]
+__all__ = ["make_server", "Store", "HubHandler", "ApiError"]

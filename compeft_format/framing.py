@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import zstandard
 
-from .. import constants as C
-from ..errors import StreamCorrupt, UnknownEncoding
+from . import constants as C
+from .errors import StreamCorrupt, UnknownEncoding
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

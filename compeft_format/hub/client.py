@@ -1,0 +1,288 @@
+"""Push compressed artifacts to a Hugging Face Hub repository and pull them back, checking every
+byte on the way in.
+
+A compeft repository holds the compressed files, a model card (``README.md``) the Hub understands,
+the adapter's ``adapter_config.json`` when it has one, and ``compeft-index.json`` (``hub.index``).
+``pull`` downloads through ``hf_hub_download`` (its cache, revision pinning and offline mode),
+checks each file against the index and verifies it fully before anything is returned or written
+to the output folder.
+
+The endpoint is ``endpoint=`` / ``--endpoint``, else ``HF_ENDPOINT``; the token ``token=``, else
+``HF_TOKEN`` or the stored login.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import binding
+from .. import constants as C
+from ..binding import BaseBinding, ModelRef
+from ..errors import (
+    ArtifactDigestMismatch,
+    CompeftError,
+    HubAuthError,
+    HubEntryNotFound,
+    HubError,
+    HubNoIndex,
+    HubRepoNotFound,
+    HubRevisionNotFound,
+    HubUnreachable,
+    InvalidArgument,
+)
+from ..fileio import atomic_write, atomic_write_bytes, file_sha256
+from ..peft_io import ADAPTER_CONFIG, write_peft_folder
+from ..reader import CompeftFile
+from ..report import report
+from .card import model_card
+from .index import Index, IndexEntry
+
+PathLike = str | os.PathLike[str]
+
+#: Commits a push tries when other pushes keep moving the branch head.
+PUSH_ATTEMPTS = 5
+
+
+def _endpoint(endpoint: str | None) -> str | None:
+    return endpoint or os.environ.get("HF_ENDPOINT") or None
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, repo_id: str | None = None, revision: str | None = None) -> Iterator[None]:
+    """Translate huggingface_hub and transport failures into typed compeft errors."""
+    from huggingface_hub import errors as hfe
+
+    ctx: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
+    try:
+        yield
+    except CompeftError:
+        raise
+    except hfe.LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: test it first
+        raise HubUnreachable(f"{what}: the Hub could not be reached and the file is not cached ({e})", **ctx) from None
+    except hfe.RepositoryNotFoundError:
+        raise HubRepoNotFound(f"{what}: repository not found (or not visible with this token)", **ctx) from None
+    except hfe.RevisionNotFoundError:
+        raise HubRevisionNotFound(f"{what}: revision not found", **ctx) from None
+    except hfe.EntryNotFoundError:
+        raise HubEntryNotFound(f"{what}: file not found", **ctx) from None
+    except hfe.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise HubAuthError(f"{what}: the Hub refused the token (HTTP {status})", status=status, **ctx) from None
+        raise HubError(f"{what}: HTTP {status}: {str(e).splitlines()[0]}", status=status, **ctx) from None
+    except OSError as e:  # connection refused, DNS, ...
+        raise HubUnreachable(f"{what}: {e.strerror or e}", **ctx) from None
+    except Exception as e:  # the transport library's own connection errors
+        if "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
+            raise HubUnreachable(f"{what}: {e}", **ctx) from None
+        raise
+
+
+def remote_file_missing(e: BaseException) -> bool:
+    """The Hub answered that a file does not exist (not: the Hub could not be reached)."""
+    from huggingface_hub import errors as hfe
+
+    return isinstance(e, hfe.EntryNotFoundError) and not isinstance(e, hfe.LocalEntryNotFoundError)
+
+
+# --- push -----------------------------------------------------------------------------------------
+@dataclass
+class PushResult:
+    repo_id: str
+    commit: str
+    url: str
+    files: list[str]
+
+
+@dataclass
+class _Artifact:
+    """A file to push, read once: its index entry, size report and PEFT config."""
+
+    path: Path
+    entry: IndexEntry
+    report: dict[str, Any]
+    peft_config: dict[str, Any] | None
+
+
+def _prepare(path: Path) -> _Artifact:
+    with CompeftFile(path) as f:  # the one time this push opens the file
+        f.verify()
+        return _Artifact(path, IndexEntry.of(f, path.name, sha256=f.sha256()), report(f),
+                         f.manifest.adapter.peft_config)
+
+
+def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | None = None,
+         private: bool = False, message: str | None = None, endpoint: str | None = None,
+         token: str | None = None) -> PushResult:
+    """Upload compressed file(s) to ``repo_id`` in one commit, with a model card, the adapter's
+    ``adapter_config.json`` (when there is one file and it carries one) and an updated
+    ``compeft-index.json``.
+
+    Files are verified before anything is sent; the repository (and the branch ``revision``) is
+    created when missing.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+
+    files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not files:
+        raise InvalidArgument("nothing to push")
+    arts = [_prepare(p) for p in files]
+    api = HfApi(endpoint=_endpoint(endpoint), token=token)
+    what = f"push to {repo_id}"
+    with hub_errors(what, repo_id, revision):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        for attempt in range(PUSH_ATTEMPTS):
+            # The index is merged with the one at the branch head, and the commit names that head
+            # as its parent: a push that lands in between makes the server refuse this commit
+            # (412), and the merge is done again on the new head.
+            head = api.model_info(repo_id, revision=revision or "main").sha
+            assert head is not None
+            old = Index()
+            try:
+                old_path = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=head, endpoint=_endpoint(endpoint),
+                                           token=token)
+                old = Index.parse(Path(old_path).read_bytes(), what)
+            except HubNoIndex:
+                pass
+            except Exception as e:  # no index yet: the usual case for a new repository
+                if not remote_file_missing(e):
+                    raise
+            index = old.merged([a.entry for a in arts])
+            ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
+            ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
+            ops.append(CommitOperationAdd("README.md", model_card(repo_id, [a.entry for a in arts],
+                                                                  [a.report for a in arts]).encode()))
+            if len(arts) == 1 and arts[0].peft_config is not None:
+                ops.append(CommitOperationAdd(ADAPTER_CONFIG,
+                                              json.dumps(arts[0].peft_config, indent=2, sort_keys=True).encode()))
+            try:
+                info = api.create_commit(repo_id, operations=ops, revision=revision, parent_commit=head,
+                                         commit_message=message or f"Upload {', '.join(p.name for p in files)} with compeft")
+                break
+            except Exception as e:
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                if status not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
+                    raise
+    return PushResult(repo_id=repo_id, commit=info.oid, url=info.commit_url, files=[p.name for p in files])
+
+
+# --- pull -----------------------------------------------------------------------------------------
+@dataclass
+class PullResult:
+    repo_id: str
+    commit: str
+    paths: list[Path]
+    index: Index = field(default_factory=Index)
+
+
+def split_repo(spec: str) -> tuple[str, str | None]:
+    """``user/repo@revision`` -> (``user/repo``, ``revision``)."""
+    repo, _, rev = spec.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise InvalidArgument(f"repository must be namespace/name[@revision], got {spec!r}")
+    return repo, (rev or None)
+
+
+def peft_folder(path: str) -> str:
+    """Folder for an artifact written as a PEFT adapter: its path without the file suffix."""
+    for suffix in (".cpeft.safetensors", ".safetensors"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path + ".peft"
+
+
+def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None = None, to_peft: bool = False,
+         base: ModelRef | binding.Weights | None = None, base_model: str | None = None,
+         endpoint: str | None = None, token: str | None = None, cache_dir: PathLike | None = None) -> PullResult:
+    """Download a compeft repository's artifacts and verify every byte before returning them.
+
+    The index is read first and every artifact is downloaded from the same commit; each file's
+    sha256 and size must equal the index's, and each must pass full verification. With ``base``
+    (a ``BaseBinding``, or the base weights themselves: a model, a state dict or a checkpoint
+    path) or ``base_model`` (an id), every artifact must be bound to that base (``binding.check``
+    with ``require``). With ``local_dir`` the verified files (or, with ``to_peft``, PEFT folders)
+    are written there, each atomically; nothing is written when a check fails.
+
+    Raises:
+        HubRepoNotFound, HubRevisionNotFound, HubNoIndex, HubAuthError, HubUnreachable,
+        ArtifactDigestMismatch, BaseMismatch, and the file errors of ``verify``.
+    """
+    from huggingface_hub import hf_hub_download
+
+    repo_id, rev = split_repo(repo)
+    rev = revision or rev
+    what = f"{repo_id}@{rev or 'main'}"
+    claims: list[ModelRef | binding.Weights] = []
+    if base_model is not None:
+        claims.append(BaseBinding(id=base_model))
+    if base is not None:
+        claims.append(base)
+    kw: dict[str, Any] = {"endpoint": _endpoint(endpoint), "token": token, "cache_dir": cache_dir}
+    with hub_errors(what, repo_id, rev):
+        try:
+            index_path = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=rev, **kw)
+        except Exception as e:
+            if remote_file_missing(e):
+                raise HubNoIndex(f"{what}: the repository holds no {C.HUB_INDEX_FILE}", repo_id=repo_id,
+                                 revision=rev) from None
+            raise
+        commit = Path(index_path).parent.name
+        index = Index.parse(Path(index_path).read_bytes(), what)
+        local: list[Path] = []
+        adapters: list[tuple[dict[str, Any], dict[str, Any] | None]] = []  # decoded, for to_peft
+        for art in index.artifacts:
+            p = Path(hf_hub_download(repo_id, art.path, revision=commit, **kw))
+            actual, size = file_sha256(p), p.stat().st_size
+            if actual != art.sha256 or size != art.size:
+                with contextlib.suppress(OSError):
+                    p.resolve().unlink()  # let a later pull download it again
+                raise ArtifactDigestMismatch(f"{art.path}: sha256 is {actual}, the index declares "
+                                             f"{art.sha256} ({size} bytes, index {art.size})", subject=art.path,
+                                             expected=art.sha256, actual=actual, size=size, expected_size=art.size)
+            with CompeftFile(p) as f:
+                if to_peft and local_dir is not None:  # verified while decoded, decoded once
+                    adapters.append((f.state_dict(verify=True), f.manifest.adapter.peft_config))
+                else:
+                    f.verify()
+                m = f.manifest
+            for claim in claims:
+                binding.check(m.base_model, claim, require=True, subject=art.path)
+            local.append(p)
+    if local_dir is not None:
+        local = _write_out(Path(local_dir), index, local, adapters if to_peft else None, what)
+    return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index)
+
+
+def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[dict[str, Any], Any]] | None,
+               what: str) -> list[Path]:
+    """Write verified files (or, given ``adapters``, PEFT folders) into ``out``."""
+    arts = index.artifacts
+    if adapters is not None:  # one adapter: the folder itself; several: a folder per file
+        dests = [out] if len(arts) == 1 else [out / peft_folder(a.path) for a in arts]
+    else:
+        dests = [out / a.path for a in arts]
+    if len(set(dests)) != len(dests):
+        raise HubNoIndex(f"{what}: two artifacts would be written to the same place in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (src, dest) in enumerate(zip(files, dests, strict=True)):
+        if adapters is not None:
+            write_peft_folder(dest, *adapters[k])
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, functools.partial(shutil.copyfile, src))
+    if adapters is None:
+        atomic_write_bytes(out / C.HUB_INDEX_FILE, index.to_json().encode())
+    return dests
+
+
+__all__ = ["push", "pull", "PushResult", "PullResult", "split_repo", "hub_errors", "peft_folder"]

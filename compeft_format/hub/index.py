@@ -1,0 +1,147 @@
+"""``compeft-index.json`` (spec section 12): the list of a repository's artifacts, each with its
+sha256, size, what it is and the base model it is bound to.
+
+An index comes from the network and is hostile until checked: ``Index.parse`` refuses anything
+that is not exactly an index (``HubNoIndex``), including paths that could leave the folder a
+download is written into.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import constants as C
+from ..binding import BaseBinding
+from ..errors import HubNoIndex, InvalidArgument, ManifestError
+from ..reader import CompeftFile
+
+#: What an artifact can be, with the line a model card gives it. A new kind is one entry here.
+ARTIFACT_KINDS: dict[str, str] = {
+    "adapter": "a compressed adapter (LoRA, (IA)3 or a full fine-tuning delta)",
+}
+DEFAULT_KIND = "adapter"
+#: Most artifacts one index may list.
+MAX_ARTIFACTS = 10_000
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
+
+
+def safe_path(path: Any) -> bool:
+    """A relative path inside the repository: ``/``-separated, no empty, ``.`` or ``..``
+    component, no backslash, colon or control character, not the index itself."""
+    if not isinstance(path, str) or not path or _BAD_CHARS.search(path) or path == C.HUB_INDEX_FILE:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One artifact of a repository."""
+
+    path: str
+    sha256: str
+    size: int
+    format_version: str | None = None
+    manifest_sha256: str | None = None
+    #: the manifest's ``adapter.kind`` (lora, ia3, full, other)
+    adapter_kind: str | None = None
+    peft_type: str | None = None
+    representation: str | None = None
+    base_model: BaseBinding = field(default_factory=BaseBinding)
+    #: what the artifact is (``ARTIFACT_KINDS``)
+    kind: str = DEFAULT_KIND
+    #: paths of artifacts of the same repository that must be applied before this one
+    requires: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, f: CompeftFile, path: str, *, sha256: str, kind: str = DEFAULT_KIND,
+           requires: tuple[str, ...] = ()) -> IndexEntry:
+        """The entry of an open, verified compeft file stored at ``path`` in the repository."""
+        if kind not in ARTIFACT_KINDS:
+            raise InvalidArgument(f"unknown artifact kind {kind!r}; the kinds are {sorted(ARTIFACT_KINDS)}")
+        m = f.manifest
+        return cls(path=path, sha256=sha256, size=f.size, format_version=f.metadata[C.META_VERSION],
+                   manifest_sha256=f.metadata[C.META_MANIFEST_SHA256], adapter_kind=m.adapter.kind,
+                   peft_type=(m.adapter.peft_config or {}).get("peft_type"), representation=m.adapter.representation,
+                   base_model=m.base_model, kind=kind, requires=tuple(requires))
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size": self.size,
+                             "format_version": self.format_version, "manifest_sha256": self.manifest_sha256,
+                             "adapter_kind": self.adapter_kind, "peft_type": self.peft_type,
+                             "representation": self.representation, "base_model": self.base_model.to_json(),
+                             "kind": self.kind}
+        if self.requires:
+            d["requires"] = list(self.requires)
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any, what: str) -> IndexEntry:
+        if not isinstance(obj, dict):
+            raise HubNoIndex(f"{what}: an index entry is not an object")
+        path = obj.get("path")
+        if not safe_path(path):
+            raise HubNoIndex(f"{what}: index names an unsafe path {path!r}")
+        assert isinstance(path, str)
+        sha, size = obj.get("sha256"), obj.get("size")
+        if not isinstance(sha, str) or _HEX64.fullmatch(sha) is None:
+            raise HubNoIndex(f"{what}: index entry {path!r} has no sha256 of 64 lowercase hex digits")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise HubNoIndex(f"{what}: index entry {path!r} has no size")
+        text = {k: obj.get(k) for k in ("format_version", "manifest_sha256", "adapter_kind", "peft_type",
+                                         "representation")}
+        kind = obj.get("kind", DEFAULT_KIND)
+        requires = obj.get("requires", [])
+        if not all(v is None or isinstance(v, str) for v in text.values()) or not isinstance(kind, str):
+            raise HubNoIndex(f"{what}: index entry {path!r} has fields of the wrong type")
+        if not isinstance(requires, list) or not all(safe_path(r) for r in requires):
+            raise HubNoIndex(f"{what}: index entry {path!r} requires unsafe or malformed paths")
+        try:
+            base = BaseBinding.from_json(obj.get("base_model") or {}, "base_model")
+        except ManifestError as e:
+            raise HubNoIndex(f"{what}: index entry {path!r}: {e}") from None
+        return cls(path=path, sha256=sha, size=size, base_model=base, kind=kind, requires=tuple(requires), **text)
+
+
+@dataclass
+class Index:
+    """A repository's ``compeft-index.json``."""
+
+    artifacts: list[IndexEntry] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        body = {"format": C.FORMAT_NAME, "index_version": C.HUB_INDEX_VERSION,
+                "artifacts": [a.to_json() for a in sorted(self.artifacts, key=lambda a: a.path)]}
+        return json.dumps(body, indent=2) + "\n"
+
+    def merged(self, entries: list[IndexEntry]) -> Index:
+        """This index with ``entries`` added, replacing any of the same paths."""
+        by_path = {a.path: a for a in self.artifacts}
+        by_path.update({e.path: e for e in entries})
+        return Index(sorted(by_path.values(), key=lambda a: a.path))
+
+    @classmethod
+    def parse(cls, data: bytes | str, what: str) -> Index:
+        """Check and parse an index from the network (``HubNoIndex`` on anything else)."""
+        try:
+            text = data.decode("utf-8") if isinstance(data, bytes) else data
+            obj = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise HubNoIndex(f"{what}: {C.HUB_INDEX_FILE} is not UTF-8 JSON") from None
+        arts = obj.get("artifacts") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or obj.get("format") != C.FORMAT_NAME or not isinstance(arts, list):
+            raise HubNoIndex(f"{what}: {C.HUB_INDEX_FILE} is not a compeft index")
+        if len(arts) > MAX_ARTIFACTS:
+            raise HubNoIndex(f"{what}: the index lists {len(arts)} artifacts, more than {MAX_ARTIFACTS}")
+        entries = [IndexEntry.from_json(a, what) for a in arts]
+        paths = [e.path for e in entries]
+        if len(set(paths)) != len(paths):
+            raise HubNoIndex(f"{what}: the index lists a path twice")
+        return cls(entries)
+
+
+__all__ = ["ARTIFACT_KINDS", "MAX_ARTIFACTS", "IndexEntry", "Index", "safe_path"]

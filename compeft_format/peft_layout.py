@@ -1,0 +1,260 @@
+"""What the tensors of a PEFT adapter are: each state-dict key mapped to the module it belongs to
+and its role there (LoRA factors, DoRA magnitudes, (IA)3 vectors, modules_to_save copies, biases,
+trainable tokens, ...), the PEFT types this library knows, and the PEFT config as plain JSON.
+
+Compression asks it which tensors are task-vector factors (sparsified) and which are full weights
+(kept dense); ``apply`` asks it where each tensor goes; ``binding`` asks it which tensors of a
+peft-wrapped model are the base model's. It imports peft only in the functions that build peft
+objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import constants as C
+from .errors import ConfigMismatch, InvalidArgument
+
+#: Prefix of every key in a saved peft adapter.
+PEFT_PREFIX = "base_model.model."
+
+#: Tensor-name patterns kept dense by default when the source has no PEFT config: they are not
+#: deltas from the reference (DoRA magnitudes, ``modules_to_save`` copies) or are small and
+#: sensitive (biases, norms).
+DEFAULT_DENSE_PATTERNS = (
+    "*lora_magnitude_vector*",
+    "*modules_to_save*",
+    "*.bias",
+    "*norm*",
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    """A kind of tensor in a PEFT adapter."""
+
+    name: str
+    #: the key's ending after the module path (a regex; an adapter-name segment is allowed before
+    #: a trailing ``.weight``)
+    suffix: str
+    #: a task-vector factor: compression may sparsify it; anything else is a full weight, kept dense
+    sparsifiable: bool = False
+    #: how ``apply`` places it: ``"lora"`` (a factor or DoRA magnitude of a LoRA module), ``"ia3"``,
+    #: ``"parameter"`` (replaces the base parameter of that name); ``""`` cannot be applied
+    apply: str = ""
+
+
+#: Roles in match order; a key that matches none is a full weight (``parameter``), unless it
+#: looks like an adapter tensor of a kind not listed here (``unknown``).
+ROLES: tuple[Role, ...] = (
+    Role("lora_bias", r"lora_B\.bias"),  # before lora_B, which would take ``.bias`` for an adapter name
+    Role("lora_A", r"lora_A", sparsifiable=True, apply="lora"),
+    Role("lora_B", r"lora_B", sparsifiable=True, apply="lora"),
+    Role("lora_embedding_A", r"lora_embedding_A", sparsifiable=True),
+    Role("lora_embedding_B", r"lora_embedding_B", sparsifiable=True),
+    Role("magnitude", r"lora_magnitude_vector", apply="lora"),
+    Role("lora_E", r"lora_E"),
+    Role("ranknum", r"ranknum"),
+    Role("ia3", r"ia3_l", sparsifiable=True, apply="ia3"),
+    Role("trainable_tokens", r"token_adapter\.trainable_tokens_delta"),
+    Role("base_layer", r"base_layer\.(?:weight|bias)", apply="parameter"),
+)
+PARAMETER = Role("parameter", "", apply="parameter")
+UNKNOWN = Role("unknown", "")
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>" + "|".join(f"(?P<r{i}>{r.suffix})" for i, r in enumerate(ROLES))
+                  + r")(?:\.(?!weight$)(?P<adapter>[A-Za-z0-9_-]+))?(?:\.weight)?$")
+_ADAPTER_LIKE = re.compile(r"(^|\.)(lora_|ia3_|vera_|oft_|boft_|hra_|ln_tuning|adaption_|prompt_|token_adapter)")
+
+
+@dataclass(frozen=True)
+class KeyRole:
+    """Where one tensor of an adapter goes."""
+
+    key: str
+    #: the module path in the base model (without ``base_model.model.``)
+    module: str
+    role: Role
+    #: the adapter name inside the key, for keys of a live model's state dict (``lora_A.default``)
+    adapter: str | None = None
+
+    @property
+    def parameter(self) -> str:
+        """The base-model parameter a full weight replaces (``parameter`` and ``base_layer``)."""
+        if self.role.name == "base_layer":
+            return f"{self.module}.{self.key.rsplit('.', 1)[1]}"
+        return _strip(self.key)
+
+
+def _strip(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def parse_key(key: str) -> KeyRole:
+    """The module and role of a state-dict key of a PEFT adapter."""
+    bare = _strip(key)
+    m = _KEY.match(bare)
+    if m is not None:
+        role = next(ROLES[i] for i in range(len(ROLES)) if m.group(f"r{i}") is not None)
+        return KeyRole(key, m["module"], role, m["adapter"])
+    role = UNKNOWN if _ADAPTER_LIKE.search(bare) else PARAMETER
+    return KeyRole(key, bare.rsplit(".", 1)[0] if "." in bare else "", role)
+
+
+def sparsifiable(key: str) -> bool:
+    """A task-vector factor of a PEFT adapter (LoRA and (IA)3 weights), which may be sparsified."""
+    return parse_key(key).role.sparsifiable
+
+
+# --- the base model's tensors of a peft-wrapped model --------------------------------------------
+_ADDED = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|ranknum)\b|\.modules_to_save\.|\.trainable_tokens_delta\b")
+_WRAPPED = re.compile(r"\.(?:token_adapter\.)?(?:base_layer|original_module)\.")
+
+
+def base_name(model_key: str) -> str | None:
+    """The base model's name for a key of a peft-wrapped model's own state dict: wrapped weights
+    under their original names; None for a tensor peft added."""
+    if _ADDED.search(model_key):
+        return None
+    return _WRAPPED.sub(".", model_key)
+
+
+# --- PEFT types and configs ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeftType:
+    #: the manifest's ``adapter.kind``
+    kind: str
+    #: the reference its task vector is taken against
+    reference: str
+    #: ``load_adapter`` and ``merge_adapter`` can apply it
+    loadable: bool
+
+
+PEFT_TYPES: dict[str, PeftType] = {
+    "LORA": PeftType("lora", C.REFERENCE_ZERO, loadable=True),
+    "ADALORA": PeftType("lora", C.REFERENCE_ZERO, loadable=False),
+    "IA3": PeftType("ia3", C.REFERENCE_ONES, loadable=True),
+}
+
+
+def peft_type(config: Mapping[str, Any] | None) -> PeftType | None:
+    """The known PEFT type of a config, or None."""
+    if config is None:
+        return None
+    return PEFT_TYPES.get(str(config.get("peft_type", "")).upper())
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A PEFT config as the JSON object ``adapter_config.json`` holds: from a mapping or a peft
+    config object (``to_dict()``); sets become sorted lists, enums their values, paths strings.
+
+    Raises:
+        InvalidArgument: a value JSON cannot hold.
+    """
+    if isinstance(config, Mapping):
+        raw: Any = dict(config)
+    elif callable(getattr(config, "to_dict", None)):
+        raw = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        raw = dataclasses.asdict(config)
+    else:
+        raise InvalidArgument(f"peft_config must be a mapping or a peft config, not a {type(config).__name__}")
+    out = _jsonable(raw, "peft_config")
+    assert isinstance(out, dict)
+    return out
+
+
+def _jsonable(x: Any, where: str) -> Any:
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            raise InvalidArgument(f"{where} holds {x}, which JSON cannot hold")
+        return x
+    if isinstance(x, enum.Enum):
+        return _jsonable(x.value, where)
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if isinstance(x, Mapping):
+        if not all(isinstance(k, str) for k in x):
+            raise InvalidArgument(f"{where} has keys that are not strings")
+        return {k: _jsonable(v, f"{where}.{k}") for k, v in x.items()}
+    if isinstance(x, (set, frozenset)):
+        return sorted((_jsonable(v, where) for v in x), key=repr)
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, where) for v in x]
+    raise InvalidArgument(f"{where} holds a {type(x).__name__}, which JSON cannot hold")
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of the
+    module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:
+    """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) of one module, rank and alpha patterns
+    honoured; ``ConfigMismatch`` when the config's rank is not the tensors'."""
+    r = int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+    if r != rank:
+        raise ConfigMismatch(f"config gives {module!r} rank {r}, its tensors have rank {rank}")
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def peft_config(config: Mapping[str, Any], *, inference_mode: bool) -> Any:
+    """A peft config object from its JSON form (imports peft)."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.items() if k in names and k not in ("peft_type", "auto_mapping")}
+    kwargs["inference_mode"] = inference_mode
+    return PeftConfig.from_peft_type(peft_type=config["peft_type"], **kwargs)
+
+
+# --- an adapter's tensors, by where they go --------------------------------------------------------
+@dataclass
+class AdapterLayout:
+    """The tensors of an adapter grouped by what they touch: per LoRA module its factors and DoRA
+    magnitude, per (IA)3 module its vector, full weights by parameter name, and the keys of kinds
+    that cannot be applied."""
+
+    lora: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    ia3: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    full: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    keys: dict[str, KeyRole] = field(default_factory=dict)
+    unsupported: list[KeyRole] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, tensors: Iterable[tuple[str, tuple[int, ...]]], *, deltas: bool = False) -> AdapterLayout:
+        """The layout of ``(key, shape)`` pairs; with ``deltas`` every tensor is a difference to
+        add to the base parameter of the same name (a full fine-tuning delta)."""
+        lay = cls()
+        for key, shape in tensors:
+            kr = KeyRole(key, key.rsplit(".", 1)[0], PARAMETER) if deltas else parse_key(key)
+            lay.keys[key] = kr
+            if kr.adapter is not None or not kr.role.apply:
+                lay.unsupported.append(kr)
+            elif kr.role.apply == "lora":
+                lay.lora.setdefault(kr.module, {})[kr.role.name] = tuple(shape)
+            elif kr.role.apply == "ia3":
+                lay.ia3[kr.module] = tuple(shape)
+            else:
+                lay.full[kr.key if deltas else kr.parameter] = tuple(shape)
+        return lay
+
+
+__all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable",
+           "base_name", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "lora_scaling",
+           "peft_config", "AdapterLayout"]

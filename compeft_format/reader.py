@@ -1,0 +1,232 @@
+"""Reading compeft files (spec sections 2, 7.4, 8): ``open_file`` checks the container, the
+metadata and the manifest up front, then reads and decodes streams lazily, one group at a time;
+``load`` decodes every tensor, ``verify`` checks every digest, ``read`` returns the file's
+compressed form (the inverse of ``save``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import constants as C
+from .codecs import REGISTRY, get_codec
+from .compressed import CompressedAdapter, CompressedTensor
+from .container import ContainerFile, check_streams_match
+from .device import as_tensor, to_device
+from .dtypes import to_torch
+from .errors import InputError, StreamDigestMismatch, TensorDigestMismatch
+from .framing import unframe
+from .integrity import group_sha256, sha256_hex, tensor_sha256
+from .manifest import Manifest, StreamInfo, TensorInfo, parse_metadata
+
+PathLike = str | os.PathLike[str]
+
+
+class CompeftFile:
+    """An open compeft file. Header, metadata and manifest are checked on open; tensor data is
+    read lazily, one group at a time, through the one open file handle.
+
+    Example:
+        >>> with open_file("adapter.cpeft.safetensors") as f:
+        ...     w = f.get_tensor(f.keys()[0], dtype="float32")
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self._file = ContainerFile(path)
+        try:
+            self.manifest = parse_metadata(self._file.metadata, REGISTRY)
+            check_streams_match(self.manifest, self._file.header)
+        except BaseException:
+            self._file.close()
+            raise
+        self.metadata = self._file.metadata
+        self._index = {t.name: i for i, t in enumerate(self.manifest.tensors)}
+        self._members = self.manifest.group_members()
+        # the last group read: (index, device, raw streams, decoding memo)
+        self._cache: tuple[int, str, dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+    # -- context ---------------------------------------------------------------------------
+    def __enter__(self) -> CompeftFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._cache = None
+
+    # -- listing ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return [t.name for t in self.manifest.tensors]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        try:
+            return self.manifest.tensors[self._index[name]]
+        except KeyError:
+            raise InputError(f"{self.path} has no tensor {name!r}", path=str(self.path)) from None
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes."""
+        return self._file.size
+
+    def sha256(self) -> str:
+        """sha256 of the whole file, read through the open handle."""
+        return self._file.sha256()
+
+    # -- streams ---------------------------------------------------------------------------
+    def stored_stream(self, info: StreamInfo) -> np.ndarray:
+        """The stream's bytes as stored in the file (before unframing)."""
+        return self._file.read_tensor_bytes(info.name)
+
+    def _group_raw(self, gi: int, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The group's raw streams on ``device``, each stream digest checked before unframing."""
+        key = str(device)
+        if self._cache is not None and self._cache[0] == gi and self._cache[1] == key:
+            return self._cache[2], self._cache[3]
+        raw = {}
+        for role, info in self.manifest.groups[gi].streams.items():
+            stored = self.stored_stream(info)
+            actual = sha256_hex(stored)
+            if actual != info.sha256:
+                raise StreamDigestMismatch(f"stream {info.name!r}: sha256 is {actual}, manifest declares {info.sha256}",
+                                           subject=info.name, expected=info.sha256, actual=actual)
+            raw[role] = to_device(as_tensor(unframe(stored, info.compression, info.raw_size)), device)
+        memo: dict[str, Any] = {}
+        self._cache = (gi, key, raw, memo)
+        return raw, memo
+
+    def _members_of(self, gi: int) -> list[TensorInfo]:
+        return [self.manifest.tensors[i] for i in self._members[gi]]
+
+    def _decode(self, gi: int, select: list[int], dtype: str | torch.dtype | None,
+                device: str | torch.device) -> dict[int, torch.Tensor]:
+        g = self.manifest.groups[gi]
+        raw, memo = self._group_raw(gi, device)
+        return get_codec(g.encoding).decode(raw, self._members_of(gi), g.params, select, dtype, memo)
+
+    # -- tensors ---------------------------------------------------------------------------
+    def get_tensor(self, name: str, *, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+        """Decode one tensor (in its target dtype unless ``dtype`` is given)."""
+        info = self.tensor_info(name)
+        j = self._members[info.group].index(self._index[name])
+        return self._decode(info.group, [j], dtype, device)[j]
+
+    def _decoded_groups(self, dtype: str | torch.dtype | None, device: str | torch.device,
+                        check: bool) -> Iterator[tuple[list[int], dict[int, torch.Tensor]]]:
+        """Yield (member indices, decoded tensors) for every group. With ``check`` the decoded
+        digests are compared first, on tensors in their target dtypes; a group is decoded a
+        second time only when the caller asked for another dtype (spec 5.5 rounds once)."""
+        for gi, idx in enumerate(self._members):
+            select = list(range(len(idx)))
+            dec = self._decode(gi, select, None if check else dtype, device)
+            if check:
+                self._check_decoded(gi, idx, dec)
+                if dtype is not None and any(to_torch(dtype) != to_torch(self.manifest.tensors[i].dtype) for i in idx):
+                    dec = self._decode(gi, select, dtype, device)
+            yield idx, dec
+        self._cache = None
+
+    def _check_decoded(self, gi: int, idx: list[int], dec: dict[int, torch.Tensor]) -> None:
+        expected = self.manifest.groups[gi].decoded_sha256
+        if expected is not None:
+            actual = group_sha256([dec[j] for j in range(len(idx))])
+            if actual != expected:
+                raise TensorDigestMismatch(f"group {gi}: decoded sha256 is {actual}, manifest declares {expected}",
+                                           subject=f"group {gi}", expected=expected, actual=actual)
+        for j, i in enumerate(idx):
+            t = self.manifest.tensors[i]
+            if t.sha256 is not None:
+                actual = tensor_sha256(dec[j])
+                if actual != t.sha256:
+                    raise TensorDigestMismatch(
+                        f"tensor {t.name!r}: decoded sha256 is {actual}, manifest declares {t.sha256}",
+                        subject=t.name, expected=t.sha256, actual=actual)
+
+    def state_dict(self, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                   verify: bool = False) -> dict[str, torch.Tensor]:
+        """Decode every tensor, each group's streams read once. With ``verify`` the decoded
+        digests recorded for groups and tensors are checked as well (``verify()`` without a second
+        decode)."""
+        out: dict[int, torch.Tensor] = {}
+        for idx, dec in self._decoded_groups(dtype, device, verify):
+            for j, i in enumerate(idx):
+                out[i] = dec[j]
+        return {self.manifest.tensors[i].name: out[i] for i in range(len(self.manifest.tensors))}
+
+    def verify(self) -> Manifest:
+        """Check every stream digest, decode every tensor and check the decoded digests recorded
+        for groups and tensors."""
+        for _ in self._decoded_groups(None, "cpu", check=True):
+            pass
+        return self.manifest
+
+    def compressed(self, *, verify: bool = False) -> CompressedAdapter:
+        """The file's compressed form: every member's payload unpacked by its codec, with the
+        checks decoding makes (and with ``verify`` the decoded digests too)."""
+        m = self.manifest
+        tensors: dict[int, CompressedTensor] = {}
+        sigma = m.compression.sigma if m.compression.scope == C.SCOPE_GLOBAL else None
+        for gi, idx in enumerate(self._members):
+            g = m.groups[gi]
+            raw, _ = self._group_raw(gi, "cpu")
+            payloads = get_codec(g.encoding).unpack(raw, self._members_of(gi), g.params)
+            for i, payload in zip(idx, payloads, strict=True):
+                tensors[i] = CompressedTensor.from_payload(m.tensors[i], g.encoding, payload,
+                                                           sigma if g.encoding == C.ENC_TERNARY else None)
+            if verify:
+                self._check_decoded(gi, idx, {j: tensors[i].to_dense() for j, i in enumerate(idx)})
+        self._cache = None
+        return CompressedAdapter(tensors={m.tensors[i].name: tensors[i] for i in range(len(m.tensors))},
+                                 adapter=m.adapter, base_model=m.base_model, compression=m.compression,
+                                 provenance=m.provenance)
+
+
+def open_file(path: PathLike) -> CompeftFile:
+    """Open a compeft file for lazy reading. Raises a ``CompeftError`` subclass when the header,
+    metadata or manifest is not valid."""
+    return CompeftFile(path)
+
+
+def load(path: PathLike, *, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Decode every tensor of a compeft file. Stream digests are checked before decoding."""
+    with CompeftFile(path) as f:
+        return f.state_dict(dtype=dtype, device=device)
+
+
+def verify(path: PathLike) -> Manifest:
+    """Fully check a file: header, manifest, every stream digest, every decoded tensor digest.
+
+    Raises the first problem found as a ``CompeftError`` subclass; returns the manifest otherwise.
+    """
+    with CompeftFile(path) as f:
+        return f.verify()
+
+
+def read(path: PathLike, *, verify: bool = False) -> CompressedAdapter:
+    """A compeft file as the ``CompressedAdapter`` that ``save`` wrote: ``save(read(p), q)`` with
+    the writer options that made ``p`` writes the same streams and manifest."""
+    with CompeftFile(path) as f:
+        return f.compressed(verify=verify)
+
+
+__all__ = ["CompeftFile", "open_file", "load", "verify", "read"]

@@ -1,0 +1,183 @@
+"""Writing compeft files (spec sections 2, 4, 6.5, 7): tensors are planned into groups, each group
+encoded by its codec, each stream framed and hashed, and the file written atomically.
+
+``WriterOptions`` holds every choice the writer makes; ``save(adapter, path, positions="bitmap")``
+is a shortcut for ``save(adapter, path, WriterOptions(positions="bitmap"))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import save_file
+
+from . import constants as C
+from ._version import __version__
+from .codecs import CODINGS, REGISTRY, get_codec
+from .compressed import CompressedAdapter, CompressedTensor
+from .errors import InvalidArgument, IOFailure, LimitExceeded
+from .fileio import atomic_write
+from .framing import smallest_frame
+from .integrity import group_sha256, sha256_hex, tensor_sha256
+from .manifest import GroupInfo, Manifest, StreamInfo, TensorInfo, metadata
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """How a compressed adapter is written; none of these change the decoded tensors."""
+
+    #: zstd level for streams (a stream is stored raw when zstd does not shrink it); None stores
+    #: every stream raw
+    zstd_level: int | None = C.DEFAULT_ZSTD_LEVEL
+    #: largest number of elements coded together in one group (a larger tensor gets its own)
+    max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS
+    #: record the sha256 of each decoded tensor (32 bytes per tensor)
+    tensor_digests: bool = False
+    #: record one sha256 of each group's decoded tensors (32 bytes per group)
+    group_digests: bool = True
+    #: ``"json"``, ``"zstd+base64"``, ``"zstd+dict1+base64"`` or ``"auto"`` (the shortest)
+    manifest_encoding: str = "auto"
+    #: position coding of ternary and sparse groups: ``"golomb"`` (near the information bound),
+    #: ``"bitmap"`` (one bit per element) or ``"auto"`` (Golomb unless a tensor keeps more than
+    #: 40% of its elements)
+    positions: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.zstd_level is not None and not (isinstance(self.zstd_level, int) and 1 <= self.zstd_level <= 22):
+            raise InvalidArgument(f"zstd_level must be None or an integer from 1 to 22, got {self.zstd_level!r}")
+        if not (isinstance(self.max_group_elements, int) and self.max_group_elements >= 1):
+            raise InvalidArgument(f"max_group_elements must be an integer >= 1, got {self.max_group_elements!r}")
+        if self.manifest_encoding not in ("auto",) + C.MANIFEST_ENCODINGS:
+            raise InvalidArgument(f"manifest_encoding must be 'auto' or one of {list(C.MANIFEST_ENCODINGS)}")
+        if self.positions != "auto" and self.positions not in CODINGS:
+            raise InvalidArgument(f"positions must be 'auto' or one of {sorted(CODINGS)}")
+
+    def replace(self, **changes: Any) -> WriterOptions:
+        """These options with some changed; an unknown name is an ``InvalidArgument``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise InvalidArgument(f"unknown writer option(s) {unknown}; the options are {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+
+def _options(options: WriterOptions | None, changes: dict[str, Any]) -> WriterOptions:
+    return (options or WriterOptions()).replace(**changes)
+
+
+def plan_groups(tensors: list[CompressedTensor],
+                options: WriterOptions) -> list[tuple[dict[str, Any], str, list[int]]]:
+    """Assign tensors to groups: same encoding and parameters, at most ``max_group_elements``
+    elements each (a larger tensor gets a group of its own)."""
+    groups: list[tuple[dict[str, Any], str, list[int]]] = []
+    open_group: dict[str, int] = {}
+    sizes: list[int] = []
+    for i, t in enumerate(tensors):
+        params = get_codec(t.encoding).choose_params(t, positions=options.positions)
+        key = json.dumps([t.encoding, params], sort_keys=True)
+        gi = open_group.get(key)
+        if gi is None or (sizes[gi] + t.numel > options.max_group_elements and sizes[gi] > 0):
+            gi = len(groups)
+            groups.append((params, t.encoding, []))
+            sizes.append(0)
+            open_group[key] = gi
+        groups[gi][2].append(i)
+        sizes[gi] += t.numel
+    return groups
+
+
+def _check_limits(tensors: list[CompressedTensor]) -> None:
+    if len(tensors) > C.MAX_TENSORS:
+        raise LimitExceeded(f"{len(tensors)} tensors, the format allows {C.MAX_TENSORS}")
+    for t in tensors:
+        if t.numel > C.MAX_ELEMENTS_PER_TENSOR or len(t.shape) > C.MAX_RANK:
+            raise LimitExceeded(f"tensor {t.name!r} is over the format's size limits")
+        try:
+            if len(t.name.encode("utf-8")) > C.MAX_NAME_BYTES:
+                raise LimitExceeded(f"tensor name {t.name[:40]!r}... is over {C.MAX_NAME_BYTES} bytes")
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"tensor name {t.name!r} is not valid Unicode text") from None
+
+
+def build(adapter: CompressedAdapter, options: WriterOptions | None = None, /,
+          **changes: Any) -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
+    """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk.
+    Keyword arguments change single ``WriterOptions``."""
+    opts = _options(options, changes)
+    tensors = list(adapter.tensors.values())
+    _check_limits(tensors)
+    group_of = [0] * len(tensors)
+    tensor_digest: list[str | None] = [None] * len(tensors)
+    groups: list[GroupInfo] = []
+    streams: dict[str, np.ndarray] = {}
+    for gi, (params, encoding, idx) in enumerate(plan_groups(tensors, opts)):
+        codec = get_codec(encoding)
+        raw = codec.encode([tensors[i] for i in idx], params)
+        infos = {}
+        for role in codec.roles(params):
+            comp, stored = smallest_frame(raw[role], opts.zstd_level)
+            name = f"g{gi}.{role}"
+            streams[name] = np.frombuffer(stored, dtype=np.uint8)
+            infos[role] = StreamInfo(name=name, compression=comp, size=len(stored),
+                                     raw_size=len(raw[role]), sha256=sha256_hex(stored))
+        # one member densified at a time unless per-tensor digests need them all
+        dense = [tensors[i].to_dense() for i in idx] if opts.tensor_digests else []
+        digest = None
+        if opts.group_digests:
+            digest = group_sha256(dense if opts.tensor_digests else (tensors[i].to_dense() for i in idx))
+        groups.append(GroupInfo(encoding=encoding, params=params, streams=infos, decoded_sha256=digest))
+        for j, i in enumerate(idx):
+            group_of[i] = gi
+            if opts.tensor_digests:
+                tensor_digest[i] = tensor_sha256(dense[j])
+    infos_t = [
+        TensorInfo(name=t.name, shape=tuple(t.shape), dtype=t.dtype, nnz=t.nnz,
+                   scale=t.scale if get_codec(t.encoding).member_scale else None, offset=float(t.offset) + 0.0,
+                   group=group_of[i], sha256=tensor_digest[i])
+        for i, t in enumerate(tensors)
+    ]
+    manifest = Manifest(tensors=infos_t, groups=groups, adapter=adapter.adapter, base_model=adapter.base_model,
+                        compression=adapter.compression, provenance=adapter.provenance, library_version=__version__,
+                        required_features=[])
+    manifest.check_consistency(REGISTRY)
+    return manifest, streams, metadata(manifest, opts.manifest_encoding)
+
+
+def save(adapter: CompressedAdapter, path: PathLike, options: WriterOptions | None = None, /,
+         **changes: Any) -> Manifest:
+    """Write a compressed adapter to ``path`` atomically (temporary file, fsync, rename).
+
+    Args:
+        adapter: what ``compress`` or ``read`` returned.
+        path: destination; its folder must exist.
+        options: ``WriterOptions``; keyword arguments change single options
+            (``save(ca, path, positions="bitmap", tensor_digests=True)``).
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        InvalidArgument, LimitExceeded: before anything is written. FileNotFound: the folder does
+        not exist. IOFailure: the write failed; no partial file is left.
+    """
+    manifest, streams, meta = build(adapter, _options(options, changes))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(streams, tmp, metadata=meta)
+        except SafetensorError as e:
+            raise IOFailure(f"cannot write {path}: {e}", path=str(path)) from None
+
+    atomic_write(path, write)
+    return manifest
+
+
+__all__ = ["WriterOptions", "plan_groups", "build", "save"]
