@@ -38,6 +38,7 @@ vectors: install
 
 lint: install
 	$(BIN)/ruff check compeft_format cpet_adapters tools tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -3,12 +3,16 @@ zstd frame whose header declares the content size, equal to the manifest's ``raw
 
 from __future__ import annotations
 
+import numpy as np
 import zstandard
 
 from . import constants as C
 from .errors import StreamCorrupt, UnknownEncoding
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+#: what a stream can be held in
+Bytes = bytes | bytearray | memoryview | np.ndarray
 
 
 def frame(raw: bytes, compression: str, level: int = C.DEFAULT_ZSTD_LEVEL,
@@ -42,8 +46,8 @@ def smallest_frame(raw: bytes, level: int | None = C.DEFAULT_ZSTD_LEVEL) -> tupl
     return (C.COMP_ZSTD, z) if len(z) < len(raw) else (C.COMP_NONE, raw)
 
 
-def unframe(stored, compression: str, raw_size: int,
-            dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes | memoryview:
+def unframe(stored: Bytes, compression: str, raw_size: int,
+            dictionary: zstandard.ZstdCompressionDict | None = None) -> Bytes:
     """Recover the raw bytes of a stream, refusing anything that would exceed ``raw_size``.
 
     The frame header's content size is checked before any output is allocated, so a stream that
@@ -56,6 +60,8 @@ def unframe(stored, compression: str, raw_size: int,
         return stored
     if compression != C.COMP_ZSTD:
         raise UnknownEncoding(f"unknown stream compression {compression!r}")
+    if isinstance(stored, np.ndarray):
+        stored = stored.data
     if bytes(stored[:4]) != ZSTD_MAGIC:  # also refuses skippable frames (spec 4.5)
         raise StreamCorrupt("stream does not start with a zstd frame")
     try:

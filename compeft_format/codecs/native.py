@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -87,7 +87,7 @@ def member_arrays(members: Sequence[Any], params: Sequence[int] | None = None) -
     return numel, nnz, np.asarray(params, dtype=np.int64)
 
 
-def call(fn, *args) -> Any:
+def call(fn: Callable[..., Any], *args: Any) -> Any:
     """Run an extension function, reporting a stream defect as StreamCorrupt."""
     try:
         return fn(*args)
