@@ -41,7 +41,8 @@ class CompressedTensor(TensorDescription):
     sigma: float | None = None
 
     def __post_init__(self) -> None:
-        count = self.numel if self.encoding == C.ENC_DENSE else (None if self.indices is None else self.indices.size)
+        every = get_codec(self.encoding).every_element
+        count = self.numel if every else (None if self.indices is None else self.indices.size)
         if count != self.nnz:
             raise InvalidArgument(f"tensor {self.name!r}: nnz {self.nnz} disagrees with its payload ({count})")
 

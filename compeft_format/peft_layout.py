@@ -171,14 +171,14 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def _jsonable(x: Any, where: str) -> Any:
+    if isinstance(x, enum.Enum):  # before str and int: peft's enums are both
+        return _jsonable(x.value, where)
     if x is None or isinstance(x, (bool, int, str)):
         return x
     if isinstance(x, float):
         if not math.isfinite(x):
             raise InvalidArgument(f"{where} holds {x}, which JSON cannot hold")
         return x
-    if isinstance(x, enum.Enum):
-        return _jsonable(x.value, where)
     if isinstance(x, os.PathLike):
         return os.fspath(x)
     if isinstance(x, Mapping):

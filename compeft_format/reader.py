@@ -188,10 +188,11 @@ class CompeftFile:
         for gi, idx in enumerate(self._members):
             g = m.groups[gi]
             raw, _ = self._group_raw(gi, "cpu")
-            payloads = get_codec(g.encoding).unpack(raw, self._members_of(gi), g.params)
+            codec = get_codec(g.encoding)
+            payloads = codec.unpack(raw, self._members_of(gi), g.params)
             for i, payload in zip(idx, payloads, strict=True):
                 tensors[i] = CompressedTensor.from_payload(m.tensors[i], g.encoding, payload,
-                                                           sigma if g.encoding == C.ENC_TERNARY else None)
+                                                           sigma if codec.member_scale else None)
             if verify:
                 self._check_decoded(gi, idx, {j: tensors[i].to_dense() for j, i in enumerate(idx)})
         self._cache = None

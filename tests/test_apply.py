@@ -221,3 +221,47 @@ def test_fingerprint_unchanged_by_loaded_adapters(tmp_path):
     path = compressed(tmp_path, LORA_RICH)  # modules_to_save wraps lm_head
     model = cf.load_adapter(base, path)
     assert cf.fingerprint(model) == fp
+
+
+# --- quantised layers: LoRA beside them, never merged into them -------------------------------------
+WIDE = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+
+def nf4_model(folder):
+    """The WIDE model as bitsandbytes NF4 on the CPU (its 4-bit weights are packed uint8 of shape (n, 1))."""
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head"])
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu").eval()
+
+
+def test_quantised_layers_receive_a_lora_and_refuse_a_merge(tmp_path):
+    base_model(cfg=WIDE).save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pm = get_peft_model(base_model(cfg=WIDE), config)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    pm.save_pretrained(tmp_path / "src")
+    path = tmp_path / "a.cpeft.safetensors"
+    cf.save(cf.compress_peft(tmp_path / "src", density=0.3), path)
+    cf.decompress_to_peft(path, tmp_path / "restored")
+
+    quantised = nf4_model(tmp_path / "base")
+    q_proj = quantised.model.layers[0].self_attn.q_proj
+    assert tuple(q_proj.weight.shape) != (128, 128) and q_proj.in_features == q_proj.out_features == 128
+    mine = cf.load_adapter(quantised, path)
+    reference = PeftModel.from_pretrained(nf4_model(tmp_path / "base"), tmp_path / "restored").eval()
+    assert type(mine.base_model.model.model.layers[0].self_attn.q_proj).__module__.startswith("peft.tuners.lora.bnb")
+    torch.testing.assert_close(logits(mine), logits(reference), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(mine), logits(nf4_model(tmp_path / "base")), atol=1e-4)
+
+    target = nf4_model(tmp_path / "base")
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(cf.UnsupportedModel, match=r"not plain float arrays \(quantised layers\).*Linear4bit") as e:
+        cf.merge_adapter(target, path)
+    assert e.value.code == "UNSUPPORTED_MODEL" and len(e.value.modules) == 2 * WIDE.num_hidden_layers
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

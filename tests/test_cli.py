@@ -205,3 +205,35 @@ def test_non_factor_tensors_with_glob_characters_in_their_names_stay_dense(tmp_p
     ca = cf.compress_peft(d, density=0.1)
     assert ca.tensors["base_model.model.head[0].weight"].encoding == "dense"
     assert ca.tensors["base_model.model.l.lora_A.weight"].encoding == "ternary"
+
+
+def test_record_and_check_a_base_binding(lora_dir, tmp_path, capsys):
+    """--base-* options record a binding (the fingerprint read from a sharded checkpoint); check-base
+    accepts the same weights in another float dtype only when the float32 fingerprint was asked for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    model.float().save_pretrained(tmp_path / "base-fp32")
+    for fp, fp32_ok in (("stored", False), ("float32", True)):
+        out = tmp_path / f"{fp}.cpeft.safetensors"
+        assert main(["compress", str(lora_dir), "-o", str(out), "--base-model", "org/tiny", "--base-revision", "r1",
+                     "--base-weights", str(tmp_path / "base"), "--fingerprint", fp]) == 0
+        algorithm = cf.binding.AS_STORED if fp == "stored" else cf.binding.FLOAT32
+        assert f"bound to org/tiny@r1 (fingerprint {algorithm} " in capsys.readouterr().out
+        m = cf.verify(out)
+        assert m.base_model.id == "org/tiny" and m.base_model.fingerprint == cf.fingerprint(tmp_path / "base", algorithm)
+        assert main(["check-base", str(out), str(tmp_path / "base")]) == 0
+        assert "is its base" in capsys.readouterr().out
+        assert main(["check-base", str(out), str(tmp_path / "base-fp32")]) == (0 if fp32_ok else 1)
+        err = capsys.readouterr().err
+        assert ("BASE_MISMATCH" in err) == (not fp32_ok), err
+    plain = tmp_path / "plain.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(plain)]) == 0
+    assert cf.verify(plain).base_model == cf.BaseBinding(id="org/tiny")  # as the PEFT config names it
+    capsys.readouterr()
+    assert main(["check-base", str(plain), str(tmp_path / "base")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "BASE_MISMATCH" in err and "records no fingerprint" in err

@@ -115,3 +115,76 @@ def test_sparse_negative_zero_survives_with_zero_offset():
                                     values=torch.tensor([-0.0], dtype=torch.float16))
     out = ct.to_dense()
     assert out.view(torch.int16).tolist() == [0, -32768]
+
+
+def test_a_new_encoding_is_one_class(tmp_path):
+    """A codec defined here, by one class and nothing else, is planned into groups, written,
+    validated by the manifest's rules, read lazily, verified, read back compressed and inspected."""
+    from compeft_format.codecs import REGISTRY, Codec, Payload
+    from compeft_format.codecs.layout import element_offsets
+    from compeft_format.dtypes import to_torch
+
+    class Halves(Codec):  # every element as float16, low and high bytes in two streams
+        name = "test-halves"
+        member_offset = False
+        every_element = True
+
+        def parse_params(self, params, where):
+            return dict(params)
+
+        def roles(self, params):
+            return ("low", "high")
+
+        def raw_sizes(self, params, members):
+            n = sum(m.numel for m in members)
+            return {"low": (n, True), "high": (n, True)}
+
+        def bound_bits(self, params, member):
+            return 16.0 * member.numel
+
+        def choose_params(self, tensor, *, positions="auto"):
+            return {}
+
+        def encode(self, members, params):
+            b = torch.cat([m.values.reshape(-1).to(torch.float16) for m in members]).view(torch.uint8)
+            return {"low": b[0::2].numpy().tobytes(), "high": b[1::2].numpy().tobytes()}
+
+        def _values(self, raw, members):
+            v = torch.stack([raw["low"], raw["high"]], dim=1).reshape(-1).view(torch.float16)
+            offs = element_offsets([m.numel for m in members])
+            return [v[int(offs[j]):int(offs[j + 1])] for j in range(len(members))]
+
+        def decode(self, raw, members, params, select, dtype, memo=None):
+            v = self._values(raw, members)
+            return {j: v[j].to(to_torch(dtype or members[j].dtype)).clone().view(members[j].shape) for j in select}
+
+        def unpack(self, raw, members, params):
+            return [Payload(values=v.clone()) for v in self._values(raw, members)]
+
+        def to_dense(self, tensor, dtype=None, device="cpu"):
+            out = tensor.values.to(torch.float16).to(to_torch(dtype or tensor.dtype))
+            return out.reshape(tensor.shape).to(device)
+
+    try:
+        assert isinstance(REGISTRY["test-halves"], Halves)
+        torch.manual_seed(0)
+        ca = cf.compress({"a.lora_A.weight": torch.randn(8, 40)}, density=0.25)
+        w = torch.randn(3, 5)
+        ca.tensors["w"] = cf.CompressedTensor(name="w", shape=(3, 5), dtype="float32", nnz=15, encoding="test-halves",
+                                              values=w.reshape(-1))
+        path = tmp_path / "h.cpeft.safetensors"
+        m = cf.save(ca, path, tensor_digests=True)
+        assert [g.encoding for g in m.groups] == ["ternary", "test-halves"]
+        assert set(m.groups[1].streams) == {"low", "high"}
+        cf.verify(path)
+        with cf.open_file(path) as f:
+            assert bits_equal(f.get_tensor("w"), w.half().float())
+        back = cf.read(path, verify=True)
+        assert back.tensors["w"].encoding == "test-halves" and bits_equal(back.tensors["w"].to_dense(), w.half().float())
+        assert cf.inspect(path)["tensors"][1]["bound_bits"] == 16.0 * 15
+    finally:
+        del REGISTRY["test-halves"]
+    with pytest.raises(cf.UnknownEncoding):  # a reader without the codec refuses the file
+        cf.verify(path)
+    with pytest.raises(TypeError, match="registered twice"):
+        type("Again", (Halves,), {"name": "ternary"})

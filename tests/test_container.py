@@ -189,3 +189,65 @@ def test_decode_on_device_equals_cpu(tmp_file, device, positions, monkeypatch):
     for n, t in out.items():
         assert t.device.type == torch.device(device).type
         assert bits_equal(t.cpu(), ca.tensors[n].to_dense(torch.float32))
+
+
+@given(sd=state_dicts(), density=st.floats(0.01, 1.0), mode=st.sampled_from(C.MODES),
+       scope=st.sampled_from(C.SCOPES), positions=st.sampled_from(["auto", "golomb", "bitmap"]),
+       reference=st.sampled_from(["zero", "ones"]))
+def test_read_is_the_inverse_of_save(tmp_path_factory, backend, sd, density, mode, scope, positions, reference):
+    """read() gives back the compressed adapter: written again with the same options it makes the
+    same manifest and streams, and it decodes to what load() decodes."""
+    path = tmp_path_factory.mktemp("r") / "x.cpeft.safetensors"
+    ca = cf.compress(sd, density=density, mode=mode, scope=scope, reference=reference, min_sparse_numel=3)
+    opts = cf.WriterOptions(positions=positions, tensor_digests=True)
+    cf.save(ca, path, opts)
+    back = cf.read(path, verify=True)
+    assert list(back.tensors) == list(ca.tensors)
+    first, again = build(ca, opts), build(back, opts)
+    assert first[0].to_json() == again[0].to_json()
+    assert first[1].keys() == again[1].keys() and all(np.array_equal(first[1][k], again[1][k]) for k in first[1])
+    loaded = cf.load(path)
+    for n, t in back.tensors.items():
+        assert t.encoding == ca.tensors[n].encoding and t.nnz == ca.tensors[n].nnz
+        assert bits_equal(t.to_dense(), loaded[n])
+    if mode == C.MODE_TERNARY and any(t.encoding == C.ENC_TERNARY for t in ca.tensors.values()):
+        # the selection survives, so alpha can still be changed on a file read back
+        rescaled = cf.rescale(back, 2.0)
+        for n, t in rescaled.tensors.items():
+            if t.encoding == C.ENC_TERNARY:  # global scope: sigma from the manifest; per tensor: scale / alpha
+                sigma = ca.tensors[n].sigma if scope == C.SCOPE_GLOBAL else back.tensors[n].scale / 1.0
+                assert t.scale == float(np.float32(2.0 * sigma))
+
+
+def test_read_checks_what_decoding_checks():
+    from conftest import VECTORS
+
+    for name, err in [("bad_stream_digest", cf.StreamDigestMismatch), ("bad_popcount", cf.StreamCorrupt),
+                      ("bad_golomb_overrun", cf.StreamCorrupt)]:
+        with pytest.raises(err):
+            cf.read(VECTORS / f"{name}.cpeft.safetensors")
+    with pytest.raises(cf.TensorDigestMismatch):
+        cf.read(VECTORS / "bad_tensor_digest.cpeft.safetensors", verify=True)
+
+
+def test_writer_options_and_compeft_config_are_checked(tmp_file):
+    ca = cf.compress({"w": torch.randn(64)}, density=0.5)
+    for bad in ({"positions": "rle"}, {"zstd_level": 0}, {"zstd_level": 23}, {"max_group_elements": 0},
+                {"manifest_encoding": "brotli"}, {"colour": "red"}):
+        with pytest.raises(cf.InvalidArgument):
+            cf.save(ca, tmp_file, **bad)
+    assert not tmp_file.exists()
+    opts = cf.WriterOptions(positions="bitmap")
+    assert cf.save(ca, tmp_file, opts, tensor_digests=True).tensors[0].sha256 is not None
+    assert cf.verify(tmp_file).groups[0].params["positions"] == "bitmap"
+    cfg = cf.CompeftConfig(density=0.25, dtype=torch.float16, dense_patterns=["*.bias"])
+    assert cfg.dtype == "float16" and cfg.dense_patterns == ("*.bias",)
+    assert cfg.replace(alpha=2.0).alpha == 2.0 and cfg.alpha == 1.0
+    for bad in ({"density": 0}, {"alpha": float("inf")}, {"mode": "quaternary"}, {"reference": "twos"},
+                {"min_sparse_numel": -1}, {"dense_patterns": "*.bias"}):
+        with pytest.raises(cf.InvalidArgument):
+            cf.CompeftConfig(**bad)
+    with pytest.raises(cf.UnsupportedDtype):
+        cf.CompeftConfig(dtype=torch.int8)
+    with pytest.raises(cf.InvalidArgument, match="unknown ComPEFT parameter"):
+        cf.compress({"w": torch.randn(64)}, densty=0.2)

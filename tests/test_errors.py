@@ -278,3 +278,53 @@ def test_manifest_checks_group_members_once(tmp_path, monkeypatch):
     monkeypatch.setattr(cf.Manifest, "group_members", lambda self: calls.append(1) or real(self))
     cf.manifest.parse_metadata(cf.container.read_safetensors_header(path)[1], cf.codecs.REGISTRY)
     assert len(calls) == 1
+
+
+def test_each_code_belongs_to_one_class_and_the_spec_lists_it():
+    from conftest import ROOT
+
+    codes = {v for k, v in vars(C).items() if k.startswith("E_")}
+    assert set(cf.CODES) == codes
+    assert all(cls.code == code for code, cls in cf.CODES.items())
+    # the kinds that group several codes have none of their own
+    for kind in (cf.FormatError, cf.EncodingError, cf.IntegrityError, cf.ApplyError):
+        assert kind not in cf.CODES.values()
+    spec = (ROOT / "spec" / "FORMAT.md").read_text()
+    assert all(f"`{code}`" in spec for code in codes)
+    with pytest.raises(TypeError, match="belongs to"):
+        type("Again", (cf.CompeftError,), {"code": C.E_STREAM_CORRUPT})
+
+
+def test_errors_are_the_builtins_callers_already_catch(tmp_path):
+    assert issubclass(cf.InvalidArgument, ValueError) and issubclass(cf.FileNotFound, FileNotFoundError)
+    assert issubclass(cf.IOFailure, OSError) and issubclass(cf.HubUnreachable, ConnectionError)
+    assert issubclass(cf.HubAuthError, PermissionError) and issubclass(cf.UnsupportedDtype, TypeError)
+    assert issubclass(cf.StreamCorrupt, ValueError) and issubclass(cf.TensorDigestMismatch, ValueError)
+    with pytest.raises(FileNotFoundError):
+        cf.verify(tmp_path / "missing.cpeft.safetensors")
+    with pytest.raises(ValueError):
+        cf.compress({"w": torch.ones(4)}, density=2.0)
+    with pytest.raises(TypeError):
+        cf.compress({"w": torch.ones(4, dtype=torch.int32)})
+
+
+def test_errors_carry_their_data(tmp_path):
+    import pickle
+
+    p = make(tmp_path)
+    b = bytearray(p.read_bytes())
+    b[-3] ^= 0x40
+    p.write_bytes(bytes(b))
+    with pytest.raises(cf.StreamDigestMismatch) as e:
+        cf.load(p)
+    err = e.value
+    assert err.subject.startswith("g") and len(err.expected) == len(err.actual) == 64 and err.expected != err.actual
+    assert err.expected in str(err) and err.actual in str(err)
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is cf.StreamDigestMismatch and (again.subject, again.expected, again.actual) == (
+        err.subject, err.expected, err.actual) and str(again) == str(err)
+    with pytest.raises(cf.FileNotFound) as e2:
+        cf.verify(tmp_path / "gone.cpeft.safetensors")
+    assert e2.value.path == str(tmp_path / "gone.cpeft.safetensors")
+    with pytest.raises(TypeError, match="no detail 'colour'"):
+        cf.StreamCorrupt("x", colour="red")

@@ -415,3 +415,78 @@ def test_malformed_index_is_no_index(hub, tmp_path, index):
     api.create_commit("me/badindex", operations=[CommitOperationAdd(C.HUB_INDEX_FILE, index)], commit_message="x")
     with pytest.raises(cf.HubNoIndex):
         cf.pull("me/badindex", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+
+
+def test_push_opens_each_file_once_and_indexes_it_typed(hub, tmp_path, monkeypatch):
+    from compeft_format import container
+
+    endpoint, _ = hub
+    files = [adapter_file(tmp_path, i, f"a{i}.cpeft.safetensors") for i in range(2)]
+    opened = []
+    real = container._open
+    monkeypatch.setattr(container, "_open", lambda path: opened.append(str(path)) or real(path))
+    cf.push(files, "me/typed", endpoint=endpoint, token=TOKEN)
+    assert sorted(opened) == sorted(str(f) for f in files)
+    res = cf.pull("me/typed", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    entry = res.index.artifacts[0]
+    assert isinstance(entry, cf.IndexEntry) and entry.kind == "adapter" and entry.requires == ()
+    assert entry.base_model == cf.BaseBinding(id="org/tiny-llama") and entry.peft_type == "LORA"
+    assert entry.sha256 == cf.hub.file_sha256(files[0]) and entry.format_version == C.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("path", ["..\\x.safetensors", "C:x.safetensors", "\\\\host\\share", "a\x00b",
+                                  "./compeft-index.json", "a//b", "a/../b", "/abs"])
+def test_index_paths_that_could_leave_the_folder_are_refused(hub, tmp_path, path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/paths", exist_ok=True)
+    index = {"format": "compeft", "artifacts": [{"path": path, "sha256": "0" * 64, "size": 1}]}
+    api.create_commit("me/paths", operations=[CommitOperationAdd(C.HUB_INDEX_FILE, json.dumps(index).encode())],
+                      commit_message="x")
+    with pytest.raises(cf.HubNoIndex, match="unsafe path"):
+        cf.pull("me/paths", local_dir=tmp_path / "out", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", [
+    {"path": "a.cpeft.safetensors", "sha256": "A" * 64, "size": 1},
+    {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": True},
+    {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": -1},
+    {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": 1, "requires": ["../b"]},
+    {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": 1, "base_model": {"fingerprint": "x"}},
+])
+def test_malformed_index_entries_are_no_index(entry):
+    from compeft_format.hub.index import Index
+
+    with pytest.raises(cf.HubNoIndex):
+        Index.parse(json.dumps({"format": "compeft", "artifacts": [entry]}).encode(), "me/x")
+    with pytest.raises(cf.HubNoIndex, match="twice"):
+        ok = {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": 1}
+        Index.parse(json.dumps({"format": "compeft", "artifacts": [ok, ok]}), "me/x")
+    with pytest.raises(cf.HubNoIndex):
+        Index.parse(b"\xff\xfe not utf-8", "me/x")
+
+
+def test_pull_checks_artifacts_against_base_weights(hub, tmp_path):
+    """``pull --base PATH``: every artifact must record the fingerprint of those weights."""
+    from safetensors.torch import save_file
+
+    endpoint, _ = hub
+    base = {"model.w": torch.randn(4, 4)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    sd = {f"base_model.model.l{i}.lora_{ab}.weight": torch.randn(8, 64) for i in range(2) for ab in "AB"}
+    bound = tmp_path / "bound.cpeft.safetensors"
+    cf.save(cf.compress(sd, density=0.2, base=cf.BaseBinding(fingerprint=cf.fingerprint(base))), bound)
+    cf.push(bound, "me/bound", endpoint=endpoint, token=TOKEN)
+    res = cf.pull("me/bound", base=tmp_path / "base.safetensors", endpoint=endpoint, token=TOKEN,
+                  cache_dir=tmp_path / "c")
+    assert [p.name for p in res.paths] == ["bound.cpeft.safetensors"]
+    save_file({"model.w": torch.zeros(4, 4)}, str(tmp_path / "other.safetensors"))
+    p = cli("pull", "me/bound", "--base", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "c"), env={"HF_ENDPOINT": endpoint, "HF_TOKEN": TOKEN})
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "BASE_MISMATCH" in p.stderr, p.stderr
+    assert "fingerprint differs" in p.stderr and not (tmp_path / "o").exists()
+    cf.push(adapter_file(tmp_path), "me/unbound", endpoint=endpoint, token=TOKEN)
+    with pytest.raises(cf.BaseMismatch, match="records no fingerprint"):
+        cf.pull("me/unbound", base=tmp_path / "base.safetensors", endpoint=endpoint, token=TOKEN,
+                cache_dir=tmp_path / "c")

@@ -115,3 +115,92 @@ def test_legacy_bin_adapter_loads_weights_only(tmp_path):
     assert (src / "adapter_model.bin").is_file()
     ca = cf.compress_peft(src, density=0.5)
     assert len(ca.tensors) == 2 * CFG.num_hidden_layers
+
+
+# --- the PEFT layout: what each tensor of a real peft adapter is ------------------------------------
+LAYOUT_CASES = {
+    "lora": (LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"]),
+             {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "parameter", "base_layer"}),
+    "dora": (LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), {"lora_A", "lora_B", "magnitude"}),
+    "lora_bias": (LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True), {"lora_A", "lora_B", "lora_bias"}),
+    "ia3": (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), {"ia3"}),
+    "trainable_tokens": (LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2]}),
+                         {"lora_A", "lora_B", "trainable_tokens"}),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUT_CASES)
+def test_layout_names_every_tensor_of_real_peft_adapters(name):
+    from peft import get_peft_model_state_dict
+
+    from compeft_format import peft_layout
+
+    config, roles = LAYOUT_CASES[name]
+    model = base_model()
+    pm = get_peft_model(model, config)
+    sd = get_peft_model_state_dict(pm)
+    parsed = {k: peft_layout.parse_key(k) for k in sd}
+    assert {kr.role.name for kr in parsed.values()} == roles
+    params = dict(base_model().named_parameters())
+    for key, kr in parsed.items():
+        assert kr.adapter is None and kr.role.name != "unknown", key
+        if kr.role.apply == "parameter":  # full weights name a parameter of the base model, of its shape
+            assert tuple(params[kr.parameter].shape) == tuple(sd[key].shape), key
+        else:
+            assert kr.module in dict(model.named_modules()), key
+        # only LoRA and (IA)3 factors are task vectors; a compressed adapter keeps the rest dense
+        assert kr.role.sparsifiable == (kr.role.name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                                         "ia3")), key
+    ca = cf.compress(pm, density=0.3)
+    for key, kr in parsed.items():
+        assert (ca.tensors[key].encoding == "ternary") == (kr.role.sparsifiable and ca.tensors[key].numel >= 32), key
+
+
+def test_layout_of_a_live_model_state_dict_and_of_base_weights():
+    from compeft_format import peft_layout
+
+    kr = peft_layout.parse_key("model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    assert (kr.module, kr.role.name, kr.adapter) == ("model.layers.0.self_attn.q_proj", "lora_A", "default")
+    assert peft_layout.parse_key("base_model.model.x.vera_lambda_b").role.name == "unknown"
+    assert peft_layout.base_name("model.embed_tokens.token_adapter.base_layer.weight") == "model.embed_tokens.weight"
+    assert peft_layout.base_name("lm_head.original_module.weight") == "lm_head.weight"
+    for added in ("q_proj.lora_A.default.weight", "lm_head.modules_to_save.default.weight",
+                  "embed_tokens.token_adapter.trainable_tokens_delta.default", "q.lora_magnitude_vector.default.weight"):
+        assert peft_layout.base_name(added) is None, added
+
+
+def test_compress_takes_a_peft_model_and_peft_config_objects(tmp_path, ids):
+    """The three ways in give one file: a PeftModel, its state dict with the LoraConfig object
+    (whose target_modules is a set), and the folder save_pretrained wrote."""
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pm = get_peft_model(base_model(), lcfg)
+    perturb_trainables(pm, 0.05)
+    assert isinstance(pm.peft_config["default"].target_modules, set)
+    pm.save_pretrained(tmp_path / "src")
+    from peft import get_peft_model_state_dict
+
+    made = {
+        "model": cf.compress(pm, density=0.2, created_at="2026-01-01T00:00:00Z"),
+        "objects": cf.compress(get_peft_model_state_dict(pm), density=0.2, peft_config=pm.peft_config["default"],
+                               created_at="2026-01-01T00:00:00Z"),
+        "folder": cf.compress_peft(tmp_path / "src", density=0.2, created_at="2026-01-01T00:00:00Z", source=None,
+                                   base=cf.BaseBinding()),
+    }
+    manifests = {}
+    for way, ca in made.items():
+        path = tmp_path / f"{way}.cpeft.safetensors"
+        cf.save(ca, path)
+        manifests[way] = cf.verify(path)
+    assert manifests["model"].adapter.peft_config["target_modules"] == ["q_proj", "v_proj"]
+    assert manifests["model"].adapter.peft_config["peft_type"] == "LORA"
+    assert manifests["model"].adapter.peft_config == manifests["objects"].adapter.peft_config
+    for way in ("objects", "folder"):
+        assert [g.to_dict() for g in manifests[way].groups] == [g.to_dict() for g in manifests["model"].groups], way
+    cf.decompress_to_peft(tmp_path / "model.cpeft.safetensors", tmp_path / "restored")
+    reloaded = PeftModel.from_pretrained(base_model(), tmp_path / "restored").eval()
+    direct = cf.load_adapter(base_model(), tmp_path / "model.cpeft.safetensors")
+    torch.testing.assert_close(logits(reloaded, ids), logits(direct, ids), rtol=1e-6, atol=1e-6)
+    with pytest.raises(cf.InvalidArgument):
+        cf.compress(base_model(), density=0.2)
+    with pytest.raises(cf.InvalidArgument, match="JSON cannot hold"):
+        cf.compress(get_peft_model_state_dict(pm), peft_config={"peft_type": "LORA", "x": object()})
