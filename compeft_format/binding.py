@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import constants as C
+from .container import read_safetensors_header
 from .dtypes import DTYPE_NAMES
 from .errors import (
     BaseMismatch,
@@ -238,8 +239,6 @@ def checkpoint_files(path: str | os.PathLike[str]) -> dict[str, Path]:
     Raises:
         FileNotFound, InputError, and the container errors of the files.
     """
-    from .container import read_safetensors_header
-
     p = Path(path)
     if not p.exists():
         raise FileNotFound(f"no such file or folder: {p}", path=str(p))

@@ -1,8 +1,8 @@
-"""The safetensors container (spec sections 2.1 and 2.3): the header, checked in full before any
-tensor data is read, the stream table against the manifest, and an open file whose streams are
-read by their byte ranges.
+"""The safetensors container (spec section 2.1): the header, checked in full before any tensor
+data is read, and an open file whose tensors are read by their byte ranges.
 
-Nothing here knows what the streams hold; ``reader`` and ``writer`` do.
+Nothing here knows what the tensors hold: the reader matches them with the manifest's streams,
+``binding`` reads checkpoints through the same header checks.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import IO, Any
 import numpy as np
 
 from . import constants as C
-from .errors import FileNotFound, InputError, IOFailure, ManifestMismatch, NotSafetensors, TruncatedFile
+from .errors import FileNotFound, InputError, IOFailure, NotSafetensors, TruncatedFile
 from .fileio import sha256_of_file
-from .manifest import Manifest, StreamInfo
 
 PathLike = str | os.PathLike[str]
 
@@ -165,25 +164,4 @@ class ContainerFile:
             raise IOFailure(f"cannot read {self.path}: {e.strerror or e}", path=str(self.path)) from None
 
 
-def check_streams_match(manifest: Manifest, header: dict[str, Any]) -> None:
-    """Every safetensors tensor is a U8 vector named by exactly one manifest stream, and sizes
-    agree (spec 2.3)."""
-    declared: dict[str, StreamInfo] = {}
-    for g in manifest.groups:
-        for s in g.streams.values():
-            declared[s.name] = s
-    extra = sorted(set(header) - set(declared))
-    missing = sorted(set(declared) - set(header))
-    if extra:
-        raise ManifestMismatch(f"file holds tensors the manifest does not name: {extra[:5]}")
-    if missing:
-        raise ManifestMismatch(f"manifest names streams the file lacks: {missing[:5]}")
-    for name, s in declared.items():
-        e = header[name]
-        if e["dtype"] != "U8" or len(e["shape"]) != 1:
-            raise ManifestMismatch(f"stream {name!r} must be a 1-D U8 tensor")
-        if e["shape"][0] != s.size:
-            raise ManifestMismatch(f"stream {name!r} holds {e['shape'][0]} bytes, manifest declares {s.size}")
-
-
-__all__ = ["ContainerFile", "read_safetensors_header", "check_streams_match"]
+__all__ = ["ContainerFile", "read_safetensors_header"]

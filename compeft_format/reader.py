@@ -17,15 +17,36 @@ import torch
 from . import constants as C
 from .codecs import REGISTRY, get_codec
 from .compressed import CompressedAdapter, CompressedTensor
-from .container import ContainerFile, check_streams_match
+from .container import ContainerFile
 from .device import as_tensor, to_device
 from .dtypes import to_torch
-from .errors import InputError, StreamDigestMismatch, TensorDigestMismatch
+from .errors import InputError, ManifestMismatch, StreamDigestMismatch, TensorDigestMismatch
 from .framing import unframe
 from .integrity import group_sha256, sha256_hex, tensor_sha256
 from .manifest import Manifest, StreamInfo, TensorInfo, parse_metadata
 
 PathLike = str | os.PathLike[str]
+
+
+def check_streams_match(manifest: Manifest, header: dict[str, Any]) -> None:
+    """Every safetensors tensor is a U8 vector named by exactly one manifest stream, and sizes
+    agree (spec 2.3)."""
+    declared: dict[str, StreamInfo] = {}
+    for g in manifest.groups:
+        for s in g.streams.values():
+            declared[s.name] = s
+    extra = sorted(set(header) - set(declared))
+    missing = sorted(set(declared) - set(header))
+    if extra:
+        raise ManifestMismatch(f"file holds tensors the manifest does not name: {extra[:5]}")
+    if missing:
+        raise ManifestMismatch(f"manifest names streams the file lacks: {missing[:5]}")
+    for name, s in declared.items():
+        e = header[name]
+        if e["dtype"] != "U8" or len(e["shape"]) != 1:
+            raise ManifestMismatch(f"stream {name!r} must be a 1-D U8 tensor")
+        if e["shape"][0] != s.size:
+            raise ManifestMismatch(f"stream {name!r} holds {e['shape'][0]} bytes, manifest declares {s.size}")
 
 
 class CompeftFile:
@@ -230,4 +251,4 @@ def read(path: PathLike, *, verify: bool = False) -> CompressedAdapter:
         return f.compressed(verify=verify)
 
 
-__all__ = ["CompeftFile", "open_file", "load", "verify", "read"]
+__all__ = ["CompeftFile", "open_file", "load", "verify", "read", "check_streams_match"]

@@ -17,36 +17,21 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 
 from .. import constants as C
 from ..dtypes import to_torch
 from ..errors import UnknownEncoding
 from .positions import CODINGS, PositionCoding, choose, get_position_coding
+from .types import DType, Member, Payload
 
 if TYPE_CHECKING:
-    from ..compressed import CompressedTensor
     from ..manifest import TensorDescription
 
 #: encoding name -> its codec (filled as codec classes are defined)
 REGISTRY: dict[str, Codec] = {}
-
-#: dtype argument of the decoders: a spec name, a torch dtype, or None for each member's own
-DType = str | torch.dtype | None
-
-
-class Payload(NamedTuple):
-    """The compressed content of one member, as ``compressed.CompressedTensor`` holds it:
-    ``indices`` (int64, strictly increasing flat positions of the entries), ``negative`` (bool
-    per entry, ternary), ``values`` (torch, in the group's value dtype: the entries of a sparse
-    member or every element of a dense one)."""
-
-    indices: np.ndarray | None = None
-    negative: np.ndarray | None = None
-    values: torch.Tensor | None = None
 
 
 def log2_binomial(n: int, k: int) -> float:
@@ -57,8 +42,8 @@ def log2_binomial(n: int, k: int) -> float:
 
 
 class Codec(ABC):
-    """Everything about one encoding. Members are ``manifest.TensorDescription`` objects (when
-    encoding: ``compressed.CompressedTensor``, which is one)."""
+    """Everything about one encoding. Members are ``manifest.TensorDescription`` objects when
+    reading, and ``types.Member`` objects (a description with its payload) when writing."""
 
     #: the encoding's name in the manifest (spec 3.3)
     name: ClassVar[str]
@@ -97,12 +82,12 @@ class Codec(ABC):
 
     # -- writing ------------------------------------------------------------------------------
     @abstractmethod
-    def choose_params(self, tensor: CompressedTensor, *, positions: str = "auto") -> dict[str, Any]:
+    def choose_params(self, tensor: Member, *, positions: str = "auto") -> dict[str, Any]:
         """Parameters of the group a tensor joins; ``positions`` is the writer's position-coding
         option (a coding name or ``"auto"``), for encodings that have positions."""
 
     @abstractmethod
-    def encode(self, members: Sequence[CompressedTensor], params: Mapping[str, Any]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member], params: Mapping[str, Any]) -> dict[str, bytes]:
         """The group's raw streams, by role."""
 
     # -- reading ------------------------------------------------------------------------------
@@ -121,7 +106,7 @@ class Codec(ABC):
         ``encode``), with the checks ``decode`` makes."""
 
     @abstractmethod
-    def to_dense(self, tensor: CompressedTensor, dtype: DType = None,
+    def to_dense(self, tensor: Member, dtype: DType = None,
                  device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor a compressed form stands for, rounded once to ``dtype`` (spec 5): the
         reference meaning that decoding a file must reproduce bit for bit."""
@@ -166,7 +151,7 @@ class PositionalCodec(Codec):
     def own_raw_sizes(self, params: Mapping[str, Any], members: Sequence[TensorDescription]) -> dict[str, tuple[int, bool]]:
         """Sizes of the encoding's own streams (spec 8.4)."""
 
-    def choose_params(self, tensor: CompressedTensor, *, positions: str = "auto") -> dict[str, Any]:
+    def choose_params(self, tensor: Member, *, positions: str = "auto") -> dict[str, Any]:
         return {C.PARAM_POSITIONS: choose(tensor, positions)}
 
 
@@ -192,5 +177,5 @@ def values_view(raw: torch.Tensor, value_dtype: str) -> torch.Tensor:
     return raw.view(to_torch(value_dtype)) if raw.numel() else raw.new_empty(0, dtype=to_torch(value_dtype))
 
 
-__all__ = ["Codec", "PositionalCodec", "Payload", "REGISTRY", "get_codec", "log2_binomial", "DType",
+__all__ = ["Codec", "PositionalCodec", "Payload", "Member", "REGISTRY", "get_codec", "log2_binomial", "DType",
            "parse_value_dtype", "value_bytes", "values_view"]

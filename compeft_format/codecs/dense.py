@@ -11,9 +11,9 @@ from .. import constants as C
 from ..dtypes import to_torch
 from .base import Codec, DType, Payload, parse_value_dtype, value_bytes, values_view
 from .layout import element_offsets
+from .types import Member
 
 if TYPE_CHECKING:
-    from ..compressed import CompressedTensor
     from ..manifest import TensorDescription
 
 
@@ -36,10 +36,10 @@ class Dense(Codec):
     def bound_bits(self, params: Mapping[str, Any], member: TensorDescription) -> float:
         return float(member.numel * 8 * C.DTYPE_ITEMSIZE[params[C.PARAM_VALUE_DTYPE]])
 
-    def choose_params(self, tensor: CompressedTensor, *, positions: str = "auto") -> dict[str, Any]:
+    def choose_params(self, tensor: Member, *, positions: str = "auto") -> dict[str, Any]:
         return {C.PARAM_VALUE_DTYPE: tensor.value_dtype}
 
-    def encode(self, members: Sequence[CompressedTensor], params: Mapping[str, Any]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member], params: Mapping[str, Any]) -> dict[str, bytes]:
         values = [m.values for m in members if m.values is not None]
         return {C.ROLE_VALUES: value_bytes(values, params[C.PARAM_VALUE_DTYPE])}
 
@@ -64,7 +64,7 @@ class Dense(Codec):
         slices = self._slices(raw, members, params, range(len(members)))
         return [Payload(values=slices[j].clone()) for j in range(len(members))]
 
-    def to_dense(self, tensor: CompressedTensor, dtype: DType = None,
+    def to_dense(self, tensor: Member, dtype: DType = None,
                  device: str | torch.device = "cpu") -> torch.Tensor:
         assert tensor.values is not None
         return tensor.values.reshape(tensor.shape).to(device=device, dtype=to_torch(dtype or tensor.dtype))

@@ -22,9 +22,9 @@ from ..errors import InvalidArgument, StreamCorrupt, UnknownEncoding
 from . import native
 from .bits import check_bit_stream, pack_bits, popcount, unpack_bits, unpack_range
 from .layout import element_offsets, positions_bitmap
+from .types import Member
 
 if TYPE_CHECKING:
-    from ..compressed import CompressedTensor
     from ..manifest import TensorDescription
 
 #: Above this fraction of kept elements in a tensor the writer's ``"auto"`` choice is a bitmap.
@@ -56,7 +56,7 @@ class PositionCoding(ABC):
         """Per role: (size, exact); ``exact`` False means ``size`` is an upper bound (spec 8.4)."""
 
     @abstractmethod
-    def encode(self, members: Sequence[CompressedTensor]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member]) -> dict[str, bytes]:
         """Streams of the group's positions; members carry ``numel`` and sorted ``indices``."""
 
     @abstractmethod
@@ -83,7 +83,7 @@ def get_position_coding(name: Any) -> PositionCoding:
     return coding
 
 
-def choose(tensor: CompressedTensor, requested: str) -> str:
+def choose(tensor: Member, requested: str) -> str:
     """The writer's choice for one tensor: ``requested``, or for ``"auto"`` Golomb codes unless
     the tensor keeps more than ``GOLOMB_MAX_DENSITY`` of its elements."""
     if requested != "auto":
@@ -111,7 +111,7 @@ class Bitmap(PositionCoding):
     def raw_sizes(self, members: Sequence[TensorDescription]) -> dict[str, tuple[int, bool]]:
         return {C.ROLE_POSITIONS: ((sum(m.numel for m in members) + 7) // 8, True)}
 
-    def encode(self, members: Sequence[CompressedTensor]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member]) -> dict[str, bytes]:
         mask = positions_bitmap([m.numel for m in members], [_indices(m) for m in members])
         return {C.ROLE_POSITIONS: pack_bits(mask)}
 
@@ -182,7 +182,7 @@ class Golomb(PositionCoding):
         }
 
     # -- encoding ------------------------------------------------------------------------------
-    def encode(self, members: Sequence[CompressedTensor]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member]) -> dict[str, bytes]:
         lib = native.module(torch.device("cpu"))
         if lib is not None:
             return self._encode_native(lib, members)
@@ -206,7 +206,7 @@ class Golomb(PositionCoding):
         return {C.ROLE_UNARY: pack_bits(_cat(unary)), C.ROLE_REMAINDERS: pack_bits(_cat(fields)),
                 C.ROLE_EXTRA: pack_bits(_cat(extra))}
 
-    def _encode_native(self, lib: Any, members: Sequence[CompressedTensor]) -> dict[str, bytes]:
+    def _encode_native(self, lib: Any, members: Sequence[Member]) -> dict[str, bytes]:
         kept = [_indices(m) for m in members]
         params = [golomb_m(m.numel, ix.size) for m, ix in zip(members, kept, strict=True)]
         numel, nnz, mm = native.member_arrays(members, params)

@@ -14,9 +14,9 @@ from .. import constants as C
 from ..dtypes import rounded_scalar, to_torch
 from .base import DType, Payload, PositionalCodec, log2_binomial, parse_value_dtype, value_bytes, values_view
 from .positions import kept_indices
+from .types import Member
 
 if TYPE_CHECKING:
-    from ..compressed import CompressedTensor
     from ..manifest import TensorDescription
 
 
@@ -36,10 +36,10 @@ class Sparse(PositionalCodec):
     def bound_bits(self, params: Mapping[str, Any], member: TensorDescription) -> float:
         return log2_binomial(member.numel, member.nnz) + member.nnz * 8 * C.DTYPE_ITEMSIZE[params[C.PARAM_VALUE_DTYPE]]
 
-    def choose_params(self, tensor: CompressedTensor, *, positions: str = "auto") -> dict[str, Any]:
+    def choose_params(self, tensor: Member, *, positions: str = "auto") -> dict[str, Any]:
         return {**super().choose_params(tensor, positions=positions), C.PARAM_VALUE_DTYPE: tensor.value_dtype}
 
-    def encode(self, members: Sequence[CompressedTensor], params: Mapping[str, Any]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member], params: Mapping[str, Any]) -> dict[str, bytes]:
         values = [m.values for m in members if m.values is not None]
         return {**self.coding(params).encode(members),
                 C.ROLE_VALUES: value_bytes(values, params[C.PARAM_VALUE_DTYPE])}
@@ -65,7 +65,7 @@ class Sparse(PositionalCodec):
         return [Payload(indices=kept_indices(where), values=values[first:first + members[j].nnz].clone())
                 for j, where, first in self.coding(params).locate(raw, members, range(len(members)))]
 
-    def to_dense(self, tensor: CompressedTensor, dtype: DType = None,
+    def to_dense(self, tensor: Member, dtype: DType = None,
                  device: str | torch.device = "cpu") -> torch.Tensor:
         assert tensor.indices is not None and tensor.values is not None
         tdt = to_torch(dtype or tensor.dtype)

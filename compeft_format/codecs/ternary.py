@@ -16,9 +16,9 @@ from . import native
 from .base import DType, Payload, PositionalCodec, log2_binomial
 from .bits import check_bit_stream, pack_bits, unpack_bits
 from .positions import kept_indices
+from .types import Member
 
 if TYPE_CHECKING:
-    from ..compressed import CompressedTensor
     from ..manifest import TensorDescription
 
 
@@ -50,7 +50,7 @@ class Ternary(PositionalCodec):
     def bound_bits(self, params: Mapping[str, Any], member: TensorDescription) -> float:
         return bound_bits(member.numel, member.nnz)
 
-    def encode(self, members: Sequence[CompressedTensor], params: Mapping[str, Any]) -> dict[str, bytes]:
+    def encode(self, members: Sequence[Member], params: Mapping[str, Any]) -> dict[str, bytes]:
         signs = (np.concatenate([np.asarray(m.negative, dtype=bool).reshape(-1) for m in members]) if members
                  else np.zeros(0, bool))
         return {**self.coding(params).encode(members), C.ROLE_SIGNS: pack_bits(signs)}
@@ -103,7 +103,7 @@ class Ternary(PositionalCodec):
             out.append(Payload(indices=kept_indices(where), negative=negative))
         return out
 
-    def to_dense(self, tensor: CompressedTensor, dtype: DType = None,
+    def to_dense(self, tensor: Member, dtype: DType = None,
                  device: str | torch.device = "cpu") -> torch.Tensor:
         assert tensor.indices is not None and tensor.negative is not None
         tdt = to_torch(dtype or tensor.dtype)
@@ -114,6 +114,6 @@ class Ternary(PositionalCodec):
         return out.reshape(tensor.shape)
 
 
-def _scale(m: TensorDescription) -> float:
+def _scale(m: TensorDescription | Member) -> float:
     assert m.scale is not None  # the manifest requires one for every ternary member
     return m.scale
