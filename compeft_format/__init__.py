@@ -10,7 +10,7 @@ Example:
     >>> cf.save(ca, "adapter.cpeft.safetensors")
     >>> cf.verify("adapter.cpeft.safetensors")
     >>> tensors = cf.load("adapter.cpeft.safetensors", dtype="float16")
-    >>> ca == cf.read("adapter.cpeft.safetensors")   # the same tensors and metadata, compressed
+    >>> ca = cf.read("adapter.cpeft.safetensors")     # the compressed form back, as save wrote it
 """
 
 from . import binding, codecs, constants, errors, peft_layout

@@ -29,7 +29,7 @@ from . import binding
 from . import constants as C
 from .errors import ConfigMismatch, InvalidArgument, ModelMismatch, UnsupportedAdapter, UnsupportedModel
 from .manifest import Manifest
-from .peft_layout import AdapterLayout, lora_scaling, peft_config, peft_type
+from .peft_layout import AdapterLayout, base_model_of, lora_scaling, peft_config, peft_type
 from .reader import CompeftFile
 
 PathLike = str | os.PathLike[str]
@@ -53,11 +53,6 @@ def _check_targets(peft_cfg: Any, lay: AdapterLayout) -> None:
     if missed:
         raise ConfigMismatch(f"the config's target_modules leave out {len(missed)} module(s) the file has "
                              f"tensors for, e.g. {missed[0]}")
-
-
-def _base_of(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
 
 
 def _dims(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -181,7 +176,7 @@ def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default",
                                      + ("; use merge_adapter" if config is None else ""))
         if isinstance(model, PeftModel) and adapter_name in model.peft_config:
             raise InvalidArgument(f"the model already has an adapter named {adapter_name!r}")
-        base = _base_of(model)
+        base = base_model_of(model)
         lay = _layout(m)
         _check_model(base, lay, config)
         if check_base:

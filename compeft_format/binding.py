@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from . import constants as C
@@ -31,11 +32,11 @@ from .errors import (
     FileNotFound,
     InputError,
     InvalidArgument,
-    ManifestError,
     NotSafetensors,
     UnsupportedModel,
 )
-from .peft_layout import base_name
+from .jsonfields import as_object, as_str
+from .peft_layout import base_state_dict
 
 #: The fingerprint of the weights as stored: names, dtypes, shapes and bytes.
 AS_STORED = C.FINGERPRINT_ALGORITHM
@@ -47,18 +48,6 @@ Weights = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
 # --- JSON (spec 3.5): every field names its parser; ``omit`` fields are written only when set ---
-def _obj(x: Any, where: str) -> dict[str, Any]:
-    if not isinstance(x, dict):
-        raise ManifestError(f"{where} must be an object")
-    return x
-
-
-def _str(x: Any, where: str) -> str:
-    if not isinstance(x, str):
-        raise ManifestError(f"{where} must be a string")
-    return x
-
-
 def _parsed(parse: Callable[[Any, str], Any], *, omit: bool = False) -> Any:
     return field(default=None, metadata={"parse": parse, "omit": omit})
 
@@ -67,7 +56,7 @@ _T = TypeVar("_T")
 
 
 def _from_json(cls: type[_T], obj: Any, where: str) -> _T:
-    o = _obj(obj, where)
+    o = as_object(obj, where)
     kwargs = {}
     for f in fields(cls):  # type: ignore[arg-type]
         raw = o.get(f.name)
@@ -97,8 +86,8 @@ class Fingerprint:
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "fingerprint") -> Fingerprint:
-        o = _obj(obj, where)
-        return cls(algorithm=_str(o.get("algorithm"), f"{where}.algorithm"), value=_str(o.get("value"), f"{where}.value"))
+        o = as_object(obj, where)
+        return cls(algorithm=as_str(o.get("algorithm"), f"{where}.algorithm"), value=as_str(o.get("value"), f"{where}.value"))
 
     def short(self) -> str:
         return f"{self.algorithm} {self.value[:16]}"
@@ -109,8 +98,8 @@ class ModelRef:
     """Which model: an identifier (a Hub repository, a path), a revision, and a fingerprint of its
     weights. ``None`` means unknown."""
 
-    id: str | None = _parsed(_str)
-    revision: str | None = _parsed(_str)
+    id: str | None = _parsed(as_str)
+    revision: str | None = _parsed(as_str)
     fingerprint: Fingerprint | None = _parsed(Fingerprint.from_json)
 
     def to_json(self) -> dict[str, Any]:
@@ -135,7 +124,7 @@ class ModelRef:
 
 
 def _recipe(x: Any, where: str) -> dict[str, Any]:
-    return dict(_obj(x, where))
+    return dict(as_object(x, where))
 
 
 @dataclass(frozen=True)
@@ -206,29 +195,33 @@ def _digest(names: Iterable[str], get: Callable[[str], torch.Tensor], algorithm:
     return Fingerprint(algorithm, h.hexdigest())
 
 
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint of ``model``'s base weights holds: on a peft model the base
-    model's, without the adapters' tensors and with wrapped weights under their original names;
-    a tensor that shares its storage with one earlier in the state dict (tied weights) is left out,
-    as checkpoint writers leave it out."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if ptr and t.numel() else None
+
+
+def untied(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` without those that share their storage with one earlier in it (tied weights),
+    as checkpoint writers store them once."""
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[Any, ...]] = set()
-    for key, t in base.state_dict(keep_vars=False).items():
-        name = base_name(key)
-        if name is None:
-            continue
-        try:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        except (RuntimeError, NotImplementedError, TypeError):
-            key = None
-        if key is not None and key[0] and t.numel():
+    for name, t in tensors.items():
+        key = _storage_key(t)
+        if key is not None:
             if key in seen:
                 continue
             seen.add(key)
         out[name] = t
     return out
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of ``model``'s base weights holds: on a model holding peft
+    adapters the base model's own (``peft_layout.base_state_dict``), tied weights once."""
+    return untied(base_state_dict(model))
 
 
 def checkpoint_files(path: str | os.PathLike[str]) -> dict[str, Path]:
@@ -287,13 +280,64 @@ def _weight_map(index: Path) -> dict[str, str]:
     return dict(wm)
 
 
-def fingerprint(weights: Weights, algorithm: str = AS_STORED) -> Fingerprint:
-    """Fingerprint of a model's weights (spec 3.4).
+class BaseWeights:
+    """Weights to fingerprint: a state dict; a torch model (a transformers or peft model: its base
+    weights, ``model_state_dict``); or the path of a safetensors checkpoint (``checkpoint_files``,
+    whose headers are checked here), read one tensor at a time. Each algorithm is computed once.
+
+    Raises:
+        InvalidArgument: neither of these. FileNotFound, InputError, and the container errors of a
+        checkpoint that cannot be read.
+    """
+
+    def __init__(self, weights: Weights) -> None:
+        self._memory: Mapping[str, torch.Tensor] | None = None
+        self._files: dict[str, Path] | None = None
+        if isinstance(weights, nn.Module):
+            self._memory = base_state_dict(weights)
+        elif isinstance(weights, (str, os.PathLike)):
+            self._files = checkpoint_files(weights)
+        elif isinstance(weights, Mapping):
+            self._memory = weights
+        else:
+            raise InvalidArgument(f"cannot fingerprint a {type(weights).__name__}; pass a model, a state dict or "
+                                  "a checkpoint path")
+        self._cache: dict[str, list[Fingerprint]] = {}
+        self._shard: tuple[Path, Any] | None = None  # the checkpoint file open now
+
+    def fingerprints(self, algorithm: str = AS_STORED) -> list[Fingerprint]:
+        """The values these weights may be recorded as: the spec's first; for weights in memory
+        with tied tensors also the value over every tensor of the state dict, which writers before
+        format 1.2 recorded."""
+        if algorithm not in self._cache:
+            if self._memory is not None:
+                tensors = self._memory
+                once = untied(tensors)
+                values = [_digest(once, once.__getitem__, algorithm)]
+                if len(once) != len(tensors):
+                    values.append(_digest(tensors, tensors.__getitem__, algorithm))
+            else:
+                assert self._files is not None
+                values = [_digest(self._files, self._checkpoint_tensor, algorithm)]
+            self._cache[algorithm] = values
+        return self._cache[algorithm]
+
+    def _checkpoint_tensor(self, name: str) -> torch.Tensor:
+        assert self._files is not None
+        f = self._files[name]
+        try:  # one file open at a time
+            if self._shard is None or self._shard[0] != f:
+                self._shard = (f, safe_open(str(f), framework="pt"))
+            return self._shard[1].get_tensor(name)
+        except Exception as e:  # safetensors raises its own untyped errors
+            raise NotSafetensors(f"cannot read tensor {name!r} from {f}: {e}", path=str(f)) from None
+
+
+def fingerprint(weights: Weights | BaseWeights, algorithm: str = AS_STORED) -> Fingerprint:
+    """Fingerprint of a model's weights (spec 3.4): of a state dict, a torch model or a safetensors
+    checkpoint (see ``BaseWeights``).
 
     Args:
-        weights: a state dict; a torch model (a transformers or peft model: its base weights, see
-            ``model_state_dict``); or the path of a safetensors checkpoint (``checkpoint_files``),
-            read one tensor at a time.
         algorithm: ``AS_STORED`` (``sha256-state-dict-v1``) or ``FLOAT32``
             (``sha256-state-dict-f32-v1``, equal for copies of the weights in other float dtypes).
 
@@ -301,84 +345,64 @@ def fingerprint(weights: Weights, algorithm: str = AS_STORED) -> Fingerprint:
         InvalidArgument: unknown algorithm. UnsupportedModel: tensors without plain bytes.
         FileNotFound, InputError, NotSafetensors: a checkpoint that cannot be read.
     """
-    if isinstance(weights, nn.Module):
-        sd = model_state_dict(weights)
-        return _digest(sd, sd.__getitem__, algorithm)
-    if isinstance(weights, (str, os.PathLike)):
-        from safetensors import safe_open
-
-        where = checkpoint_files(weights)
-        handles: dict[Path, Any] = {}
-
-        def get(name: str) -> torch.Tensor:
-            f = where[name]
-            try:
-                if f not in handles:
-                    handles.clear()  # files are read in name order: keep one open
-                    handles[f] = safe_open(str(f), framework="pt")
-                return handles[f].get_tensor(name)
-            except Exception as e:  # safetensors raises its own untyped errors
-                raise NotSafetensors(f"cannot read tensor {name!r} from {f}: {e}", path=str(f)) from None
-
-        return _digest(where, get, algorithm)
-    if isinstance(weights, Mapping):
-        return _digest(weights, weights.__getitem__, algorithm)
-    raise InvalidArgument(f"cannot fingerprint a {type(weights).__name__}; pass a model, a state dict or a checkpoint path")
+    weights = weights if isinstance(weights, BaseWeights) else BaseWeights(weights)
+    return weights.fingerprints(algorithm)[0]
 
 
-def compute(weights: Weights, *, id: str | None = None, revision: str | None = None, algorithm: str = AS_STORED,
+def compute(weights: Weights | BaseWeights, *, id: str | None = None, revision: str | None = None, algorithm: str = AS_STORED,
             derived_from: ModelRef | None = None, recipe: Mapping[str, Any] | None = None) -> BaseBinding:
     """A binding to these weights: their fingerprint plus the identity given."""
     return BaseBinding(id=id, revision=revision, fingerprint=fingerprint(weights, algorithm),
                        derived_from=derived_from, recipe=None if recipe is None else dict(recipe))
 
 
-def check(recorded: ModelRef, candidate: ModelRef | Weights, *, require: bool = False,
+def check(recorded: ModelRef, candidate: ModelRef | BaseWeights | Weights, *, require: bool = False,
           subject: str = "the artifact") -> None:
     """Check that ``candidate`` is the base ``recorded`` names.
 
-    ``candidate`` is a binding (a user's claim: an id, a fingerprint) or the weights themselves (a
-    model, a state dict, a checkpoint path), whose fingerprint is then computed with the algorithm
-    of the recorded one. Every field both sides give must agree. With ``require``, every field the
-    candidate gives must also be recorded (a download that must belong to a given base);
-    without, fields the artifact does not record are not checked (applying a file that records no
-    fingerprint).
+    ``candidate`` is a binding (a user's claim: an id, a fingerprint, ...) or the weights themselves
+    (a model, a state dict, a checkpoint path, ``BaseWeights``), whose fingerprint is then computed
+    with the algorithm of the recorded one. Every field both sides give must agree. With
+    ``require``, every field the candidate gives must also be recorded (a download that must belong
+    to a given base); without, fields the artifact does not record are not checked (applying a
+    file that records no fingerprint).
 
     Raises:
         BaseMismatch: naming both sides (``expected``: ``recorded``; ``actual``: the candidate's
-        binding, fingerprint computed where weights were given).
+        binding, its fingerprint computed where weights were given).
     """
     problems: list[str] = []
     if isinstance(candidate, ModelRef):
         given = candidate
         shown = given.describe()
     else:
+        weights = candidate if isinstance(candidate, BaseWeights) else BaseWeights(candidate)
         fp = recorded.fingerprint
+        given = ModelRef()
         if fp is None:
-            given = ModelRef()
             if require:
                 problems.append("it records no fingerprint")
         elif fp.algorithm not in C.FINGERPRINT_ALGORITHMS:
-            given = ModelRef()
             problems.append(f"its fingerprint algorithm {fp.algorithm!r} is unknown to this library")
         else:
-            given = ModelRef(fingerprint=fingerprint(candidate, fp.algorithm))
+            values = weights.fingerprints(fp.algorithm)
+            given = ModelRef(fingerprint=fp if fp in values else values[0])
         shown = "the weights given" + (f" (fingerprint {given.fingerprint.short()})" if given.fingerprint else "")
-    for name in ("id", "revision", "fingerprint"):
-        want, have = getattr(recorded, name), getattr(given, name)
+    for f in fields(given):
+        have, want = getattr(given, f.name), getattr(recorded, f.name, None)
         if have is None:
             continue
         if want is None:
             if require:
-                problems.append(f"it records no {name}")
-        elif name == "fingerprint" and want.algorithm != have.algorithm:
+                problems.append(f"it records no {f.name}")
+        elif isinstance(want, Fingerprint) and isinstance(have, Fingerprint) and want.algorithm != have.algorithm:
             problems.append(f"its fingerprint is {want.algorithm}, the one given {have.algorithm}")
         elif want != have:
-            problems.append(f"{name} differs")
+            problems.append(f"{f.name.replace('_', ' ')} differs")
     if problems:
         raise BaseMismatch(f"{subject} was made for {recorded.describe()}, not {shown}: "
                            + "; ".join(problems), expected=recorded, actual=given)
 
 
-__all__ = ["AS_STORED", "FLOAT32", "Fingerprint", "ModelRef", "BaseBinding", "fingerprint", "compute", "check",
-           "model_state_dict", "checkpoint_files"]
+__all__ = ["AS_STORED", "FLOAT32", "Fingerprint", "ModelRef", "BaseBinding", "BaseWeights", "fingerprint", "compute",
+           "check", "model_state_dict", "untied", "checkpoint_files"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import binding
 from . import constants as C
 from ._version import __version__
+from .codecs import CODINGS
 from .errors import CompeftError, IOFailure
 from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_dict
 from .peft_layout import DEFAULT_DENSE_PATTERNS
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-sparse-numel", type=int, default=C.DEFAULT_MIN_SPARSE_NUMEL,
                    help="tensors with fewer elements stay dense")
     c.add_argument("--base-model", default=None, metavar="ID",
-                   help="base model id (default, when no --base-* option is given: the PEFT config's)")
+                   help="base model id (default without --base-weights: the PEFT config's)")
     c.add_argument("--base-revision", default=None, metavar="REV", help="base model revision")
     c.add_argument("--base-weights", default=None, metavar="PATH",
                    help="record the fingerprint of these base weights: a safetensors checkpoint (a file, or a "
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fingerprint", choices=sorted(FINGERPRINTS), default="stored",
                    help="fingerprint of the weights as stored (default) or of their values as float32, which "
                         "also matches copies of the base in another float dtype")
-    c.add_argument("--positions", choices=("auto",) + C.POSITION_CODINGS, default="auto",
+    c.add_argument("--positions", choices=("auto", *sorted(CODINGS)), default="auto",
                    help="position coding: golomb (smallest), bitmap (device layout) or auto")
     c.add_argument("--zstd-level", type=int, choices=range(1, 23), default=C.DEFAULT_ZSTD_LEVEL,
                    metavar="1..22", help="zstd level for streams that zstd shrinks")
@@ -138,11 +139,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
         min_sparse_numel=a.min_sparse_numel, base=_binding(a),
     )
     manifest = save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
-    if not manifest.base_model.is_empty:
-        print(f"{a.output}: bound to {manifest.base_model.describe()}")
     r = inspect(a.output)
+    bound = "" if manifest.base_model.is_empty else f"; base {manifest.base_model.describe()}"
     print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
-          f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32")
+          f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32{bound}")
     return 0
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from . import constants as C
 from ._version import __version__
 from .binding import BaseBinding
+from .codecs import get_codec
 from .compressed import CompressedAdapter, CompressedTensor
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES, name_of
 from .errors import InvalidArgument, NonFiniteInput, UnsupportedDtype
@@ -82,9 +83,11 @@ class CompeftConfig:
                                   f"not {self.reference!r}")
         if not (isinstance(self.min_sparse_numel, int) and self.min_sparse_numel >= 0):
             raise InvalidArgument("min_sparse_numel must be an integer >= 0")
-        if isinstance(self.dense_patterns, str) or not all(isinstance(p, str) for p in self.dense_patterns):
-            raise InvalidArgument("dense_patterns must be a sequence of glob patterns")
+        if isinstance(self.dense_patterns, str):
+            raise InvalidArgument("dense_patterns must be a sequence of glob patterns, not one string")
         object.__setattr__(self, "dense_patterns", tuple(self.dense_patterns))
+        if not all(isinstance(p, str) for p in self.dense_patterns):
+            raise InvalidArgument("dense_patterns must be a sequence of glob patterns")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", name_of(self.dtype))
 
@@ -350,7 +353,7 @@ def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
         raise InvalidArgument(f"alpha must be a finite number > 0, got {alpha!r}")
     tensors = {}
     for n, t in adapter.tensors.items():
-        if t.encoding == C.ENC_TERNARY:
+        if get_codec(t.encoding).member_scale:
             assert t.scale is not None
             sigma = t.sigma if t.sigma is not None else t.scale / old
             with np.errstate(over="ignore"):

@@ -9,7 +9,6 @@ saved file must reproduce it bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -101,11 +100,6 @@ class CompressedAdapter:
     @property
     def num_params(self) -> int:
         return sum(t.numel for t in self.tensors.values())
-
-    def describe(self) -> dict[str, Any]:
-        """The manifest's descriptive objects (spec 3.5) as JSON values."""
-        return {"adapter": vars(self.adapter).copy(), "base_model": self.base_model.to_json(),
-                "compression": vars(self.compression).copy(), "provenance": vars(self.provenance).copy()}
 
 
 __all__ = ["CompressedTensor", "CompressedAdapter"]

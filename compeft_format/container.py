@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -114,28 +115,35 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, s
 
 class ContainerFile:
     """An open safetensors file: the header checked on open, tensors read by their byte ranges
-    through the one file handle (never memory-mapped, so a file truncated by someone else while
-    it is open gives a typed error, not a crash)."""
+    through one file handle. Reads are never memory-mapped (a file truncated by someone else while
+    it is open gives a typed error, not a crash) and may come from several threads at once. After
+    ``close`` the file is opened again on the next read, and refused if its size changed."""
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self._f: IO[bytes] | None = None
+        self._lock = threading.Lock()
         f, self.size = _open(path)
         try:
             self.header, self.metadata, self.data_start = _parse_header(f, self.size, str(path))
         except BaseException:
             f.close()
             raise
-        self._f = f
+        self._f: IO[bytes] | None = f
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        with self._lock:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
 
     def _handle(self) -> IO[bytes]:
+        """The open handle (the caller holds the lock), opened again after ``close``."""
         if self._f is None:
-            raise InputError(f"{self.path} is closed", path=str(self.path))
+            f, size = _open(self.path)
+            if size != self.size:
+                f.close()
+                raise TruncatedFile(f"{self.path} changed size since it was opened", path=str(self.path))
+            self._f = f
         return self._f
 
     def read_tensor_bytes(self, name: str) -> np.ndarray:
@@ -144,24 +152,26 @@ class ContainerFile:
         n = end - begin
         out = np.empty(n, dtype=np.uint8)
         if n:
-            f = self._handle()
-            try:
-                f.seek(self.data_start + begin)
-                got = f.readinto(out.data)  # type: ignore[attr-defined]
-            except OSError as e:
-                raise IOFailure(f"cannot read {self.path}: {e.strerror or e}", path=str(self.path)) from None
+            with self._lock:
+                f = self._handle()
+                try:
+                    f.seek(self.data_start + begin)
+                    got = f.readinto(out.data)  # type: ignore[attr-defined]
+                except OSError as e:
+                    raise IOFailure(f"cannot read {self.path}: {e.strerror or e}", path=str(self.path)) from None
             if got != n:
                 raise TruncatedFile(f"{self.path} ended while reading tensor {name!r}", path=str(self.path))
         return out
 
     def sha256(self) -> str:
         """sha256 of the whole file as it is now, read through the open handle."""
-        f = self._handle()
-        try:
-            f.seek(0)
-            return sha256_of_file(f)
-        except OSError as e:
-            raise IOFailure(f"cannot read {self.path}: {e.strerror or e}", path=str(self.path)) from None
+        with self._lock:
+            f = self._handle()
+            try:
+                f.seek(0)
+                return sha256_of_file(f)
+            except OSError as e:
+                raise IOFailure(f"cannot read {self.path}: {e.strerror or e}", path=str(self.path)) from None
 
 
 __all__ = ["ContainerFile", "read_safetensors_header"]

@@ -62,9 +62,10 @@ def _rebuild(cls: type[CompeftError], message: str, details: dict[str, Any]) -> 
 
 
 # --- the caller's input -------------------------------------------------------------------------
-class InputError(CompeftError, ValueError):
+class InputError(CompeftError):
     """The caller's input cannot be used: a folder where a file is expected, an unreadable or
-    already-compressed source, a tensor name not in the file."""
+    already-compressed source, a tensor name not in the file. The builtin exception each subclass
+    also is fits its own case (a missing file is no ``ValueError``)."""
 
     code = C.E_INVALID_INPUT
     path: str | None = None
@@ -76,13 +77,13 @@ class FileNotFound(InputError, FileNotFoundError):
     code = C.E_FILE_NOT_FOUND
 
 
-class InvalidArgument(InputError):
+class InvalidArgument(InputError, ValueError):
     """An argument is out of range or of the wrong kind."""
 
     code = C.E_INVALID_ARGUMENT
 
 
-class NonFiniteInput(InputError):
+class NonFiniteInput(InputError, ValueError):
     """A tensor holds NaN or infinity."""
 
     code = C.E_NON_FINITE_INPUT

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .errors import FileNotFound, IOFailure
+from .errors import CompeftError, FileNotFound, IOFailure
 
 PathLike = str | os.PathLike[str]
 
@@ -21,10 +21,10 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
+def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | None = None) -> None:
     """Call ``write(tmp_path)``, then move the finished file into place: the temporary file is
-    flushed to disk, takes the permissions the umask gives, and replaces ``path`` in one rename.
-    A failure leaves neither a partial file nor the temporary one.
+    flushed to disk, takes the permissions ``mode`` (default: what the umask gives a new file) and
+    replaces ``path`` in one rename. A failure leaves neither a partial file nor the temporary one.
 
     Raises:
         FileNotFound: the folder of ``path`` does not exist.
@@ -41,7 +41,7 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
         raise IOFailure(f"cannot write into {parent}: {e.strerror or e}", path=str(parent)) from None
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # temporary files are created 0600
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)  # temporary files are created 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -50,7 +50,7 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and not isinstance(e, (IOFailure, FileNotFound)):
+        if isinstance(e, OSError) and not isinstance(e, CompeftError):
             raise IOFailure(f"cannot write {dest}: {e.strerror or e}", path=str(dest)) from None
         raise
     try:
@@ -63,9 +63,9 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
         pass  # some file systems cannot sync a folder; the rename has happened
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` with ``atomic_write``."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode=mode)
 
 
 def sha256_of_file(f: IO[bytes], size: int | None = None, chunk: int = 1 << 20) -> str:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import zstandard
 
 from . import constants as C
@@ -38,6 +37,17 @@ from .errors import (
 )
 from .framing import frame, unframe
 from .integrity import sha256_hex
+from .jsonfields import (
+    as_f32,
+    as_hex64,
+    as_int,
+    as_list,
+    as_object,
+    as_opt_number,
+    as_opt_str,
+    as_str,
+    utf8_len,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +222,14 @@ class Manifest:
     @classmethod
     def from_dict(cls, obj: Any, encodings: Encodings) -> Manifest:
         """Validate a parsed manifest (spec 3, in the order of 9.1 step 6)."""
-        o = _obj(obj, "manifest")
-        raw_tensors = _list(o.get("tensors"), "tensors")
-        raw_groups = _list(o.get("groups"), "groups")
+        o = as_object(obj, "manifest")
+        raw_tensors = as_list(o.get("tensors"), "tensors")
+        raw_groups = as_list(o.get("groups"), "groups")
         if len(raw_tensors) > C.MAX_TENSORS:
             raise LimitExceeded(f"{len(raw_tensors)} tensors, limit {C.MAX_TENSORS}")
         groups = [_parse_group(g, i, encodings) for i, g in enumerate(raw_groups)]
         tensors = [_parse_tensor(t, i, groups, encodings) for i, t in enumerate(raw_tensors)]
-        req = _list(o.get("required_features", []), "required_features")
+        req = as_list(o.get("required_features", []), "required_features")
         if not all(isinstance(x, str) for x in req):
             raise ManifestError("required_features must be a list of strings")
         m = cls(
@@ -229,7 +239,7 @@ class Manifest:
             base_model=BaseBinding.from_json(o.get("base_model", {})),
             compression=_parse_compression(o.get("compression", {})),
             provenance=_parse_provenance(o.get("provenance", {})),
-            library_version=_opt_str(o.get("library_version", ""), "library_version") or "",
+            library_version=as_opt_str(o.get("library_version", ""), "library_version") or "",
             required_features=list(req),
         )
         m.check_consistency(encodings)
@@ -396,150 +406,75 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-# ---------------------------------------------------------------------------------------------
-# parsing helpers
-# ---------------------------------------------------------------------------------------------
-def _obj(x: Any, what: str) -> dict[str, Any]:
-    if not isinstance(x, dict):
-        raise ManifestError(f"{what} must be an object")
-    return x
-
-
-def _list(x: Any, what: str) -> list[Any]:
-    if not isinstance(x, list):
-        raise ManifestError(f"{what} must be an array")
-    return x
-
-
-def _int(x: Any, what: str, lo: int = 0) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-        raise ManifestError(f"{what} must be an integer >= {lo}")
-    return x
-
-
-def _str(x: Any, what: str) -> str:
-    if not isinstance(x, str):
-        raise ManifestError(f"{what} must be a string")
-    return x
-
-
-def _opt_str(x: Any, what: str) -> str | None:
-    return None if x is None else _str(x, what)
-
-
-def _finite(x: Any, what: str) -> float:
-    """A JSON number read as binary64; integers too large for binary64 are not finite."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ManifestError(f"{what} must be a number")
-    try:
-        v = float(x)
-    except OverflowError:
-        v = math.inf
-    if not math.isfinite(v):
-        raise ManifestError(f"{what} must be a finite number")
-    return v
-
-
-def _f32(x: Any, what: str) -> float:
-    """A finite JSON number that is exactly a binary32 value."""
-    v = _finite(x, what)
-    with np.errstate(over="ignore"):  # beyond binary32: inf, which is not equal
-        exact = float(np.float32(v)) == v
-    if not exact:
-        raise ManifestError(f"{what} must be a finite value exactly representable in binary32")
-    return v
-
-
-def _opt_num(x: Any, what: str) -> float | None:
-    return None if x is None else _finite(x, what)
-
-
-def _utf8_len(s: str, what: str) -> int:
-    try:
-        return len(s.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ManifestError(f"{what} is not valid Unicode text") from None
-
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def _hex64(x: Any, what: str) -> str:
-    s = _str(x, what)
-    if _HEX64.fullmatch(s) is None:
-        raise ManifestError(f"{what} must be 64 lowercase hex digits")
-    return s
-
-
 def _parse_group(g: Any, i: int, encodings: Encodings) -> GroupInfo:
-    g = _obj(g, f"groups[{i}]")
-    enc = _str(g.get("encoding"), f"groups[{i}].encoding")
+    g = as_object(g, f"groups[{i}]")
+    enc = as_str(g.get("encoding"), f"groups[{i}].encoding")
     rules = encodings.get(enc)
     if rules is None:
         raise UnknownEncoding(f"groups[{i}] uses unknown encoding {enc!r}")
-    params = rules.parse_params(_obj(g.get("params", {}), f"groups[{i}].params"), f"groups[{i}]")
-    raw_streams = _obj(g.get("streams"), f"groups[{i}].streams")
+    params = rules.parse_params(as_object(g.get("params", {}), f"groups[{i}].params"), f"groups[{i}]")
+    raw_streams = as_object(g.get("streams"), f"groups[{i}].streams")
     roles = rules.roles(params)
     if set(raw_streams) != set(roles):
         raise ManifestError(f"groups[{i}] ({enc}) must have exactly the streams {list(roles)}")
     streams = {}
     for role in roles:
-        s = _obj(raw_streams[role], f"groups[{i}].streams.{role}")
-        comp = _str(s.get("compression"), f"groups[{i}].streams.{role}.compression")
+        s = as_object(raw_streams[role], f"groups[{i}].streams.{role}")
+        comp = as_str(s.get("compression"), f"groups[{i}].streams.{role}.compression")
         if comp not in C.COMPRESSIONS:
             raise UnknownEncoding(f"groups[{i}] stream {role!r} uses unknown compression {comp!r}")
         streams[role] = StreamInfo(
-            name=_str(s.get("name"), f"groups[{i}].streams.{role}.name"),
+            name=as_str(s.get("name"), f"groups[{i}].streams.{role}.name"),
             compression=comp,
-            size=_int(s.get("size"), f"groups[{i}].streams.{role}.size"),
-            raw_size=_int(s.get("raw_size"), f"groups[{i}].streams.{role}.raw_size"),
-            sha256=_hex64(s.get("sha256"), f"groups[{i}].streams.{role}.sha256"),
+            size=as_int(s.get("size"), f"groups[{i}].streams.{role}.size"),
+            raw_size=as_int(s.get("raw_size"), f"groups[{i}].streams.{role}.raw_size"),
+            sha256=as_hex64(s.get("sha256"), f"groups[{i}].streams.{role}.sha256"),
         )
     dsha = g.get("decoded_sha256")
     return GroupInfo(encoding=enc, params=params, streams=streams,
-                     decoded_sha256=None if dsha is None else _hex64(dsha, f"groups[{i}].decoded_sha256"))
+                     decoded_sha256=None if dsha is None else as_hex64(dsha, f"groups[{i}].decoded_sha256"))
 
 
 def _parse_tensor(t: Any, i: int, groups: list[GroupInfo], encodings: Encodings) -> TensorInfo:
-    t = _obj(t, f"tensors[{i}]")
-    name = _str(t.get("name"), f"tensors[{i}].name")
-    if _utf8_len(name, f"tensors[{i}].name") > C.MAX_NAME_BYTES:
+    t = as_object(t, f"tensors[{i}]")
+    name = as_str(t.get("name"), f"tensors[{i}].name")
+    if utf8_len(name, f"tensors[{i}].name") > C.MAX_NAME_BYTES:
         raise LimitExceeded(f"tensors[{i}] name is over {C.MAX_NAME_BYTES} bytes")
-    shape = _list(t.get("shape"), f"tensors[{i}].shape")
+    shape = as_list(t.get("shape"), f"tensors[{i}].shape")
     if len(shape) > C.MAX_RANK:
         raise LimitExceeded(f"tensor {name!r} has rank {len(shape)}, limit {C.MAX_RANK}")
-    dims = tuple(_int(d, f"tensor {name!r} shape") for d in shape)
+    dims = tuple(as_int(d, f"tensor {name!r} shape") for d in shape)
     if any(d > C.MAX_ELEMENTS_PER_TENSOR for d in dims):  # each dimension before the product
         raise LimitExceeded(f"tensor {name!r} has a dimension over {C.MAX_ELEMENTS_PER_TENSOR}")
     numel = math.prod(dims)
     if numel > C.MAX_ELEMENTS_PER_TENSOR:
         raise LimitExceeded(f"tensor {name!r} has {numel} elements, limit {C.MAX_ELEMENTS_PER_TENSOR}")
-    dtype = _str(t.get("dtype"), f"tensor {name!r} dtype")
+    dtype = as_str(t.get("dtype"), f"tensor {name!r} dtype")
     if dtype not in C.FLOAT_DTYPES:
         raise ManifestError(f"tensor {name!r} has unsupported dtype {dtype!r}")
-    gi = _int(t.get("group"), f"tensor {name!r} group")
+    gi = as_int(t.get("group"), f"tensor {name!r} group")
     if gi >= len(groups):
         raise ManifestError(f"tensor {name!r} names group {gi}, the file has {len(groups)}")
     enc = groups[gi].encoding
     rules = encodings[enc]
-    nnz = _int(t.get("nnz"), f"tensor {name!r} nnz")
+    nnz = as_int(t.get("nnz"), f"tensor {name!r} nnz")
     if nnz > numel or (rules.every_element and nnz != numel):
         raise ManifestError(f"tensor {name!r} declares nnz {nnz} for {numel} elements")
     scale = t.get("scale")
     if rules.member_scale:
-        scale = _f32(scale, f"tensor {name!r} scale")
+        scale = as_f32(scale, f"tensor {name!r} scale")
     elif scale is not None:
         raise ManifestError(f"tensor {name!r} has a scale but its encoding is {enc}")
-    offset = _f32(t.get("offset", 0.0), f"tensor {name!r} offset") + 0.0  # an offset of -0 reads as +0 (spec 3.2)
+    offset = as_f32(t.get("offset", 0.0), f"tensor {name!r} offset") + 0.0  # an offset of -0 reads as +0 (spec 3.2)
     if not rules.member_offset and offset != 0.0:
         raise ManifestError(f"{enc} tensor {name!r} must have offset 0")
     sha = t.get("sha256")
     return TensorInfo(name=name, shape=dims, dtype=dtype, nnz=nnz, scale=scale, offset=offset, group=gi,
-                      sha256=None if sha is None else _hex64(sha, f"tensor {name!r} sha256"))
+                      sha256=None if sha is None else as_hex64(sha, f"tensor {name!r} sha256"))
 
 
 def _parse_adapter(a: Any) -> AdapterInfo:
-    a = _obj(a, "adapter")
+    a = as_object(a, "adapter")
     kind = a.get("kind", "other")
     if kind not in C.ADAPTER_KINDS:
         kind = "other"
@@ -548,31 +483,31 @@ def _parse_adapter(a: Any) -> AdapterInfo:
         raise ManifestError(f"adapter.representation must be one of {list(C.REPRESENTATIONS)}")
     cfg = a.get("peft_config")
     if cfg is not None:
-        cfg = _obj(cfg, "adapter.peft_config")
+        cfg = as_object(cfg, "adapter.peft_config")
     return AdapterInfo(kind=kind, representation=rep, peft_config=cfg)
 
 
 def _parse_compression(c: Any) -> CompressionInfo:
-    c = _obj(c, "compression")
+    c = as_object(c, "compression")
     return CompressionInfo(
-        method=_str(c.get("method", C.METHOD_NONE), "compression.method"),
-        density=_opt_num(c.get("density"), "compression.density"),
-        alpha=_opt_num(c.get("alpha"), "compression.alpha"),
-        scope=_opt_str(c.get("scope"), "compression.scope"),
-        mode=_opt_str(c.get("mode"), "compression.mode"),
-        reference=_opt_str(c.get("reference"), "compression.reference"),
-        sigma=_opt_num(c.get("sigma"), "compression.sigma"),
-        candidates=_int(c.get("candidates", 0), "compression.candidates"),
-        kept=_int(c.get("kept", 0), "compression.kept"),
+        method=as_str(c.get("method", C.METHOD_NONE), "compression.method"),
+        density=as_opt_number(c.get("density"), "compression.density"),
+        alpha=as_opt_number(c.get("alpha"), "compression.alpha"),
+        scope=as_opt_str(c.get("scope"), "compression.scope"),
+        mode=as_opt_str(c.get("mode"), "compression.mode"),
+        reference=as_opt_str(c.get("reference"), "compression.reference"),
+        sigma=as_opt_number(c.get("sigma"), "compression.sigma"),
+        candidates=as_int(c.get("candidates", 0), "compression.candidates"),
+        kept=as_int(c.get("kept", 0), "compression.kept"),
     )
 
 
 def _parse_provenance(p: Any) -> ProvenanceInfo:
-    p = _obj(p, "provenance")
+    p = as_object(p, "provenance")
     return ProvenanceInfo(
-        tool=_str(p.get("tool", ""), "provenance.tool"),
-        created_at=_opt_str(p.get("created_at"), "provenance.created_at"),
-        source=_opt_str(p.get("source"), "provenance.source"),
+        tool=as_str(p.get("tool", ""), "provenance.tool"),
+        created_at=as_opt_str(p.get("created_at"), "provenance.created_at"),
+        source=as_opt_str(p.get("source"), "provenance.source"),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -105,20 +106,23 @@ def compress_peft(src: PathLike, *, density: float = 0.1, alpha: float = 1.0, **
     """Compress a PEFT adapter folder (or a ``.safetensors`` state dict).
 
     The folder's ``adapter_config.json`` is recorded and decides, by its ``peft_type``, which
-    tensors are sparsified and the default reference (``compress`` documents both). Unless
-    ``base=`` gives a binding, the base model is recorded as the config names it
-    (``base_model_name_or_path`` and ``revision``). Other keyword arguments go to ``compress``.
+    tensors are sparsified and the default reference (``compress`` documents both). The base model
+    is recorded as ``base=`` says; the id and revision it leaves out are taken from the config
+    (``base_model_name_or_path``, ``revision``) unless it binds the weights themselves (a
+    fingerprint, or the model a compressed base was derived from): the config names the model
+    training started from, which is not the base of an adapter trained on a quantised one. Other
+    keyword arguments go to ``compress``.
 
     Raises:
         FileNotFound, InputError: the source cannot be read.
         InvalidArgument: a PEFT type without a known reference and no ``reference`` given.
     """
     sd, config = read_source(src)
-    if kwargs.get("base") is None and config is not None:
-        named = config.get("base_model_name_or_path"), config.get("revision")
-        if any(isinstance(v, str) for v in named):
-            kwargs["base"] = BaseBinding(id=named[0] if isinstance(named[0], str) else None,
-                                         revision=named[1] if isinstance(named[1], str) else None)
+    base = kwargs.get("base") or BaseBinding()
+    if config is not None and base.fingerprint is None and base.derived_from is None:
+        named = {k: v for k, v in (("id", config.get("base_model_name_or_path")), ("revision", config.get("revision")))
+                 if isinstance(v, str) and getattr(base, k) is None}
+        kwargs["base"] = dataclasses.replace(base, **named)
     kwargs.setdefault("source", Path(src).name)
     kwargs.setdefault("peft_config", config)
     return compress(sd, density=density, alpha=alpha, **kwargs)

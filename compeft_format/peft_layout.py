@@ -4,8 +4,8 @@ trainable tokens, ...), the PEFT types this library knows, and the PEFT config a
 
 Compression asks it which tensors are task-vector factors (sparsified) and which are full weights
 (kept dense); ``apply`` asks it where each tensor goes; ``binding`` asks it which tensors of a
-peft-wrapped model are the base model's. It imports peft only in the functions that build peft
-objects.
+model holding adapters are the base model's (which it learns from peft's own layers). It imports
+peft only in the functions that build peft objects.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import constants as C
-from .errors import ConfigMismatch, InvalidArgument
+from .errors import ConfigMismatch, InvalidArgument, UnsupportedAdapter
+
+if TYPE_CHECKING:
+    import torch
 
 #: Prefix of every key in a saved peft adapter.
 PEFT_PREFIX = "base_model.model."
@@ -70,7 +73,10 @@ PARAMETER = Role("parameter", "", apply="parameter")
 UNKNOWN = Role("unknown", "")
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<role>" + "|".join(f"(?P<r{i}>{r.suffix})" for i, r in enumerate(ROLES))
                   + r")(?:\.(?!weight$)(?P<adapter>[A-Za-z0-9_-]+))?(?:\.weight)?$")
-_ADAPTER_LIKE = re.compile(r"(^|\.)(lora_|ia3_|vera_|oft_|boft_|hra_|ln_tuning|adaption_|prompt_|token_adapter)")
+#: the name prefixes of peft's tuners: a saved tensor with one that no role above names is of a kind
+#: this library does not know
+_ADAPTER_LIKE = re.compile(r"(^|\.)(lora_|ia3_|vera_|oft_|boft_|hra_|ln_tuning|hada_|lokr_|fourierft_|vblora_|adaption_|"
+                           r"prompt_|token_adapter)")
 
 
 @dataclass(frozen=True)
@@ -112,17 +118,46 @@ def sparsifiable(key: str) -> bool:
     return parse_key(key).role.sparsifiable
 
 
-# --- the base model's tensors of a peft-wrapped model --------------------------------------------
-_ADDED = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|ranknum)\b|\.modules_to_save\.|\.trainable_tokens_delta\b")
-_WRAPPED = re.compile(r"\.(?:token_adapter\.)?(?:base_layer|original_module)\.")
+# --- the base model's tensors of a model holding peft adapters ----------------------------------
+def base_model_of(model: Any) -> Any:
+    """The model a ``peft.PeftModel`` wraps (tuner layers still in it); any other model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
 
 
-def base_name(model_key: str) -> str | None:
-    """The base model's name for a key of a peft-wrapped model's own state dict: wrapped weights
-    under their original names; None for a tensor peft added."""
-    if _ADDED.search(model_key):
-        return None
-    return _WRAPPED.sub(".", model_key)
+def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The base model's own tensors, under their original names, of a model that may hold peft
+    adapters of any kind: the tensors each peft tuner layer declares as its own
+    (``adapter_layer_names``, ``other_param_names``), ``modules_to_save`` copies and trainable-token
+    deltas are left out, and wrapped weights (``base_layer``, ``original_module``, ``token_adapter``)
+    are named as before wrapping."""
+    base = base_model_of(model)
+    added: list[str] = []
+    unwrap: list[tuple[str, str]] = []
+    for path, module in base.named_modules():
+        at = f"{path}." if path else ""
+        if hasattr(module, "adapter_layer_names") and hasattr(module, "base_layer"):  # a peft tuner layer
+            added += [at + n for n in (*module.adapter_layer_names, *getattr(module, "other_param_names", ()))]
+            unwrap.append((at + "base_layer.", at))
+        if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):  # ModulesToSaveWrapper
+            added.append(at + "modules_to_save")
+            unwrap.append((at + "original_module.", at))
+        if hasattr(module, "token_adapter"):  # TrainableTokensWrapper
+            unwrap.append((at + "token_adapter.", at))
+    unwrap.sort(key=lambda u: -len(u[0]))  # the innermost wrapper first
+    out: dict[str, torch.Tensor] = {}
+    for key, t in base.state_dict().items():
+        if any(key == a or key.startswith(a + ".") for a in added):
+            continue
+        renamed = True
+        while renamed:
+            renamed = False
+            for old, new in unwrap:
+                if key.startswith(old):
+                    key, renamed = new + key[len(old):], True
+                    break
+        out[key] = t
+    return out
 
 
 # --- PEFT types and configs ------------------------------------------------------------------------
@@ -216,11 +251,16 @@ def peft_config(config: Mapping[str, Any], *, inference_mode: bool) -> Any:
     from peft import PeftConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
+    name = str(config.get("peft_type", "")).upper()
+    types: dict[str, Any] = {str(k.value if isinstance(k, enum.Enum) else k): v
+                             for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    cls = types.get(name)
+    if cls is None:
+        raise UnsupportedAdapter(f"peft has no adapter type {config.get('peft_type')!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in config.items() if k in names and k not in ("peft_type", "auto_mapping")}
     kwargs["inference_mode"] = inference_mode
-    return PeftConfig.from_peft_type(peft_type=config["peft_type"], **kwargs)
+    return PeftConfig.from_peft_type(peft_type=name, **kwargs)
 
 
 # --- an adapter's tensors, by where they go --------------------------------------------------------
@@ -256,5 +296,5 @@ class AdapterLayout:
 
 
 __all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable",
-           "base_name", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "lora_scaling",
+           "base_model_of", "base_state_dict", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "lora_scaling",
            "peft_config", "AdapterLayout"]

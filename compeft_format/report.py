@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from . import constants as C
+from .binding import AS_STORED, BaseBinding
 from .codecs import get_codec
 from .codecs.ternary import bound_bits as ternary_bound_bits
 from .reader import CompeftFile
@@ -102,16 +103,22 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
     """Human-readable text of an ``inspect`` result."""
-    from .binding import BaseBinding
-
     c = r["compression"]
     base = BaseBinding.from_json(r["base_model"])
+    fp = base.fingerprint
+    base_line = f"  base model: {base.id or '-'} @ {base.revision or '-'}"
+    if fp is not None:
+        base_line += f", fingerprint {fp.value[:16]}" + ("" if fp.algorithm == AS_STORED else f" ({fp.algorithm})")
+    if base.derived_from is not None:
+        base_line += f", derived from {base.derived_from.describe()}"
+        if base.recipe and isinstance(base.recipe.get("name"), str):
+            base_line += f" by {base.recipe['name']}"
     lines = [
         f"{r['path']}",
         f"  format {r['format_version']}, written by compeft {r['library_version']}",
         f"  adapter: {r['adapter']['kind']} ({r['adapter']['peft_type'] or 'no PEFT config'}), "
         f"values are {r['adapter']['representation']}",
-        f"  base model: {'-' if base.is_empty else base.describe()}",
+        base_line,
         f"  compression: {c['method']} density={c['density']} alpha={c['alpha']} scope={c['scope']} "
         f"mode={c['mode']} reference={c['reference']} kept={c['kept']}/{c['candidates']}",
         f"  params {r['params']:,}  file {r['file_bytes']:,} B (header {r['header_bytes']:,} B, "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
@@ -29,15 +30,19 @@ from .manifest import GroupInfo, Manifest, StreamInfo, TensorInfo, metadata
 
 PathLike = str | os.PathLike[str]
 
+#: zstd's fastest (most negative) level
+ZSTD_FASTEST = -(1 << 17)
+
 
 @dataclass(frozen=True)
 class WriterOptions:
     """How a compressed adapter is written; none of these change the decoded tensors."""
 
-    #: zstd level for streams (a stream is stored raw when zstd does not shrink it); None stores
-    #: every stream raw
+    #: zstd level for streams (a stream is stored raw when zstd does not shrink it; negative levels
+    #: are zstd's fast ones, 0 its default); None stores every stream raw
     zstd_level: int | None = C.DEFAULT_ZSTD_LEVEL
-    #: largest number of elements coded together in one group (a larger tensor gets its own)
+    #: largest number of elements coded together in one group (a larger tensor gets its own; 0:
+    #: every tensor its own)
     max_group_elements: int = C.DEFAULT_MAX_GROUP_ELEMENTS
     #: record the sha256 of each decoded tensor (32 bytes per tensor)
     tensor_digests: bool = False
@@ -51,10 +56,13 @@ class WriterOptions:
     positions: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.zstd_level is not None and not (isinstance(self.zstd_level, int) and 1 <= self.zstd_level <= 22):
-            raise InvalidArgument(f"zstd_level must be None or an integer from 1 to 22, got {self.zstd_level!r}")
-        if not (isinstance(self.max_group_elements, int) and self.max_group_elements >= 1):
-            raise InvalidArgument(f"max_group_elements must be an integer >= 1, got {self.max_group_elements!r}")
+        level = self.zstd_level
+        if level is not None and not (isinstance(level, int) and not isinstance(level, bool)
+                                      and ZSTD_FASTEST <= level <= zstandard.MAX_COMPRESSION_LEVEL):
+            raise InvalidArgument(f"zstd_level must be None or an integer from {ZSTD_FASTEST} to "
+                                  f"{zstandard.MAX_COMPRESSION_LEVEL} (0: zstd's default), got {level!r}")
+        if not (isinstance(self.max_group_elements, int) and self.max_group_elements >= 0):
+            raise InvalidArgument(f"max_group_elements must be an integer >= 0, got {self.max_group_elements!r}")
         if self.manifest_encoding not in ("auto",) + C.MANIFEST_ENCODINGS:
             raise InvalidArgument(f"manifest_encoding must be 'auto' or one of {list(C.MANIFEST_ENCODINGS)}")
         if self.positions != "auto" and self.positions not in CODINGS:
@@ -107,7 +115,7 @@ def _check_limits(tensors: list[CompressedTensor]) -> None:
             raise InvalidArgument(f"tensor name {t.name!r} is not valid Unicode text") from None
 
 
-def build(adapter: CompressedAdapter, options: WriterOptions | None = None, /,
+def build(adapter: CompressedAdapter, options: WriterOptions | None = None,
           **changes: Any) -> tuple[Manifest, dict[str, np.ndarray], dict[str, str]]:
     """Encode an adapter into (manifest, streams, safetensors metadata) without touching disk.
     Keyword arguments change single ``WriterOptions``."""
@@ -151,7 +159,7 @@ def build(adapter: CompressedAdapter, options: WriterOptions | None = None, /,
     return manifest, streams, metadata(manifest, opts.manifest_encoding)
 
 
-def save(adapter: CompressedAdapter, path: PathLike, options: WriterOptions | None = None, /,
+def save(adapter: CompressedAdapter, path: PathLike, options: WriterOptions | None = None,
          **changes: Any) -> Manifest:
     """Write a compressed adapter to ``path`` atomically (temporary file, fsync, rename).
 

@@ -265,3 +265,16 @@ def test_quantised_layers_receive_a_lora_and_refuse_a_merge(tmp_path):
     assert e.value.code == "UNSUPPORTED_MODEL" and len(e.value.modules) == 2 * WIDE.num_hidden_layers
     after = target.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_peft_type_is_read_whatever_its_case(tmp_path):
+    src = tmp_path / "src"
+    trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), 1).save_pretrained(src)
+    sd, cfg = cf.read_source(src)
+    path = tmp_path / "lower.cpeft.safetensors"
+    cf.save(cf.compress(sd, density=0.3, peft_config={**cfg, "peft_type": "lora"}), path)
+    assert isinstance(cf.load_adapter(base_model(), path), PeftModel)
+    weird = tmp_path / "weird.cpeft.safetensors"
+    cf.save(cf.compress(sd, density=0.3, reference="zero", peft_config={**cfg, "peft_type": "lorax"}), weird)
+    with pytest.raises(cf.UnsupportedAdapter):
+        cf.load_adapter(base_model(), weird)

@@ -182,3 +182,54 @@ def test_a_compressed_base_binding_travels_in_the_file(tmp_path):
     binding.check(m.base_model, tmp_path / "int", require=True)
     with pytest.raises(cf.BaseMismatch, match="derived from org/tiny"):
         binding.check(m.base_model, tmp_path / "original", require=True)
+
+
+def test_tied_weights_count_once_and_older_fingerprints_still_match():
+    """Writers before format 1.2 hashed a model's whole state dict, tied tensors twice; a model
+    still matches such a fingerprint, and a state dict in memory hashes as its model does."""
+    import hashlib
+
+    model = tiny()
+    sd = model.state_dict()
+    assert cf.fingerprint(model) == cf.fingerprint(sd) == cf.fingerprint(binding.untied(sd))
+    h = hashlib.sha256()  # the pre-1.2 value, written out: every state-dict entry, in name order
+    for name in sorted(sd):
+        t = sd[name].contiguous()
+        h.update(json.dumps({"name": name, "dtype": "float32", "shape": list(t.shape)}, separators=(",", ":"))
+                 .encode() + b"\n")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    legacy = cf.Fingerprint(binding.AS_STORED, h.hexdigest())
+    assert legacy != cf.fingerprint(model)
+    assert binding.BaseWeights(model).fingerprints(binding.AS_STORED) == [cf.fingerprint(model), legacy]
+    binding.check(cf.BaseBinding(fingerprint=legacy), model)
+    binding.check(cf.BaseBinding(fingerprint=legacy), sd)
+    with pytest.raises(cf.BaseMismatch):
+        binding.check(cf.BaseBinding(fingerprint=legacy), tiny(seed=2))
+    untied_model = tiny(tie_word_embeddings=False)
+    assert binding.BaseWeights(untied_model).fingerprints(binding.AS_STORED) == [cf.fingerprint(untied_model)]
+
+
+def test_a_claim_is_compared_field_by_field():
+    source = cf.ModelRef(id="org/tiny", fingerprint=cf.Fingerprint(binding.AS_STORED, "b" * 64))
+    recorded = cf.BaseBinding(id="org/tiny-int4", derived_from=source, recipe={"name": "int4"})
+    binding.check(recorded, cf.BaseBinding(derived_from=source), require=True)
+    with pytest.raises(cf.BaseMismatch, match="derived from differs"):
+        binding.check(recorded, cf.BaseBinding(derived_from=cf.ModelRef(id="org/other")))
+    with pytest.raises(cf.BaseMismatch, match="recipe differs"):
+        binding.check(recorded, cf.BaseBinding(recipe={"name": "int8"}))
+    with pytest.raises(cf.BaseMismatch, match="records no derived_from"):
+        binding.check(cf.BaseBinding(id="org/tiny-int4"), cf.BaseBinding(derived_from=source), require=True)
+
+
+def test_base_weights_compute_each_algorithm_once(tmp_path, monkeypatch):
+    tiny().save_pretrained(tmp_path)
+    weights = binding.BaseWeights(tmp_path)
+    recorded = cf.BaseBinding(fingerprint=cf.fingerprint(tmp_path))
+    calls = []
+    real = binding._digest
+    monkeypatch.setattr(binding, "_digest", lambda *a: calls.append(a[2]) or real(*a))
+    for _ in range(3):
+        binding.check(recorded, weights)
+    assert calls == [binding.AS_STORED]
+    with pytest.raises(cf.FileNotFound):  # a checkpoint is looked at when named, before any download
+        binding.BaseWeights(tmp_path / "missing")

@@ -222,7 +222,8 @@ def test_record_and_check_a_base_binding(lora_dir, tmp_path, capsys):
         assert main(["compress", str(lora_dir), "-o", str(out), "--base-model", "org/tiny", "--base-revision", "r1",
                      "--base-weights", str(tmp_path / "base"), "--fingerprint", fp]) == 0
         algorithm = cf.binding.AS_STORED if fp == "stored" else cf.binding.FLOAT32
-        assert f"bound to org/tiny@r1 (fingerprint {algorithm} " in capsys.readouterr().out
+        line = capsys.readouterr().out
+        assert line.count("\n") == 1 and f"; base org/tiny@r1 (fingerprint {algorithm} " in line
         m = cf.verify(out)
         assert m.base_model.id == "org/tiny" and m.base_model.fingerprint == cf.fingerprint(tmp_path / "base", algorithm)
         assert main(["check-base", str(out), str(tmp_path / "base")]) == 0
@@ -237,3 +238,7 @@ def test_record_and_check_a_base_binding(lora_dir, tmp_path, capsys):
     assert main(["check-base", str(plain), str(tmp_path / "base")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "BASE_MISMATCH" in err and "records no fingerprint" in err
+    assert main(["compress", str(lora_dir), "-o", str(plain), "--base-revision", "r2"]) == 0
+    assert cf.verify(plain).base_model == cf.BaseBinding(id="org/tiny", revision="r2")
+    assert main(["compress", str(lora_dir), "-o", str(plain), "--base-weights", str(tmp_path / "base")]) == 0
+    assert cf.verify(plain).base_model.id is None  # bound to weights: the config's name is not theirs

@@ -197,3 +197,9 @@ def test_alpha_search_picks_best_and_rescales():
     assert tuned.tensors["w"].scale == float(np.float32(best * ca.tensors["w"].sigma))
     # picking a non-trivial alpha: the top 30% of a Gaussian sit well above one sigma
     assert best > 1.0
+
+
+def test_dense_patterns_may_come_from_a_generator():
+    sd = {"w": torch.randn(64), "v": torch.randn(64)}
+    ca = cf.compress(sd, density=0.5, dense_patterns=(p for p in ["w"]))
+    assert ca.tensors["w"].encoding == "dense" and ca.tensors["v"].encoding == "ternary"

@@ -232,7 +232,7 @@ def test_read_checks_what_decoding_checks():
 
 def test_writer_options_and_compeft_config_are_checked(tmp_file):
     ca = cf.compress({"w": torch.randn(64)}, density=0.5)
-    for bad in ({"positions": "rle"}, {"zstd_level": 0}, {"zstd_level": 23}, {"max_group_elements": 0},
+    for bad in ({"positions": "rle"}, {"zstd_level": 23}, {"zstd_level": 1.5}, {"max_group_elements": -1},
                 {"manifest_encoding": "brotli"}, {"colour": "red"}):
         with pytest.raises(cf.InvalidArgument):
             cf.save(ca, tmp_file, **bad)
@@ -251,3 +251,35 @@ def test_writer_options_and_compeft_config_are_checked(tmp_file):
         cf.CompeftConfig(dtype=torch.int8)
     with pytest.raises(cf.InvalidArgument, match="unknown ComPEFT parameter"):
         cf.compress({"w": torch.randn(64)}, densty=0.2)
+
+
+def test_one_open_file_serves_several_threads_and_reopens_after_close(tmp_file):
+    import threading
+
+    torch.manual_seed(0)
+    sd = {f"t{i}.lora_A.weight": torch.randn(16, 64) for i in range(8)}
+    ca = cf.compress(sd, density=0.2)
+    cf.save(ca, tmp_file, max_group_elements=2048)
+    errors, results = [], {}
+    with cf.open_file(tmp_file) as f:
+        def work(k):
+            try:
+                for _ in range(20):
+                    for n in sd:
+                        results[(k, n)] = f.get_tensor(n)
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert all(bits_equal(t, ca.tensors[n].to_dense()) for (_, n), t in results.items())
+    # closed: the next read opens the file again
+    assert bits_equal(f.get_tensor("t3.lora_A.weight"), ca.tensors["t3.lora_A.weight"].to_dense())
+    f.close()
+    tmp_file.write_bytes(tmp_file.read_bytes() + b"\0")
+    with pytest.raises(cf.TruncatedFile, match="changed size"):
+        f.get_tensor("t0.lora_A.weight")

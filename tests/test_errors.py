@@ -328,3 +328,13 @@ def test_errors_carry_their_data(tmp_path):
     assert e2.value.path == str(tmp_path / "gone.cpeft.safetensors")
     with pytest.raises(TypeError, match="no detail 'colour'"):
         cf.StreamCorrupt("x", colour="red")
+
+
+def test_a_missing_file_is_not_a_value_error(tmp_path):
+    assert not issubclass(cf.FileNotFound, ValueError) and issubclass(cf.NonFiniteInput, ValueError)
+    try:
+        cf.verify(tmp_path / "missing.cpeft.safetensors")
+    except ValueError:  # noqa: B014 - the point is what this clause does not catch
+        pytest.fail("a missing file was caught as a ValueError")
+    except FileNotFoundError:
+        pass

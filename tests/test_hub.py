@@ -490,3 +490,35 @@ def test_pull_checks_artifacts_against_base_weights(hub, tmp_path):
     with pytest.raises(cf.BaseMismatch, match="records no fingerprint"):
         cf.pull("me/unbound", base=tmp_path / "base.safetensors", endpoint=endpoint, token=TOKEN,
                 cache_dir=tmp_path / "c")
+
+
+def test_the_server_stores_files_for_its_user_only(hub, tmp_path):
+    import stat
+
+    endpoint, root = hub
+    cf.push(adapter_file(tmp_path), "me/adapter", endpoint=endpoint, token=TOKEN, private=True)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), [
+        (str(p), oct(p.stat().st_mode)) for p in files]
+
+
+def test_push_keeps_what_it_does_not_know_and_refuses_to_overwrite_a_broken_index(hub, tmp_path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    cf.push(adapter_file(tmp_path, 0, "a.cpeft.safetensors"), "me/keep", endpoint=endpoint, token=TOKEN)
+    index = json.loads(Path(api.hf_hub_download("me/keep", C.HUB_INDEX_FILE, cache_dir=tmp_path / "c")).read_text())
+    index["artifacts"][0]["signed_by"] = {"key": "k1"}  # a member a later version may write
+    api.create_commit("me/keep", operations=[CommitOperationAdd(C.HUB_INDEX_FILE, json.dumps(index).encode())],
+                      commit_message="a member this version does not know")
+    cf.push(adapter_file(tmp_path, 1, "b.cpeft.safetensors"), "me/keep", endpoint=endpoint, token=TOKEN)
+    after = json.loads(Path(api.hf_hub_download("me/keep", C.HUB_INDEX_FILE, cache_dir=tmp_path / "c2")).read_text())
+    assert [a["path"] for a in after["artifacts"]] == ["a.cpeft.safetensors", "b.cpeft.safetensors"]
+    assert after["artifacts"][0]["signed_by"] == {"key": "k1"} and "signed_by" not in after["artifacts"][1]
+
+    index["artifacts"][0]["base_model"] = {"id": 123}
+    api.create_commit("me/keep", operations=[CommitOperationAdd(C.HUB_INDEX_FILE, json.dumps(index).encode())],
+                      commit_message="break the index")
+    head = api.model_info("me/keep").sha
+    with pytest.raises(cf.HubNoIndex, match="the repository's index"):
+        cf.push(adapter_file(tmp_path, 2, "c.cpeft.safetensors"), "me/keep", endpoint=endpoint, token=TOKEN)
+    assert api.model_info("me/keep").sha == head

@@ -156,17 +156,51 @@ def test_layout_names_every_tensor_of_real_peft_adapters(name):
         assert (ca.tensors[key].encoding == "ternary") == (kr.role.sparsifiable and ca.tensors[key].numel >= 32), key
 
 
-def test_layout_of_a_live_model_state_dict_and_of_base_weights():
+def test_layout_of_a_live_model_state_dict():
     from compeft_format import peft_layout
 
     kr = peft_layout.parse_key("model.layers.0.self_attn.q_proj.lora_A.default.weight")
     assert (kr.module, kr.role.name, kr.adapter) == ("model.layers.0.self_attn.q_proj", "lora_A", "default")
-    assert peft_layout.parse_key("base_model.model.x.vera_lambda_b").role.name == "unknown"
-    assert peft_layout.base_name("model.embed_tokens.token_adapter.base_layer.weight") == "model.embed_tokens.weight"
-    assert peft_layout.base_name("lm_head.original_module.weight") == "lm_head.weight"
-    for added in ("q_proj.lora_A.default.weight", "lm_head.modules_to_save.default.weight",
-                  "embed_tokens.token_adapter.trainable_tokens_delta.default", "q.lora_magnitude_vector.default.weight"):
-        assert peft_layout.base_name(added) is None, added
+    for key in ("base_model.model.x.vera_lambda_b", "base_model.model.x.hada_w1_a", "base_model.model.x.oft_R.weight"):
+        assert peft_layout.parse_key(key).role.name == "unknown", key
+
+
+def _tuners():
+    import peft
+
+    return {
+        "lora+modules_to_save+trainable_tokens": LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                            trainable_token_indices={"embed_tokens": [1, 2]}),
+        "lora on embeddings": LoraConfig(r=2, target_modules=["embed_tokens", "v_proj"]),
+        "dora": LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+        "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "vera": peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        "oft": peft.OFTConfig(oft_block_size=4, r=0, target_modules=["q_proj"]),
+        "boft": peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj"]),
+        "hra": peft.HRAConfig(r=2, target_modules=["q_proj"]),
+        "ln_tuning": peft.LNTuningConfig(target_modules=["input_layernorm"]),
+        "loha": peft.LoHaConfig(r=2, target_modules=["q_proj"]),
+        "lokr": peft.LoKrConfig(r=2, target_modules=["q_proj"]),
+        "fourierft": peft.FourierFTConfig(target_modules=["q_proj"], n_frequency=10),
+        "adalora": peft.AdaLoraConfig(r=2, target_modules=["q_proj"], total_step=10),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tuners()))
+def test_base_weights_of_a_model_holding_any_peft_adapter(name):
+    """peft's own layers say which tensors are theirs: every kind of adapter leaves the base model's
+    tensors and names, and so its fingerprint, as they were."""
+    from compeft_format import peft_layout
+
+    model = base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp = cf.fingerprint(model)
+    wrapped = get_peft_model(model, _tuners()[name])
+    assert set(wrapped.state_dict()) - {f"base_model.model.{k}" for k in before}, "peft added nothing"
+    after = peft_layout.base_state_dict(wrapped)
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert cf.fingerprint(wrapped) == fp
 
 
 def test_compress_takes_a_peft_model_and_peft_config_objects(tmp_path, ids):

@@ -34,7 +34,7 @@ class Dense(Codec):
         return {C.ROLE_VALUES: (sum(m.numel for m in members) * item, True)}
 
     def bound_bits(self, params: Mapping[str, Any], member: TensorDescription) -> float:
-        return float(member.numel * 8 * C.DTYPE_ITEMSIZE[params[C.PARAM_VALUE_DTYPE]])
+        return member.numel * 8 * C.DTYPE_ITEMSIZE[params[C.PARAM_VALUE_DTYPE]]
 
     def choose_params(self, tensor: Member, *, positions: str = "auto") -> dict[str, Any]:
         return {C.PARAM_VALUE_DTYPE: tensor.value_dtype}

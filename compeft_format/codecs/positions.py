@@ -45,6 +45,9 @@ class PositionCoding(ABC):
     name: ClassVar[str]
     #: the coding's stream roles, in order (they come first among the group's roles)
     roles: ClassVar[tuple[str, ...]]
+    #: the C extension decodes ternary groups of this coding straight into their outputs
+    #: (``fill_ternary``); others decode them with ``locate``
+    native_ternary: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -67,12 +70,13 @@ class PositionCoding(ABC):
         index of its first entry in the group's entry sequence. ``memo``, when given, keeps
         group-wide decoding work between calls on the same streams."""
 
-    @abstractmethod
     def fill_ternary(self, lib: Any, raw: Mapping[str, torch.Tensor], members: Sequence[TensorDescription],
                      signs: np.ndarray, outs: list[Any], levels: np.ndarray, element_size: int) -> None:
         """Decode a ternary group with the C extension straight into ``outs`` (one buffer per
         member, or None for members not wanted): each element becomes one of the member's three
-        ``levels`` (background, +, -), as raw integers of ``element_size`` bytes."""
+        ``levels`` (background, +, -), as raw integers of ``element_size`` bytes. Codings with
+        ``native_ternary`` implement it."""
+        raise NotImplementedError(f"{self.name} has no native ternary decoder")
 
 
 def get_position_coding(name: Any) -> PositionCoding:
@@ -107,6 +111,7 @@ class Bitmap(PositionCoding):
 
     name = C.POSITIONS_BITMAP
     roles = (C.ROLE_POSITIONS,)
+    native_ternary = True
 
     def raw_sizes(self, members: Sequence[TensorDescription]) -> dict[str, tuple[int, bool]]:
         return {C.ROLE_POSITIONS: ((sum(m.numel for m in members) + 7) // 8, True)}
@@ -170,6 +175,7 @@ class Golomb(PositionCoding):
 
     name = C.POSITIONS_GOLOMB
     roles = (C.ROLE_UNARY, C.ROLE_REMAINDERS, C.ROLE_EXTRA)
+    native_ternary = True
 
     def raw_sizes(self, members: Sequence[TensorDescription]) -> dict[str, tuple[int, bool]]:
         n = sum(m.numel for m in members)

@@ -57,7 +57,7 @@ class Ternary(PositionalCodec):
 
     def decode(self, raw: Mapping[str, torch.Tensor], members: Sequence[TensorDescription], params: Mapping[str, Any],
                select: Sequence[int], dtype: DType, memo: dict[str, Any] | None = None) -> dict[int, torch.Tensor]:
-        lib = native.module(raw[C.ROLE_SIGNS].device)
+        lib = native.module(raw[C.ROLE_SIGNS].device) if self.coding(params).native_ternary else None
         if lib is not None:
             return self._decode_native(lib, raw, members, params, select, dtype)
         signs = unpack_bits(raw[C.ROLE_SIGNS], sum(m.nnz for m in members))

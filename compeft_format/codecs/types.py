@@ -1,5 +1,6 @@
-"""What codecs take and give: a member with its payload (``Member``; ``compressed.Member``
-is one), a payload alone (``Payload``) and the dtype argument of the decoders (``DType``)."""
+"""What codecs take and give: a member with its payload (``Member``, which
+``compressed.CompressedTensor`` is), a payload alone (``Payload``) and the dtype argument of the
+decoders (``DType``)."""
 
 from __future__ import annotations
 

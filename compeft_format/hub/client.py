@@ -151,12 +151,11 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
             try:
                 old_path = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=head, endpoint=_endpoint(endpoint),
                                            token=token)
-                old = Index.parse(Path(old_path).read_bytes(), what)
-            except HubNoIndex:
-                pass
             except Exception as e:  # no index yet: the usual case for a new repository
                 if not remote_file_missing(e):
                     raise
+            else:  # an index that is not valid is refused, not replaced: it lists artifacts of others
+                old = Index.parse(Path(old_path).read_bytes(), f"{what}: the repository's index")
             index = old.merged([a.entry for a in arts])
             ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
             ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
@@ -202,7 +201,7 @@ def peft_folder(path: str) -> str:
 
 
 def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None = None, to_peft: bool = False,
-         base: ModelRef | binding.Weights | None = None, base_model: str | None = None,
+         base: ModelRef | binding.BaseWeights | binding.Weights | None = None, base_model: str | None = None,
          endpoint: str | None = None, token: str | None = None, cache_dir: PathLike | None = None) -> PullResult:
     """Download a compeft repository's artifacts and verify every byte before returning them.
 
@@ -222,11 +221,11 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
     repo_id, rev = split_repo(repo)
     rev = revision or rev
     what = f"{repo_id}@{rev or 'main'}"
-    claims: list[ModelRef | binding.Weights] = []
+    claims: list[ModelRef | binding.BaseWeights] = []
     if base_model is not None:
         claims.append(BaseBinding(id=base_model))
-    if base is not None:
-        claims.append(base)
+    if base is not None:  # weights are looked at now, and fingerprinted once for every artifact
+        claims.append(base if isinstance(base, (ModelRef, binding.BaseWeights)) else binding.BaseWeights(base))
     kw: dict[str, Any] = {"endpoint": _endpoint(endpoint), "token": token, "cache_dir": cache_dir}
     with hub_errors(what, repo_id, rev):
         try:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import constants as C
 from ..binding import BaseBinding
 from ..errors import HubNoIndex, InvalidArgument, ManifestError
+from ..jsonfields import HEX64
 from ..reader import CompeftFile
 
 #: What an artifact can be, with the line a model card gives it. A new kind is one entry here.
@@ -26,7 +27,6 @@ DEFAULT_KIND = "adapter"
 #: Most artifacts one index may list.
 MAX_ARTIFACTS = 10_000
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
 
 
@@ -56,6 +56,8 @@ class IndexEntry:
     kind: str = DEFAULT_KIND
     #: paths of artifacts of the same repository that must be applied before this one
     requires: tuple[str, ...] = ()
+    #: members of the entry this version does not know, kept as they were
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, f: CompeftFile, path: str, *, sha256: str, kind: str = DEFAULT_KIND,
@@ -70,7 +72,7 @@ class IndexEntry:
                    base_model=m.base_model, kind=kind, requires=tuple(requires))
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size": self.size,
+        d: dict[str, Any] = {**self.extra, "path": self.path, "sha256": self.sha256, "size": self.size,
                              "format_version": self.format_version, "manifest_sha256": self.manifest_sha256,
                              "adapter_kind": self.adapter_kind, "peft_type": self.peft_type,
                              "representation": self.representation, "base_model": self.base_model.to_json(),
@@ -88,7 +90,7 @@ class IndexEntry:
             raise HubNoIndex(f"{what}: index names an unsafe path {path!r}")
         assert isinstance(path, str)
         sha, size = obj.get("sha256"), obj.get("size")
-        if not isinstance(sha, str) or _HEX64.fullmatch(sha) is None:
+        if not isinstance(sha, str) or HEX64.fullmatch(sha) is None:
             raise HubNoIndex(f"{what}: index entry {path!r} has no sha256 of 64 lowercase hex digits")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise HubNoIndex(f"{what}: index entry {path!r} has no size")
@@ -104,7 +106,12 @@ class IndexEntry:
             base = BaseBinding.from_json(obj.get("base_model") or {}, "base_model")
         except ManifestError as e:
             raise HubNoIndex(f"{what}: index entry {path!r}: {e}") from None
-        return cls(path=path, sha256=sha, size=size, base_model=base, kind=kind, requires=tuple(requires), **text)
+        extra = {k: v for k, v in obj.items() if k not in _KNOWN}
+        return cls(path=path, sha256=sha, size=size, base_model=base, kind=kind, requires=tuple(requires), extra=extra,
+                   **text)
+
+
+_KNOWN = frozenset(f.name for f in fields(IndexEntry)) - {"extra"}
 
 
 @dataclass

@@ -57,9 +57,10 @@ def _git_blob_oid(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a file of the store whole or not at all, creating its folders."""
+    """Write a file of the store whole or not at all, creating its folders; readable by the
+    server's user only (private repositories live here too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 @dataclass

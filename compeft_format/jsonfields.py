@@ -1,0 +1,86 @@
+"""Checked reads of JSON values from a file's manifest (spec 3.1): each returns the value or raises
+``ManifestError`` naming where it is (``what``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from .errors import ManifestError
+
+#: a hex digest: 64 lowercase hex digits (spec 1)
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def as_object(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise ManifestError(f"{what} must be an object")
+    return x
+
+
+def as_list(x: Any, what: str) -> list[Any]:
+    if not isinstance(x, list):
+        raise ManifestError(f"{what} must be an array")
+    return x
+
+
+def as_int(x: Any, what: str, lo: int = 0) -> int:
+    """An integer (not a boolean) of at least ``lo``."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise ManifestError(f"{what} must be an integer >= {lo}")
+    return x
+
+
+def as_str(x: Any, what: str) -> str:
+    if not isinstance(x, str):
+        raise ManifestError(f"{what} must be a string")
+    return x
+
+
+def as_opt_str(x: Any, what: str) -> str | None:
+    return None if x is None else as_str(x, what)
+
+
+def as_finite(x: Any, what: str) -> float:
+    """A JSON number read as binary64; integers too large for binary64 are not finite."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ManifestError(f"{what} must be a number")
+    try:
+        v = float(x)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise ManifestError(f"{what} must be a finite number")
+    return v
+
+
+def as_opt_number(x: Any, what: str) -> float | None:
+    return None if x is None else as_finite(x, what)
+
+
+def as_f32(x: Any, what: str) -> float:
+    """A finite JSON number that is exactly a binary32 value."""
+    v = as_finite(x, what)
+    with np.errstate(over="ignore"):  # beyond binary32: inf, which is not equal
+        exact = float(np.float32(v)) == v
+    if not exact:
+        raise ManifestError(f"{what} must be a finite value exactly representable in binary32")
+    return v
+
+
+def as_hex64(x: Any, what: str) -> str:
+    s = as_str(x, what)
+    if HEX64.fullmatch(s) is None:
+        raise ManifestError(f"{what} must be 64 lowercase hex digits")
+    return s
+
+
+def utf8_len(s: str, what: str) -> int:
+    """Length in UTF-8 of text that must consist of Unicode scalar values."""
+    try:
+        return len(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} is not valid Unicode text") from None
