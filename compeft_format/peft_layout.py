@@ -68,6 +68,8 @@ ROLES: tuple[Role, ...] = (
     Role("ia3", r"ia3_l", sparsifiable=True, apply="ia3"),
     Role("trainable_tokens", r"token_adapter\.trainable_tokens_delta"),
     Role("base_layer", r"base_layer\.(?:weight|bias)", apply="parameter"),
+    # a base layer's bias trained with ``bias="all"`` (not a LoRA bias, not one of a wrapped layer)
+    Role("bias", r"(?<!lora_B\.)(?<!base_layer\.)bias", apply="parameter"),
 )
 PARAMETER = Role("parameter", "", apply="parameter")
 UNKNOWN = Role("unknown", "")

@@ -156,6 +156,24 @@ def test_layout_names_every_tensor_of_real_peft_adapters(name):
         assert (ca.tensors[key].encoding == "ternary") == (kr.role.sparsifiable and ca.tensors[key].numel >= 32), key
 
 
+def test_layout_of_trained_biases():
+    from peft import get_peft_model_state_dict
+
+    from compeft_format import peft_layout
+
+    biased = LlamaConfig(**{**CFG.to_dict(), "attention_bias": True})
+    torch.manual_seed(0)
+    pm = get_peft_model(LlamaForCausalLM(biased), LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
+    sd = get_peft_model_state_dict(pm)
+    parsed = {k: peft_layout.parse_key(k) for k in sd}
+    assert {kr.role.name for kr in parsed.values()} == {"lora_A", "lora_B", "base_layer", "bias"}
+    params = dict(LlamaForCausalLM(biased).named_parameters())
+    for key, kr in parsed.items():
+        if kr.role.apply == "parameter":
+            assert tuple(params[kr.parameter].shape) == tuple(sd[key].shape), key
+            assert kr.parameter.endswith(".bias") and ".base_layer." not in kr.parameter, key
+
+
 def test_layout_of_a_live_model_state_dict():
     from compeft_format import peft_layout
 
