@@ -35,6 +35,7 @@ from .errors import (
     NotSafetensors,
     UnsupportedModel,
 )
+from .integrity import tensor_bytes
 from .jsonfields import as_object, as_str
 from .peft_layout import base_state_dict
 
@@ -184,14 +185,13 @@ def _digest(names: Iterable[str], get: Callable[[str], torch.Tensor], algorithm:
         raise InvalidArgument(f"unknown fingerprint algorithm {algorithm!r}; use one of {list(C.FINGERPRINT_ALGORITHMS)}")
     h = hashlib.sha256()
     for name in sorted(names):  # code-point order
-        t = _plain(name, get(name)).to("cpu")
+        t = _plain(name, get(name))
         if algorithm == FLOAT32 and t.dtype in _TO_FLOAT32:
             t = _canonical_float32(t)
-        t = t.contiguous()
         line = json.dumps({"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}, separators=(",", ":"))
         h.update(line.encode() + b"\n")
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+            h.update(tensor_bytes(t))
     return Fingerprint(algorithm, h.hexdigest())
 
 

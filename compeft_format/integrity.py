@@ -15,13 +15,14 @@ def sha256_hex(data: bytes | bytearray | memoryview | np.ndarray) -> str:
     return hashlib.sha256(data.data if isinstance(data, np.ndarray) else data).hexdigest()
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's elements as hashed here: C order, little-endian, in its own dtype (on the CPU)."""
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's elements: C order, little-endian, in the tensor's own dtype."""
-    return hashlib.sha256(_bytes(t) if t.numel() else b"").hexdigest()
+    return hashlib.sha256(tensor_bytes(t) if t.numel() else b"").hexdigest()
 
 
 def group_sha256(tensors: Iterable[torch.Tensor]) -> str:
@@ -30,5 +31,5 @@ def group_sha256(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         if t.numel():
-            h.update(_bytes(t))
+            h.update(tensor_bytes(t))
     return h.hexdigest()

@@ -252,14 +252,13 @@ def peft_config(config: Mapping[str, Any], *, inference_mode: bool) -> Any:
     """A peft config object from its JSON form (imports peft)."""
     from peft import PeftConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import PeftType
 
-    name = str(config.get("peft_type", "")).upper()
-    types: dict[str, Any] = {str(k.value if isinstance(k, enum.Enum) else k): v
-                             for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
-    cls = types.get(name)
-    if cls is None:
-        raise UnsupportedAdapter(f"peft has no adapter type {config.get('peft_type')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        name = PeftType(str(config.get("peft_type", "")).upper())
+    except ValueError:
+        raise UnsupportedAdapter(f"peft has no adapter type {config.get('peft_type')!r}") from None
+    names = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[name])}
     kwargs = {k: v for k, v in config.items() if k in names and k not in ("peft_type", "auto_mapping")}
     kwargs["inference_mode"] = inference_mode
     return PeftConfig.from_peft_type(peft_type=name, **kwargs)

@@ -30,12 +30,12 @@ from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..fileio import atomic_write_bytes
+from ..jsonfields import HEX64
 
 REPO_TYPES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_BRANCH = "main"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # namespaces and repository names
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Suffixes answered with uploadMode "lfs" when the server runs with ``lfs=True``.
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
 
@@ -175,7 +175,7 @@ class Store:
                                    "oid": _git_blob_oid(data)}
                 elif key == "lfsFile":
                     oid, size = value.get("oid"), value.get("size")
-                    if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not _HEX64.match(oid):
+                    if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not HEX64.fullmatch(oid):
                         raise ApiError(400, f"lfsFile {path!r} needs a sha256 oid")
                     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                         raise ApiError(400, f"lfsFile {path!r} needs an integer size")
@@ -491,7 +491,7 @@ class HubHandler(BaseHTTPRequestHandler):
         for o in body.get("objects", []):
             oid, size = o.get("oid"), o.get("size")
             entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if not (isinstance(oid, str) and _HEX64.match(oid) and isinstance(size, int)):
+            if not (isinstance(oid, str) and HEX64.fullmatch(oid) and isinstance(size, int)):
                 entry["error"] = {"code": 422, "message": "bad oid or size"}
             elif not self.store.has_blob(oid, size):
                 href = f"{self._base()}/_lfs/{oid}"
@@ -508,7 +508,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _lfs_object(self, method: str, rest: list[str], q: dict[str, str]) -> None:
         oid = rest[0] if rest else ""
-        if not _HEX64.match(oid):
+        if not HEX64.fullmatch(oid):
             raise ApiError(400, "bad LFS oid")
         if method == "PUT" and len(rest) == 1:
             size = q.get("size", "")
