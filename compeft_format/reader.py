@@ -6,6 +6,7 @@ compressed form (the inverse of ``save``).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from .compressed import CompressedAdapter, CompressedTensor
 from .container import ContainerFile
 from .device import as_tensor, to_device
 from .dtypes import to_torch
-from .errors import InputError, ManifestMismatch, StreamDigestMismatch, TensorDigestMismatch
+from .errors import InputError, LimitExceeded, ManifestMismatch, StreamDigestMismatch, TensorDigestMismatch
 from .framing import unframe
 from .integrity import group_sha256, sha256_hex, tensor_sha256
 from .manifest import Manifest, StreamInfo, TensorInfo, parse_metadata
@@ -47,6 +48,16 @@ def check_streams_match(manifest: Manifest, header: dict[str, Any]) -> None:
             raise ManifestMismatch(f"stream {name!r} must be a 1-D U8 tensor")
         if e["shape"][0] != s.size:
             raise ManifestMismatch(f"stream {name!r} holds {e['shape'][0]} bytes, manifest declares {s.size}")
+
+
+@functools.cache
+def _memory_bytes() -> int:
+    """Physical memory of this machine (0 when unknown): a file declaring more output than this
+    is refused before anything is allocated."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 class CompeftFile:
@@ -140,8 +151,20 @@ class CompeftFile:
     def _decode(self, gi: int, select: list[int], dtype: str | torch.dtype | None,
                 device: str | torch.device) -> dict[int, torch.Tensor]:
         g = self.manifest.groups[gi]
+        members = self._members_of(gi)
+        need = sum(members[j].numel * to_torch(dtype or members[j].dtype).itemsize for j in select)
+        limit = _memory_bytes()
+        if torch.device(device).type == "cpu" and limit and need > limit:
+            raise LimitExceeded(f"group {gi} decodes to {need:,} bytes, more than this machine's memory ({limit:,})")
         raw, memo = self._group_raw(gi, device)
-        return get_codec(g.encoding).decode(raw, self._members_of(gi), g.params, select, dtype, memo)
+        try:
+            return get_codec(g.encoding).decode(raw, members, g.params, select, dtype, memo)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise LimitExceeded(f"group {gi} decodes to {need:,} bytes, more than {device} can allocate") from e
+        except RuntimeError as e:  # torch's CPU allocator reports failure as a RuntimeError
+            if "allocate" not in str(e):
+                raise
+            raise LimitExceeded(f"group {gi} decodes to {need:,} bytes, more than {device} can allocate") from e
 
     # -- tensors ---------------------------------------------------------------------------
     def get_tensor(self, name: str, *, dtype: str | torch.dtype | None = None,
@@ -205,7 +228,11 @@ class CompeftFile:
         checks decoding makes (and with ``verify`` the decoded digests too)."""
         m = self.manifest
         tensors: dict[int, CompressedTensor] = {}
-        sigma = m.compression.sigma if m.compression.scope == C.SCOPE_GLOBAL else None
+        # the global sigma is every scale's unit only when the scales are alpha * sigma (the paper's
+        # method, which records no options)
+        opts = m.compression.options or {}
+        paper_scales = opts.get("scale", C.SCALE_SIGMA) == C.SCALE_SIGMA
+        sigma = m.compression.sigma if m.compression.scope == C.SCOPE_GLOBAL and paper_scales else None
         for gi, idx in enumerate(self._members):
             g = m.groups[gi]
             raw, _ = self._group_raw(gi, "cpu")

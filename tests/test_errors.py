@@ -203,7 +203,9 @@ def test_negative_zero_offset_reads_as_zero(tmp_path):
 
 def test_scale_overflow_is_refused():
     with pytest.raises(cf.InvalidArgument, match="overflows"):
-        cf.compress({"w": torch.tensor([1e30, -1e30, 3.0, 4.0])}, alpha=1e10, min_sparse_numel=0)
+        cf.compress({"w": torch.tensor([1e30, -1e30, 3.0, 4.0])}, alpha=1e10, min_sparse_numel=0, method="paper")
+    with pytest.raises(cf.InvalidArgument, match="overflows"):
+        cf.compress({"w": torch.tensor([1e30, -1e30, 3.0, 4.0])}, alpha=1e10, density=0.5, min_sparse_numel=0)
 
 
 def test_writer_enforces_reader_limits(tmp_path):
@@ -338,3 +340,45 @@ def test_a_missing_file_is_not_a_value_error(tmp_path):
         pytest.fail("a missing file was caught as a ValueError")
     except FileNotFoundError:
         pass
+
+
+def _with_manifest_edit(src, dst, edit):
+    """``src`` with its manifest changed by ``edit`` and the manifest digest fixed (an attacker can)."""
+    from compeft_format.integrity import sha256_hex
+    from compeft_format.manifest import encode_manifest_text
+
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header["__metadata__"]
+    manifest = json.loads(decode_manifest_text(meta[C.META_MANIFEST], meta[C.META_MANIFEST_ENCODING]))
+    edit(manifest)
+    text = json.dumps(manifest)
+    meta[C.META_MANIFEST] = encode_manifest_text(text, meta[C.META_MANIFEST_ENCODING])
+    meta[C.META_MANIFEST_SHA256] = sha256_hex(text.encode())
+    h = json.dumps(header).encode()
+    h += b" " * ((-len(h)) % 8)
+    dst.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+    return dst
+
+
+def test_a_file_declaring_more_output_than_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    from compeft_format import reader
+    from conftest import VECTORS
+
+    def huge(m):  # an empty ternary tensor of ~22G elements: valid by the format's limits, not decodable here
+        t = next(t for t in m["tensors"] if t["nnz"] == 0)
+        t["shape"] = [t["shape"][0], 1_066_364_617]
+
+    path = _with_manifest_edit(VECTORS / "v1_0_ternary_golomb.cpeft.safetensors", tmp_path / "huge.safetensors", huge)
+    with pytest.raises(cf.LimitExceeded, match="more than this machine's memory"):
+        cf.verify(path)
+    # where the machine's size is unknown, a failed allocation is the same typed error
+    monkeypatch.setattr(reader, "_memory_bytes", lambda: 0)
+    codec = cf.codecs.get_codec("ternary")
+
+    def fail(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(type(codec), "decode", fail)
+    with pytest.raises(cf.LimitExceeded, match="can allocate"):
+        cf.load(path)
