@@ -13,13 +13,14 @@ Example:
     >>> ca = cf.read("adapter.cpeft.safetensors")     # the compressed form back, as save wrote it
 """
 
-from . import binding, codecs, constants, errors, peft_layout
+from . import binding, calibrate, codecs, constants, errors, peft_layout
 from ._version import __version__
 from .apply import MergedAdapter, load_adapter, merge_adapter
 from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
 from .compress import CompeftConfig, alpha_search, compress, kept_count, rescale, top_k_indices
 from .compressed import CompressedAdapter, CompressedTensor
 from .errors import *  # noqa: F403  (the typed errors are part of the public API)
+from .fidelity import Fidelity, ModuleFidelity, measure_fidelity
 from .hub import Index, IndexEntry, PullResult, PushResult, pull, push
 from .integrity import tensor_sha256
 from .manifest import Manifest, TensorDescription, TensorInfo
@@ -31,6 +32,7 @@ from .writer import WriterOptions, save
 __all__ = [
     "__version__",
     "binding",
+    "calibrate",
     "codecs",
     "constants",
     "errors",
@@ -43,6 +45,9 @@ __all__ = [
     "rescale",
     "kept_count",
     "top_k_indices",
+    "Fidelity",
+    "ModuleFidelity",
+    "measure_fidelity",
     "CompressedAdapter",
     "CompressedTensor",
     "WriterOptions",

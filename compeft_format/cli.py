@@ -9,13 +9,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import binding
 from . import constants as C
 from ._version import __version__
 from .codecs import CODINGS
-from .errors import CompeftError, IOFailure
-from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_dict
+from .compress import METHODS, CompeftConfig
+from .errors import CompeftError, InvalidArgument, IOFailure
+from .fidelity import measure_fidelity
+from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_dict, read_source
 from .peft_layout import DEFAULT_DENSE_PATTERNS
 from .reader import CompeftFile
 from .report import format_report, inspect
@@ -40,8 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a PEFT adapter folder or a .safetensors state dict")
     c.add_argument("src", help="PEFT adapter folder or .safetensors file")
     c.add_argument("-o", "--output", required=True, help="output file (.cpeft.safetensors)")
-    c.add_argument("--density", type=_number, default=0.1, help="fraction of entries kept, in (0, 1] (default 0.1)")
-    c.add_argument("--alpha", type=_number, default=1.0, help="scale multiplier of sigma (default 1.0)")
+    c.add_argument("--method", choices=sorted(METHODS), default=CompeftConfig().method_name,
+                   help="fit (default): balanced LoRA factors and least-squares scales, no data needed; "
+                        "paper: ComPEFT exactly as published (one scale alpha * sigma; choose alpha with --calibrate)")
+    c.add_argument("--density", type=_number, default=CompeftConfig().density,
+                   help=f"fraction of entries kept, in (0, 1] (default {CompeftConfig().density})")
+    c.add_argument("--alpha", type=_number, default=1.0,
+                   help="multiplier of every scale (of sigma with --method paper; 1 is the fit otherwise)")
+    c.add_argument("--balance", choices=C.BALANCES, default=None, help="override the method's LoRA factor balancing")
+    c.add_argument("--scale", choices=C.SCALES, default=None, help="override the method's scales")
+    c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="override whether lora_B is refitted to the ternarised lora_A")
+    c.add_argument("--calibrate", default=None, metavar="MODEL",
+                   help="choose alpha by the loss of this local base model (a transformers folder) on --data")
+    c.add_argument("--data", default=None, metavar="FILE",
+                   help="calibration text for --calibrate: .jsonl (objects with 'text') or plain text")
+    c.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                   help="with --calibrate: also choose the density, among files of at most N bytes")
+    c.add_argument("--alphas", default=None, metavar="A,B,...", help="alpha grid for --calibrate")
+    c.add_argument("--max-samples", type=int, default=64, help="calibration samples used (default 64)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
+    c.add_argument("--json", action="store_true", help="print the result, fidelity per module included, as JSON")
     c.add_argument("--scope", choices=C.SCOPES, default=C.SCOPE_GLOBAL, help="top-k and scale over all tensors or per tensor")
     c.add_argument("--mode", choices=C.MODES, default=C.MODE_TERNARY, help="ternary (ComPEFT) or prune (keep values)")
     c.add_argument("--reference", default=None,
@@ -128,21 +150,85 @@ def _binding(a: argparse.Namespace) -> binding.BaseBinding | None:
     return binding.BaseBinding(id=a.base_model, revision=a.base_revision, fingerprint=fp)
 
 
+def _config(a: argparse.Namespace) -> CompeftConfig:
+    overrides = {k: getattr(a, k) for k in ("balance", "scale", "refit") if getattr(a, k) is not None}
+    return CompeftConfig.method(
+        a.method, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, dtype=a.dtype,
+        dense_patterns=DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense), min_sparse_numel=a.min_sparse_numel, **overrides)
+
+
+def _progress(items: Any, total: int) -> Any:
+    """A progress bar on stderr (tqdm, which transformers brings) when stderr is a terminal."""
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc="calibrating", unit="candidate", disable=not sys.stderr.isatty(),
+                file=sys.stderr)
+
+
+def _calibrate(a: argparse.Namespace, sd: dict[str, Any], config: dict[str, Any] | None,
+               cfg: CompeftConfig, **kwargs: Any) -> Any:
+    from .calibrate import LossMeter, calibrate, load_causal_lm, read_texts
+
+    if a.data is None:
+        raise InvalidArgument("--calibrate needs --data FILE (calibration text)")
+    if config is None:
+        raise InvalidArgument("--calibrate needs a PEFT adapter folder (its adapter_config.json)")
+    alphas = None
+    if a.alphas:
+        try:
+            alphas = [float(x) for x in a.alphas.split(",")]
+        except ValueError:
+            raise InvalidArgument(f"--alphas must be numbers separated by commas, got {a.alphas!r}") from None
+    texts = read_texts(a.data, a.max_samples)
+    model, tok = load_causal_lm(a.calibrate)
+    meter = LossMeter(model, tok, texts, seq_len=a.seq_len)
+    return calibrate(sd, config, model, meter, cfg, alphas=alphas, max_bytes=a.max_bytes, progress=_progress,
+                     compressor=lambda c: compress_peft(a.src, c, tensors=(sd, config), **kwargs))
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     reference: str | dict | None = a.reference
     base_weights = None
     if reference is not None and reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
         reference, base_weights = C.REFERENCE_BASE, load_safetensors_state_dict(Path(reference))
-    ca = compress_peft(
-        a.src, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, reference=reference,
-        base_weights=base_weights, dtype=a.dtype, dense_patterns=DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense),
-        min_sparse_numel=a.min_sparse_numel, base=_binding(a),
-    )
+    if a.max_bytes is not None and a.calibrate is None:
+        raise InvalidArgument("--max-bytes needs --calibrate (the density is chosen by the loss)")
+    cfg = _config(a).replace(reference=reference)
+    sd, config = read_source(a.src)
+    calibration = None
+    if a.calibrate is not None:
+        calibration = _calibrate(a, sd, config, cfg, base=_binding(a))
+        ca = calibration.adapter
+    else:
+        ca = compress_peft(a.src, cfg, base_weights=base_weights, base=_binding(a), tensors=(sd, config))
     manifest = save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
     r = inspect(a.output)
-    bound = "" if manifest.base_model.is_empty else f"; base {manifest.base_model.describe()}"
-    print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
-          f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32{bound}")
+    fid = measure_fidelity(sd, ca, base_weights=base_weights)
+    if a.json:
+        out = {"path": a.output, "params": r["params"], "file_bytes": r["file_bytes"],
+               "bits_per_param": r["bits_per_param"], "ratio_vs_fp16": r["ratio_vs_fp16"],
+               "compression": manifest.compression.to_dict(), "fidelity": fid.to_json(),
+               "calibration": None if calibration is None else calibration.to_json()}
+        print(json.dumps(out, indent=2))
+    else:
+        bound = "" if manifest.base_model.is_empty else f"; base {manifest.base_model.describe()}"
+        worst = fid.worst(1)
+        error = "" if not worst else (f"; relative error of the weight update {fid.relative_error:.3f} (worst module "
+                                      f"{worst[0].relative_error:.3f})")
+        print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
+              f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32{bound}{error}")
+        if calibration is not None:
+            kept = calibration.gain_kept
+            print(f"  calibrated: density {ca.compression.density:g}, alpha {ca.compression.alpha:g}, loss "
+                  f"{calibration.loss:.4f} (base model {calibration.base_loss:.4f}, uncompressed adapter "
+                  f"{calibration.adapter_loss:.4f}" + ("" if kept is None else f"; {kept:.0%} of its loss gain kept")
+                  + ")")
+    if fid.emptied:
+        shown = ", ".join(fid.emptied[:5]) + (f" and {len(fid.emptied) - 5} more" if len(fid.emptied) > 5 else "")
+        print(f"compeft compress: warning: {len(fid.emptied)} of {len(fid.modules)} module(s) lost their whole "
+              f"update (they do nothing now): {shown}", file=sys.stderr)
     return 0
 
 

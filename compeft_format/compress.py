@@ -1,9 +1,22 @@
 """ComPEFT compression (Yadav et al., 2023; spec section 6): sparsify a task vector by magnitude,
-then replace each kept entry by ``sign * alpha * sigma``.
+then replace each kept entry by ``sign * scale``.
 
 The task vector is the adapter minus a reference: zero for LoRA, ones for (IA)3, the pretrained
 weights for a full fine-tuning residual. With ``scope="global"`` every sparsified tensor joins one
-vector (keys in sorted order) for one top-k and one scale; ``scope="tensor"`` does both per tensor.
+vector (keys in sorted order) for one top-k; ``scope="tensor"`` selects per tensor.
+
+Two methods (spec 6.6), both ``CompeftConfig.method(name)``:
+
+- ``paper``: the published algorithm, exactly: one scale ``alpha * sigma`` for the whole
+  adapter (global scope), alpha to be chosen on validation data.
+- ``fit`` (the default): the same selection and ternary values, made to fit the weight update
+  without data. Each LoRA module's factors are first *balanced*: row i of A and column i of B are
+  scaled to equal norms, which leaves ``B A`` unchanged but lets one top-k treat A and B alike
+  (without it, global top-k can empty every ``lora_B``). Then, per module, A is ternarised, B is
+  refitted to the ternarised A by least squares (``B A A'^T (A' A'^T)^-1``, r x r algebra) and
+  ternarised with the count of entries the selection gave it, and the pair's scales are the least
+  squares fit of ``B A``. Other sparsified tensors take the least-squares scale of their kept
+  entries (the mean of their magnitudes). ``alpha`` multiplies every scale; 1 is the fit.
 
 ``CompeftConfig`` holds the method's parameters; ``compress`` takes it (or single parameters as
 keywords) and, separately, what the file records about the adapter: its PEFT config, the base
@@ -32,12 +45,22 @@ from .codecs import get_codec
 from .compressed import CompressedAdapter, CompressedTensor
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES, name_of
 from .errors import InvalidArgument, NonFiniteInput, UnsupportedDtype
+from .fidelity import compare_task_vectors
 from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo
-from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, peft_type, sparsifiable
+from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, lora_pairs, peft_type, sparsifiable
 
 
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+#: scales that fit LoRA factor pairs together (and allow ``refit``)
+PAIR_SCALES = (C.SCALE_LSQ, C.SCALE_NORM)
+#: the named methods (``CompeftConfig.method``): their options
+METHODS: dict[str, dict[str, Any]] = {
+    "paper": {"balance": C.BALANCE_NONE, "scale": C.SCALE_SIGMA, "refit": False},
+    "fit": {"balance": C.BALANCE_RANK, "scale": C.SCALE_NORM, "refit": True},
+}
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,8 @@ class CompeftConfig:
 
     #: fraction of task-vector entries kept, in (0, 1]; exactly ``round(density * N)`` are selected
     density: float = 0.1
-    #: multiplier of sigma, the standard deviation of the dense task vector
+    #: multiplier of every scale (``scale="sigma"``: of sigma, the standard deviation of the dense
+    #: task vector; otherwise of the fitted scale, for which 1 is the least-squares fit)
     alpha: float = 1.0
     #: ``"global"`` (one top-k and one scale over all sparsified tensors, the paper's default) or
     #: ``"tensor"`` (per tensor)
@@ -68,6 +92,34 @@ class CompeftConfig:
     dense_patterns: tuple[str, ...] = DEFAULT_DENSE_PATTERNS
     #: tensors with fewer elements are stored dense
     min_sparse_numel: int = C.DEFAULT_MIN_SPARSE_NUMEL
+    #: ``"rank"``: balance each LoRA module's factors per rank component before selection (``B A``
+    #: unchanged); ``"none"``: select on the factors as they are (the paper)
+    balance: str = C.BALANCE_RANK
+    #: ternary scales: ``"sigma"`` (``alpha * sigma``, the paper); ``"mean"`` (per tensor, the mean
+    #: kept magnitude: the least-squares scale of each tensor alone); ``"lsq"`` (LoRA pairs: the
+    #: least-squares fit of ``B A``; other tensors: ``"mean"``); ``"norm"`` (each LoRA module's
+    #: update, and each other tensor, keeps the Frobenius norm of the original)
+    scale: str = C.SCALE_NORM
+    #: with ``scale="lsq"`` or ``"norm"``: refit each ``lora_B`` to its ternarised ``lora_A``
+    #: before ternarising it
+    refit: bool = True
+
+    @classmethod
+    def method(cls, name: str, **changes: Any) -> CompeftConfig:
+        """The config of a named method (``"paper"`` or ``"fit"``), with ``changes`` applied.
+
+        Example:
+            >>> CompeftConfig.method("paper", density=0.05, alpha=3.0)
+        """
+        if name not in METHODS:
+            raise InvalidArgument(f"method must be one of {list(METHODS)}, got {name!r}")
+        return cls().replace(**{**METHODS[name], **changes})
+
+    @property
+    def method_name(self) -> str | None:
+        """``"paper"`` or ``"fit"`` when the options are exactly one of them, else None."""
+        opts = {"balance": self.balance, "scale": self.scale, "refit": self.refit}
+        return next((n for n, o in METHODS.items() if o == opts), None)
 
     def __post_init__(self) -> None:
         if not (_number(self.density) and 0.0 < float(self.density) <= 1.0):
@@ -90,6 +142,12 @@ class CompeftConfig:
             raise InvalidArgument("dense_patterns must be a sequence of glob patterns")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", name_of(self.dtype))
+        if self.balance not in C.BALANCES:
+            raise InvalidArgument(f"balance must be one of {list(C.BALANCES)}, got {self.balance!r}")
+        if self.scale not in C.SCALES:
+            raise InvalidArgument(f"scale must be one of {list(C.SCALES)}, got {self.scale!r}")
+        if not isinstance(self.refit, bool):
+            raise InvalidArgument(f"refit must be True or False, got {self.refit!r}")
 
     def replace(self, **changes: Any) -> CompeftConfig:
         """This config with some parameters changed; an unknown name is an ``InvalidArgument``."""
@@ -190,7 +248,7 @@ def compress(
         adapter: tensors by name (float32, float16 or bfloat16), or a ``peft.PeftModel`` (its active
             adapter, with its PEFT config).
         config: the method's parameters; keyword arguments change single ones
-            (``compress(sd, density=0.05)``). ``reference=`` may also be given the pretrained state
+            (``compress(sd, density=0.05)``); ``method="paper"`` starts from a named method. ``reference=`` may also be given the pretrained state
             dict itself, as ``base_weights``.
         peft_config: the adapter's PEFT config (a mapping or a peft config object), recorded in the
             file. With a known PEFT type only its task-vector factors are sparsified (LoRA and (IA)3
@@ -220,6 +278,11 @@ def compress(
         if not isinstance(ref, Mapping):
             raise InvalidArgument(f"reference must be 'zero', 'ones', 'base' or a base state dict, not {ref!r}")
         base_weights, parameters["reference"] = ref, C.REFERENCE_BASE
+    method = parameters.pop("method", None)
+    if method is not None:
+        if config is not None:
+            raise InvalidArgument("give either a config or method=, not both")
+        config = CompeftConfig.method(method)
     cfg = (config or CompeftConfig()).replace(**parameters)
     if isinstance(adapter, nn.Module):
         state_dict, model_config = _from_peft_model(adapter)
@@ -274,23 +337,63 @@ def compress(
             taus[name] = values - np.float32(offsets[name])
         sparse_names.append(name)
 
-    sparse: dict[str, CompressedTensor] = {}
+    shapes = {n: tuple(int(d) for d in state_dict[n].shape) for n in sparse_names}
+    pairs = [(a, b) for _, a, b in lora_pairs(sparse_names)
+             if len(shapes[a]) == 2 and len(shapes[b]) == 2 and shapes[a][0] == shapes[b][1]]
+    original = dict(taus)
+    if cfg.balance == C.BALANCE_RANK:
+        for a, b in pairs:
+            taus[a], taus[b] = _balance(taus[a].reshape(shapes[a]), taus[b].reshape(shapes[b]))
+
+    # selection: the kept indices of each candidate, and the sigma the paper's scale comes from
+    keep: dict[str, np.ndarray] = {}
+    sigma: dict[str, float] = {}
     sigma_global: float | None = None
     candidates = sum(taus[n].size for n in sparse_names)
     if cfg.scope == C.SCOPE_GLOBAL and sparse_names:
         flat = np.concatenate([taus[n] for n in sparse_names])
         sigma_global = task_std(flat)
-        keep = top_k_indices(np.abs(flat), kept_count(cfg.density, flat.size))
+        chosen = top_k_indices(np.abs(flat), kept_count(cfg.density, flat.size))
         bounds = np.cumsum([0] + [taus[n].size for n in sparse_names])
-        split = np.searchsorted(keep, bounds)
+        split = np.searchsorted(chosen, bounds)
         for i, n in enumerate(sparse_names):
-            local = keep[split[i]:split[i + 1]] - bounds[i]
-            sparse[n] = _make_sparse(n, state_dict[n], taus[n], local, sigma_global, cfg, offsets[n])
+            keep[n], sigma[n] = chosen[split[i]:split[i + 1]] - bounds[i], sigma_global
     else:
         for n in sparse_names:
-            tau = taus[n]
-            keep = top_k_indices(np.abs(tau), kept_count(cfg.density, tau.size))
-            sparse[n] = _make_sparse(n, state_dict[n], tau, keep, task_std(tau), cfg, offsets[n])
+            keep[n] = top_k_indices(np.abs(taus[n]), kept_count(cfg.density, taus[n].size))
+            sigma[n] = task_std(taus[n])
+    # An entry whose task value is exactly zero has sign 0 in the paper's formula: it is not stored.
+    for n in sparse_names:
+        keep[n] = keep[n][taus[n][keep[n]] != 0]
+
+    sparse: dict[str, CompressedTensor] = {}
+    options: dict[str, Any] | None = None
+    if cfg.mode == C.MODE_TERNARY:
+        signs = {n: taus[n][keep[n]] < 0 for n in sparse_names}
+        if cfg.scale == C.SCALE_SIGMA:
+            units = dict(sigma)
+        elif cfg.scale == C.SCALE_NORM:
+            units = {n: _norm_scale(taus[n], keep[n].size) for n in sparse_names}
+        else:
+            units = {n: _mean_magnitude(taus[n][keep[n]]) for n in sparse_names}
+        if cfg.scale in PAIR_SCALES:
+            for a, b in pairs:
+                keep[b], signs[b], units[a], units[b] = _fit_pair(
+                    taus[a].reshape(shapes[a]), taus[b].reshape(shapes[b]), keep[a], keep[b], cfg.refit, cfg.scale)
+        for n in sparse_names:
+            sparse[n] = _ternary(n, state_dict[n], keep[n], signs[n], units[n], cfg, offsets[n],
+                                 exact_sigma=cfg.scale == C.SCALE_SIGMA)
+        if cfg.method_name != "paper":
+            options = {"balance": cfg.balance, "scale": cfg.scale, "refit": cfg.refit and cfg.scale in PAIR_SCALES}
+    else:
+        for n in sparse_names:
+            tdtype = cfg.dtype or name_of(state_dict[n].dtype)
+            kept = _finite_cast(n, torch.from_numpy(taus[n][keep[n]].copy()), tdtype)
+            sparse[n] = CompressedTensor.sparse(n, shapes[n], tdtype, keep[n], kept, offsets[n])
+        if cfg.balance != C.BALANCE_NONE:
+            options = {"balance": cfg.balance}
+    approx = {n: sparse[n].to_dense(torch.float32).numpy() - np.float32(offsets[n]) for n in sparse_names}
+    fit = compare_task_vectors(original, approx, shapes, cfg_json)
 
     tensors = {n: (sparse.get(n) or dense[n]) for n in names}
     return CompressedAdapter(
@@ -311,6 +414,8 @@ def compress(
             sigma=sigma_global,
             candidates=int(candidates),
             kept=int(sum(t.nnz for t in sparse.values())),
+            options=options,
+            fidelity=None if options is None else fit.summary(),
         ),
         provenance=ProvenanceInfo(
             tool=f"compeft {__version__}",
@@ -320,20 +425,72 @@ def compress(
     )
 
 
-def _make_sparse(name: str, t: torch.Tensor, tau: np.ndarray, keep: np.ndarray, sigma: float,
-                 cfg: CompeftConfig, offset: float) -> CompressedTensor:
-    # An entry whose task value is exactly zero has sign 0 in the paper's formula: it is not stored.
-    keep = keep[tau[keep] != 0]
+def _balance(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row i of ``a`` (r x n) times c_i and column i of ``b`` (m x r) divided by c_i, with c_i
+    chosen so both have the norm ``sqrt(|a_i| |b_i|)``: ``b @ a`` is unchanged. Flat float32."""
+    na = np.linalg.norm(a.astype(np.float64), axis=1)
+    nb = np.linalg.norm(b.astype(np.float64), axis=0)
+    c = np.ones_like(na)
+    ok = (na > 0) & (nb > 0)
+    c[ok] = np.sqrt(nb[ok] / na[ok])
+    return ((a * c[:, None]).astype(np.float32).reshape(-1),
+            (b / c[None, :]).astype(np.float32).reshape(-1))
+
+
+def _mean_magnitude(kept: np.ndarray) -> float:
+    """The least-squares scale of ternary values with these signs and support: the mean magnitude."""
+    return float(np.mean(np.abs(kept), dtype=np.float64)) if kept.size else 0.0
+
+
+def _norm_scale(tau: np.ndarray, kept: int) -> float:
+    """The scale at which ``kept`` ternary entries have the Frobenius norm of ``tau``."""
+    return float(np.linalg.norm(tau.astype(np.float64)) / math.sqrt(kept)) if kept else 0.0
+
+
+def _fit_pair(a: np.ndarray, b: np.ndarray, keep_a: np.ndarray, keep_b: np.ndarray,
+              refit: bool, rule: str) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Ternary factors of one LoRA module for ``b @ a`` (a: r x n, b: m x r): A keeps its
+    selection with the least-squares scale; B (refitted to the ternarised A when ``refit``) keeps
+    as many entries as its selection had; B's scale makes the product the least-squares fit
+    (``rule="lsq"``) or gives it the norm of ``b @ a`` (``"norm"``).
+    Returns B's kept indices and signs, A's and B's scales before alpha."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    flat_a = np.zeros(a.size)
+    flat_a[keep_a] = np.sign(a64.reshape(-1)[keep_a])
+    ta = flat_a.reshape(a.shape)
+    scale_a = _mean_magnitude(a.reshape(-1)[keep_a])
+    source = b64
+    if refit and keep_a.size and keep_b.size:
+        a_hat = scale_a * ta
+        source = b64 @ (a64 @ a_hat.T) @ np.linalg.pinv(a_hat @ a_hat.T)
+        keep_b = top_k_indices(np.abs(source).reshape(-1), keep_b.size)
+        keep_b = keep_b[source.reshape(-1)[keep_b] != 0]
+    values_b = source.reshape(-1)[keep_b]
+    flat_b = np.zeros(b.size)
+    flat_b[keep_b] = np.sign(values_b)
+    tb = flat_b.reshape(b.shape)
+    num = float(np.sum((b64.T @ tb) * (a64 @ ta.T)))
+    den = float(np.sum((tb.T @ tb) * (ta @ ta.T)))
+    if num > 0 and den > 0 and scale_a > 0:
+        if rule == C.SCALE_NORM:
+            scale_b = math.sqrt(float(np.sum((b64.T @ b64) * (a64 @ a64.T))) / den) / scale_a
+        else:
+            scale_b = num / den / scale_a
+    else:  # nothing of the product survives: each factor keeps its own least-squares scale
+        scale_b = _mean_magnitude(values_b)
+    return keep_b, values_b < 0, scale_a, scale_b
+
+
+def _ternary(name: str, t: torch.Tensor, keep: np.ndarray, negative: np.ndarray, unit: float,
+             cfg: CompeftConfig, offset: float, *, exact_sigma: bool) -> CompressedTensor:
     tdtype = cfg.dtype or name_of(t.dtype)
     shape = tuple(int(d) for d in t.shape)
-    if cfg.mode == C.MODE_TERNARY:
-        with np.errstate(over="ignore"):
-            scale = np.float32(cfg.alpha * sigma)
-        if not np.isfinite(scale):
-            raise InvalidArgument(f"alpha * sigma = {cfg.alpha * sigma:g} overflows binary32 for tensor {name!r}")
-        return CompressedTensor.ternary(name, shape, tdtype, keep, tau[keep] < 0, float(scale), offset, sigma=sigma)
-    values = _finite_cast(name, torch.from_numpy(tau[keep].copy()), tdtype)
-    return CompressedTensor.sparse(name, shape, tdtype, keep, values, offset)
+    with np.errstate(over="ignore"):
+        scale = np.float32(cfg.alpha * unit)
+    if not np.isfinite(scale):
+        raise InvalidArgument(f"alpha * {'sigma' if exact_sigma else 'scale'} = {cfg.alpha * unit:g} overflows "
+                              f"binary32 for tensor {name!r}")
+    return CompressedTensor.ternary(name, shape, tdtype, keep, negative, float(scale), offset, sigma=unit)
 
 
 def _finite_cast(name: str, values: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -345,7 +502,8 @@ def _finite_cast(name: str, values: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
-    """The same selection with another alpha: every ternary scale becomes ``alpha * sigma``."""
+    """The same selection with another alpha: every ternary scale becomes alpha times its scale at
+    alpha 1 (``alpha * sigma`` for the paper's method)."""
     old = adapter.compression.alpha
     if not old or adapter.compression.mode != C.MODE_TERNARY:
         raise InvalidArgument("rescale needs a ternary ComPEFT adapter with a recorded alpha")
@@ -355,9 +513,9 @@ def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
     for n, t in adapter.tensors.items():
         if get_codec(t.encoding).member_scale:
             assert t.scale is not None
-            sigma = t.sigma if t.sigma is not None else t.scale / old
+            unit = t.sigma if t.sigma is not None else t.scale / old
             with np.errstate(over="ignore"):
-                scale = np.float32(sigma * alpha)
+                scale = np.float32(unit * alpha)
             if not np.isfinite(scale):
                 raise InvalidArgument(f"alpha {alpha:g} times sigma overflows binary32 for tensor {n!r}")
             t = replace(t, scale=float(scale))

@@ -36,7 +36,7 @@ class CompressedTensor(TensorDescription):
     indices: np.ndarray | None = None
     negative: np.ndarray | None = None
     values: torch.Tensor | None = None
-    #: standard deviation the scale was derived from (in memory only; lets alpha change later)
+    #: the scale at alpha 1 (sigma for the paper's method; in memory only; lets alpha change later)
     sigma: float | None = None
 
     def __post_init__(self) -> None:

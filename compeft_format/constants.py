@@ -11,7 +11,7 @@ from __future__ import annotations
 # --- identification (spec section 2) ----------------------------------------------------------
 FORMAT_NAME = "compeft"
 FORMAT_VERSION_MAJOR = 1
-FORMAT_VERSION_MINOR = 2
+FORMAT_VERSION_MINOR = 3
 FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
 
 META_FORMAT = "compeft.format"
@@ -85,6 +85,14 @@ SCOPES = (SCOPE_GLOBAL, SCOPE_TENSOR)
 MODE_TERNARY = "ternary"
 MODE_PRUNE = "prune"
 MODES = (MODE_TERNARY, MODE_PRUNE)
+BALANCE_NONE = "none"
+BALANCE_RANK = "rank"
+BALANCES = (BALANCE_NONE, BALANCE_RANK)
+SCALE_SIGMA = "sigma"
+SCALE_MEAN = "mean"
+SCALE_LSQ = "lsq"
+SCALE_NORM = "norm"
+SCALES = (SCALE_SIGMA, SCALE_MEAN, SCALE_LSQ, SCALE_NORM)
 METHOD_COMPEFT = "compeft"
 METHOD_NONE = "none"
 

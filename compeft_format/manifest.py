@@ -179,6 +179,19 @@ class CompressionInfo:
     sigma: float | None = None
     candidates: int = 0
     kept: int = 0
+    #: how the writer refined the method (informative, written when not None): ``balance``,
+    #: ``scale``, ``refit`` (spec 6.6)
+    options: dict[str, Any] | None = None
+    #: what the writer measured of the result (informative): ``relative_error`` of the adapter's
+    #: weight update, ``modules`` and ``emptied`` (spec 6.6)
+    fidelity: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = vars(self).copy()
+        for optional in ("options", "fidelity"):
+            if d[optional] is None:
+                del d[optional]
+        return d
 
 
 @dataclass
@@ -209,7 +222,7 @@ class Manifest:
             "groups": [g.to_dict() for g in self.groups],
             "adapter": vars(self.adapter).copy(),
             "base_model": self.base_model.to_json(),
-            "compression": vars(self.compression).copy(),
+            "compression": self.compression.to_dict(),
             "provenance": vars(self.provenance).copy(),
             "library_version": self.library_version,
             "required_features": list(self.required_features),
@@ -499,7 +512,14 @@ def _parse_compression(c: Any) -> CompressionInfo:
         sigma=as_opt_number(c.get("sigma"), "compression.sigma"),
         candidates=as_int(c.get("candidates", 0), "compression.candidates"),
         kept=as_int(c.get("kept", 0), "compression.kept"),
+        options=_informative(c.get("options")),
+        fidelity=_informative(c.get("fidelity")),
     )
+
+
+def _informative(x: Any) -> dict[str, Any] | None:
+    """An informative member: kept when it is an object, ignored otherwise (readers accept any)."""
+    return x if isinstance(x, dict) else None
 
 
 def _parse_provenance(p: Any) -> ProvenanceInfo:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from . import constants as C
 from .binding import BaseBinding
-from .compress import compress
+from .compress import CompeftConfig, compress
 from .compressed import CompressedAdapter
 from .container import read_safetensors_header
 from .errors import FileNotFound, InputError, IOFailure
@@ -102,7 +102,9 @@ def write_peft_folder(out_dir: PathLike, state_dict: Mapping[str, torch.Tensor],
     return written
 
 
-def compress_peft(src: PathLike, *, density: float = 0.1, alpha: float = 1.0, **kwargs: Any) -> CompressedAdapter:
+def compress_peft(src: PathLike, method: CompeftConfig | None = None, /, *,
+                  tensors: tuple[Mapping[str, torch.Tensor], dict[str, Any] | None] | None = None,
+                  **kwargs: Any) -> CompressedAdapter:
     """Compress a PEFT adapter folder (or a ``.safetensors`` state dict).
 
     The folder's ``adapter_config.json`` is recorded and decides, by its ``peft_type``, which
@@ -111,13 +113,14 @@ def compress_peft(src: PathLike, *, density: float = 0.1, alpha: float = 1.0, **
     (``base_model_name_or_path``, ``revision``) unless it binds the weights themselves (a
     fingerprint, or the model a compressed base was derived from): the config names the model
     training started from, which is not the base of an adapter trained on a quantised one. Other
-    keyword arguments go to ``compress``.
+    keyword arguments go to ``compress``; ``tensors`` is the source as ``read_source`` already
+    read it.
 
     Raises:
         FileNotFound, InputError: the source cannot be read.
         InvalidArgument: a PEFT type without a known reference and no ``reference`` given.
     """
-    sd, config = read_source(src)
+    sd, config = read_source(src) if tensors is None else tensors
     base = kwargs.get("base") or BaseBinding()
     if config is not None and base.fingerprint is None and base.derived_from is None:
         named = {k: v for k, v in (("id", config.get("base_model_name_or_path")), ("revision", config.get("revision")))
@@ -125,7 +128,7 @@ def compress_peft(src: PathLike, *, density: float = 0.1, alpha: float = 1.0, **
         kwargs["base"] = dataclasses.replace(base, **named)
     kwargs.setdefault("source", Path(src).name)
     kwargs.setdefault("peft_config", config)
-    return compress(sd, density=density, alpha=alpha, **kwargs)
+    return compress(sd, method, **kwargs)
 
 
 def decompress_to_peft(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dtype | None = None) -> list[Path]:

@@ -264,6 +264,18 @@ def peft_config(config: Mapping[str, Any], *, inference_mode: bool) -> Any:
     return PeftConfig.from_peft_type(peft_type=name, **kwargs)
 
 
+def lora_pairs(names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(module, lora_A key, lora_B key)`` of every module that has both factors among ``names``
+    (embedding LoRA factors included), in name order."""
+    found: dict[tuple[str, bool], dict[str, str]] = {}
+    for key in names:
+        kr = parse_key(key)
+        if kr.role.name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") and kr.adapter is None:
+            found.setdefault((kr.module, kr.role.name.startswith("lora_embedding")), {})[kr.role.name[-1]] = key
+    return sorted((module, parts["A"], parts["B"]) for (module, _), parts in found.items()
+                  if "A" in parts and "B" in parts)
+
+
 # --- an adapter's tensors, by where they go --------------------------------------------------------
 @dataclass
 class AdapterLayout:
@@ -296,6 +308,6 @@ class AdapterLayout:
         return lay
 
 
-__all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable",
+__all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable", "lora_pairs",
            "base_model_of", "base_state_dict", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "lora_scaling",
            "peft_config", "AdapterLayout"]

@@ -11,6 +11,7 @@ from . import constants as C
 from .binding import AS_STORED, BaseBinding
 from .codecs import get_codec
 from .codecs.ternary import bound_bits as ternary_bound_bits
+from .peft_layout import lora_pairs
 from .reader import CompeftFile
 
 
@@ -67,6 +68,9 @@ def report(f: CompeftFile) -> dict[str, Any]:
         })
     params = sum(t.numel for t in m.tensors)
     shapes = {t.name: t.shape for t in m.tensors}
+    nnz = {t.name: t.nnz if m.groups[t.group].encoding != C.ENC_DENSE else t.numel for t in m.tensors}
+    # a LoRA module with a factor that keeps nothing (and no offset) adds nothing to the model
+    inert = [module for module, a, b in lora_pairs(shapes) if nnz[a] == 0 or nnz[b] == 0]
     fp16 = dense_safetensors_size(shapes, 2)
     fp32 = dense_safetensors_size(shapes, 4)
     return {
@@ -76,7 +80,7 @@ def report(f: CompeftFile) -> dict[str, Any]:
         "adapter": {"kind": m.adapter.kind, "representation": m.adapter.representation,
                     "peft_type": (m.adapter.peft_config or {}).get("peft_type")},
         "base_model": m.base_model.to_json(),
-        "compression": vars(m.compression).copy(),
+        "compression": m.compression.to_dict(),
         "params": params,
         "file_bytes": file_bytes,
         "header_bytes": file_bytes - stream_bytes,
@@ -90,6 +94,7 @@ def report(f: CompeftFile) -> dict[str, Any]:
         "file_vs_bound": (8 * file_bytes / bound_bits) if bound_bits else None,
         "ternary_bound_bits": ternary_bits,
         "ternary_streams_vs_bound": (8 * ternary_stream_bytes / ternary_bits) if ternary_bits else None,
+        "inert_modules": inert,
         "groups": groups,
         "tensors": tensors,
     }
@@ -126,6 +131,16 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
         f"  vs fp16 safetensors ({r['fp16_safetensors_bytes']:,} B): {r['ratio_vs_fp16']:.2f}x smaller; "
         f"vs fp32 ({r['fp32_safetensors_bytes']:,} B): {r['ratio_vs_fp32']:.2f}x smaller",
     ]
+    if c.get("options"):
+        lines.append("  options: " + " ".join(f"{k}={v}" for k, v in c["options"].items()))
+    fid = c.get("fidelity")
+    if isinstance(fid, dict) and isinstance(fid.get("relative_error"), (int, float)):
+        lines.append(f"  fidelity (measured when written): relative error of the weight update "
+                     f"{fid['relative_error']:.3f} over {fid.get('modules', '?')} module(s), {fid.get('emptied', '?')} emptied")
+    if r["inert_modules"]:
+        shown = ", ".join(r["inert_modules"][:3]) + (" ..." if len(r["inert_modules"]) > 3 else "")
+        lines.append(f"  warning: {len(r['inert_modules'])} LoRA module(s) keep no entry in a factor, so they change "
+                     f"nothing: {shown}")
     if r["file_vs_bound"] is not None:
         lines.append(f"  information bound {r['bound_bits'] / 8:,.0f} B: file is {r['file_vs_bound']:.3f}x the bound"
                      + (f", ternary streams {r['ternary_streams_vs_bound']:.3f}x" if r["ternary_streams_vs_bound"] else ""))

@@ -87,3 +87,23 @@ def state_dicts(draw, max_tensors: int = 4):
 @pytest.fixture
 def tmp_file(tmp_path):
     return tmp_path / "a.cpeft.safetensors"
+
+
+def save_tiny_causal_lm(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama built from a config, with a byte-level tokenizer (256 tokens), saved as a
+    transformers folder: a base model for calibration that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.pad_token = tok.eos_token = alphabet[0]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

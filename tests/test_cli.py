@@ -242,3 +242,99 @@ def test_record_and_check_a_base_binding(lora_dir, tmp_path, capsys):
     assert cf.verify(plain).base_model == cf.BaseBinding(id="org/tiny", revision="r2")
     assert main(["compress", str(lora_dir), "-o", str(plain), "--base-weights", str(tmp_path / "base")]) == 0
     assert cf.verify(plain).base_model.id is None  # bound to weights: the config's name is not theirs
+
+
+def test_methods_fidelity_json_and_the_emptied_warning(tmp_path, capsys):
+    d = tmp_path / "small-b"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(3):
+        pre = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        sd[f"{pre}.lora_A.weight"] = torch.randn(8, 64, generator=g)
+        sd[f"{pre}.lora_B.weight"] = torch.randn(64, 8, generator=g) * 0.01  # B far smaller than A
+    save_file(sd, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                       "target_modules": ["q_proj"]}))
+    paper = tmp_path / "paper.cpeft.safetensors"
+    assert main(["compress", str(d), "-o", str(paper), "--method", "paper", "--density", "0.2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.endswith("relative error of the weight update 1.000 (worst module 1.000)\n")
+    assert err.startswith("compeft compress: warning: 3 of 3 module(s) lost their whole update")
+    assert cf.read(paper).compression.options is None
+    assert main(["inspect", str(paper)]) == 0
+    assert "warning: 3 LoRA module(s) keep no entry in a factor" in capsys.readouterr().out
+
+    fit = tmp_path / "fit.cpeft.safetensors"
+    assert main(["compress", str(d), "-o", str(fit), "--density", "0.2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    r = json.loads(out)
+    assert err == "" and r["fidelity"]["emptied"] == 0 and len(r["fidelity"]["per_module"]) == 3
+    assert r["compression"]["options"] == {"balance": "rank", "scale": "norm", "refit": True}
+    assert 0 < r["fidelity"]["relative_error"] < 2
+    assert r["fidelity"]["relative_error"] == pytest.approx(r["compression"]["fidelity"]["relative_error"], abs=1e-6)
+    assert main(["inspect", str(fit)]) == 0
+    text = capsys.readouterr().out
+    assert "options: balance=rank scale=norm refit=True" in text and "keep no entry" not in text
+
+    # an override of one option leaves the others of the method
+    assert main(["compress", str(d), "-o", str(fit), "--no-refit", "--scale", "mean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compression"]["options"] == {"balance": "rank", "scale": "mean",
+                                                                             "refit": False}
+
+
+def test_calibrate_picks_alpha_and_density_by_loss(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+
+    from conftest import save_tiny_causal_lm
+
+    model_dir = save_tiny_causal_lm(tmp_path / "base")
+    texts = [f"the number {i} is followed by {i + 1}, then {i + 2}." for i in range(40)]
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    # a LoRA that lowers the loss on this text: a few steps of training
+    pm = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok(t)["input_ids"][:24] for t in texts[:16]])
+    for _ in range(15):
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lora = tmp_path / "lora"
+    pm.save_pretrained(lora)
+    out = tmp_path / "c.cpeft.safetensors"
+    argv = ["compress", str(lora), "-o", str(out), "--calibrate", str(model_dir), "--data", str(data),
+            "--alphas", "0.5,1,2", "--max-samples", "12", "--seq-len", "32", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    cal = r["calibration"]
+    assert len(cal["candidates"]) == 3 and cal["density"] == r["compression"]["density"]
+    best = min(cal["candidates"], key=lambda c: c["loss"])
+    assert cal["alpha"] == best["alpha"] == r["compression"]["alpha"]
+    assert cal["adapter_loss"] < cal["base_loss"]
+    assert cf.verify(out) is not None and len(get_peft_model_state_dict(pm)) == len(cf.load(out))
+
+    # under a byte budget the density is chosen too; every density tried fits or is the first that does not
+    budget = out.stat().st_size * 2
+    assert main(argv + ["--max-bytes", str(budget)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["file_bytes"] <= budget
+    sizes = {float(k): v for k, v in r["calibration"]["sizes"].items()}
+    assert sizes[r["calibration"]["density"]] == r["file_bytes"]
+    assert all(d == max(sizes) or n <= budget for d, n in sizes.items())
+
+    assert main(argv[:-1] + ["--max-bytes", "10"]) == 1
+    assert "INVALID_ARGUMENT: no density fits in 10 bytes" in capsys.readouterr().err
+    assert main(["compress", str(lora), "-o", str(out), "--calibrate", str(model_dir)]) == 1
+    assert "needs --data" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": 3}\n')
+    assert main(["compress", str(lora), "-o", str(out), "--calibrate", str(model_dir), "--data", str(bad)]) == 1
+    assert capsys.readouterr().err.strip().endswith("bad.jsonl:2: each line must be an object with a string 'text'")
+    assert main(["compress", str(lora), "-o", str(out), "--max-bytes", "100"]) == 1
+    assert "--max-bytes needs --calibrate" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from compeft_format import constants as C
 from conftest import bits_equal, state_dicts, tensors
 
 NO_DENSE = dict(dense_patterns=(), min_sparse_numel=0)
+PAPER = dict(method="paper", **NO_DENSE)
 
 
 def reference_selection(tau: np.ndarray, density: float) -> np.ndarray:
@@ -35,7 +36,7 @@ densities = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False).filter(lam
 
 @given(sd=state_dicts(), density=densities, alpha=st.floats(0.1, 10.0))
 def test_global_selection_and_scale_match_reference(sd, density, alpha):
-    ca = cf.compress(sd, density=density, alpha=alpha, **NO_DENSE)
+    ca = cf.compress(sd, density=density, alpha=alpha, **PAPER)
     names = sorted(sd)
     f = flat_f32(sd)
     flat = np.concatenate([f[n] for n in names])
@@ -62,7 +63,7 @@ def test_global_selection_and_scale_match_reference(sd, density, alpha):
 
 @given(sd=state_dicts(), density=densities)
 def test_per_tensor_scope(sd, density):
-    ca = cf.compress(sd, density=density, alpha=2.0, scope="tensor", **NO_DENSE)
+    ca = cf.compress(sd, density=density, alpha=2.0, scope="tensor", **PAPER)
     f = flat_f32(sd)
     for n, t in ca.tensors.items():
         np.testing.assert_array_equal(t.indices, reference_selection(f[n], density))
@@ -184,7 +185,7 @@ def test_bad_inputs_are_typed():
 def test_alpha_search_picks_best_and_rescales():
     torch.manual_seed(0)
     target = torch.randn(40, 40)
-    ca = cf.compress({"w": target}, density=0.3, alpha=1.0, **NO_DENSE)
+    ca = cf.compress({"w": target}, density=0.3, alpha=1.0, **PAPER)
 
     def evaluate(sd):  # negative reconstruction error: the best alpha minimises it
         return -float(((sd["w"] - target) ** 2).sum())
@@ -203,3 +204,130 @@ def test_dense_patterns_may_come_from_a_generator():
     sd = {"w": torch.randn(64), "v": torch.randn(64)}
     ca = cf.compress(sd, density=0.5, dense_patterns=(p for p in ["w"]))
     assert ca.tensors["w"].encoding == "dense" and ca.tensors["v"].encoding == "ternary"
+
+
+# --- the fit method: balancing, fitted scales, refit --------------------------------------------
+def _lora(seed: int, modules: int = 3, r: int = 4, n: int = 24, m: int = 20, b_scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(modules):
+        sd[f"base_model.model.layers.{i}.q.lora_A.weight"] = torch.randn(r, n, generator=g)
+        sd[f"base_model.model.layers.{i}.q.lora_B.weight"] = torch.randn(m, r, generator=g) * b_scale
+    return sd
+
+
+def _products(sd, dtype=torch.float64):
+    return {k[: -len(".lora_A.weight")]: sd[k.replace("lora_A", "lora_B")].to(dtype) @ sd[k].to(dtype)
+            for k in sd if "lora_A" in k}
+
+
+def _rel_error(sd, approx):
+    p, q = _products(sd), _products(approx)
+    num = sum(float(((p[k] - q[k]) ** 2).sum()) for k in p)
+    return math.sqrt(num / sum(float((p[k] ** 2).sum()) for k in p))
+
+
+def test_balancing_keeps_every_product_and_equalises_rank_components():
+    sd = _lora(1, b_scale=0.01)
+    ca = cf.compress(sd, density=1.0, mode="prune", balance="rank", **NO_DENSE)
+    out = {k: v.double() for k, v in ca.state_dict(torch.float32).items()}
+    for k, p in _products(sd).items():
+        torch.testing.assert_close(_products(out)[k], p, rtol=1e-5, atol=1e-7)
+        a, b = out[k + ".lora_A.weight"], out[k + ".lora_B.weight"]
+        torch.testing.assert_close(a.norm(dim=1), b.norm(dim=0), rtol=1e-5, atol=0)
+    assert ca.compression.options == {"balance": "rank"}
+    paper = cf.compress(sd, density=1.0, mode="prune", method="paper", **NO_DENSE)
+    assert paper.compression.options is None and paper.compression.fidelity is None
+
+
+def test_paper_method_empties_small_lora_b_and_fit_does_not():
+    sd = _lora(2, b_scale=0.01)  # B's entries 100x smaller than A's, as after short training
+    paper = cf.compress(sd, density=0.2, method="paper", **NO_DENSE)
+    assert all(t.nnz == 0 for n, t in paper.tensors.items() if "lora_B" in n)
+    assert cf.measure_fidelity(sd, paper).emptied == [f"layers.{i}.q" for i in range(3)]
+    assert _rel_error(sd, paper.state_dict()) == 1.0
+    fit = cf.compress(sd, density=0.2, **NO_DENSE)
+    assert all(t.nnz > 0 for t in fit.tensors.values())
+    assert fit.compression.fidelity["emptied"] == 0
+    assert _rel_error(sd, fit.state_dict()) < 0.9
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
+def test_each_fit_step_lowers_the_error_of_the_products(density):
+    sd = _lora(3, modules=4, r=8, n=64, m=48, b_scale=0.1)
+    errors = {}
+    for name, opts in {"paper": dict(method="paper"),
+                       "balanced, sigma": dict(balance="rank", scale="sigma", refit=False),
+                       "balanced, mean": dict(balance="rank", scale="mean", refit=False),
+                       "balanced, lsq": dict(balance="rank", scale="lsq", refit=False),
+                       "balanced, lsq, refit": dict(balance="rank", scale="lsq", refit=True)}.items():
+        ca = cf.compress(sd, density=density, **opts, **NO_DENSE)
+        errors[name] = _rel_error(sd, ca.state_dict())
+        # the error recorded in the file is the one measured on the decoded tensors
+        if ca.compression.fidelity is not None:
+            assert ca.compression.fidelity["relative_error"] == pytest.approx(errors[name], abs=2e-6)
+    assert errors["balanced, mean"] < errors["paper"]
+    assert errors["balanced, lsq"] <= errors["balanced, mean"] + 1e-9
+    assert errors["balanced, lsq, refit"] <= errors["balanced, lsq"] + 1e-9
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+def test_norm_scale_keeps_each_update_norm(density):
+    sd = _lora(6, modules=3, r=8, n=64, m=48, b_scale=0.1)
+    sd["base_model.model.x.ia3_l"] = 1 + torch.randn(40)
+    ca = cf.compress(sd, density=density, scale="norm", reference="zero", **NO_DENSE)
+    out = {k: v.double() for k, v in ca.state_dict(torch.float32).items()}
+    for k, p in _products(sd).items():
+        assert float(_products(out)[k].norm()) == pytest.approx(float(p.norm()), rel=1e-5)
+    assert float(out["base_model.model.x.ia3_l"].norm()) == pytest.approx(float(sd["base_model.model.x.ia3_l"].norm()),
+                                                                          rel=1e-5)
+    # and the norm scale is the least-squares one divided by the cosine of the two updates
+    lsq = cf.compress(sd, density=density, scale="lsq", reference="zero", **NO_DENSE)
+    q = {k: v.double() for k, v in lsq.state_dict(torch.float32).items()}
+    for k, p in _products(sd).items():
+        cos = float((p * _products(q)[k]).sum() / (p.norm() * _products(q)[k].norm()))
+        assert float(_products(out)[k].norm()) * cos == pytest.approx(float(_products(q)[k].norm()), rel=1e-4)
+
+
+def test_fitted_scales_are_least_squares():
+    sd = _lora(4, modules=1, r=4, n=40, m=30)
+    ca = cf.compress(sd, density=0.3, refit=False, scale="lsq", **NO_DENSE)
+    a_name, b_name = sorted(sd)
+    ta, tb = ca.tensors[a_name], ca.tensors[b_name]
+    # A's scale: the mean magnitude of its kept (balanced) entries; the product's: no better scale exists
+    dense = {k: v.double() for k, v in ca.state_dict(torch.float32).items()}
+    base = _rel_error(sd, dense)
+    for f in (0.97, 1.03):
+        nudged = {**dense, b_name: dense[b_name] * f}
+        assert _rel_error(sd, nudged) > base
+    assert ta.scale > 0 and tb.scale > 0
+    mean_scale = cf.compress({"w": sd[a_name]}, density=0.3, scale="mean", **NO_DENSE).tensors["w"]
+    kept = sd[a_name].reshape(-1)[torch.from_numpy(mean_scale.indices)].abs().double().mean()
+    assert mean_scale.scale == pytest.approx(float(kept), rel=1e-6)
+
+
+def test_alpha_multiplies_fitted_scales_and_rescale_restores_them(tmp_path):
+    sd = _lora(5)
+    one = cf.compress(sd, density=0.2, **NO_DENSE)
+    two = cf.compress(sd, density=0.2, alpha=2.0, **NO_DENSE)
+    for n in sd:
+        assert two.tensors[n].scale == float(np.float32(2 * one.tensors[n].sigma))
+    cf.save(two, tmp_path / "a.cpeft.safetensors")
+    back = cf.rescale(cf.read(tmp_path / "a.cpeft.safetensors"), 1.0)
+    for n in sd:
+        assert back.tensors[n].scale == pytest.approx(one.tensors[n].scale, rel=1e-6)
+    assert cf.read(tmp_path / "a.cpeft.safetensors").compression.options == {"balance": "rank", "scale": "norm",
+                                                                              "refit": True}
+
+
+def test_method_names_and_conflicts():
+    assert cf.CompeftConfig().method_name == "fit"
+    assert cf.CompeftConfig.method("paper").method_name == "paper"
+    assert cf.CompeftConfig.method("paper", balance="rank").method_name is None
+    with pytest.raises(cf.InvalidArgument, match="method"):
+        cf.CompeftConfig.method("best")
+    with pytest.raises(cf.InvalidArgument, match="either"):
+        cf.compress({"w": torch.ones(4)}, cf.CompeftConfig(), method="paper")
+    for bad in (dict(balance="module"), dict(scale="fit"), dict(refit=1)):
+        with pytest.raises(cf.InvalidArgument):
+            cf.CompeftConfig(**bad)

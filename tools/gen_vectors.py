@@ -61,19 +61,21 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
     full_ft = {k: v + _randn(rng, tuple(v.shape), torch.float32) * 0.02 for k, v in full_base.items()}
     common = dict(min_sparse_numel=0, created_at=CREATED_AT)
     return {
-        "v1_ternary_global": cf.compress(lora, density=0.3, alpha=1.5, adapter_kind="lora",
+        "v1_ternary_global": cf.compress(lora, method="paper", density=0.3, alpha=1.5, adapter_kind="lora",
                                          base=cf.BaseBinding(id="example/tiny-llama", revision="main"), **common),
-        "v1_ternary_tensor": cf.compress(lora, density=0.5, alpha=1.0, scope="tensor", dtype="float32", **common),
-        "v1_ternary_golomb": cf.compress(lora, density=0.05, alpha=1.0, **common),
-        "v1_ternary_bitmap": cf.compress(lora, density=0.3, alpha=1.5, **common),
-        "v1_ternary_ones": cf.compress(ia3, density=0.2, alpha=2.0, reference="ones", adapter_kind="ia3", **common),
-        "v1_sparse_prune": cf.compress(lora, density=0.25, mode="prune", **common),
-        "v1_sparse_ones_prune": cf.compress(ia3, density=0.4, mode="prune", reference="ones", **common),
-        "v1_delta_base": cf.compress(full_ft, density=0.1, reference=full_base, adapter_kind="full",
+        "v1_ternary_tensor": cf.compress(lora, method="paper", density=0.5, alpha=1.0, scope="tensor", dtype="float32", **common),
+        "v1_ternary_golomb": cf.compress(lora, method="paper", density=0.05, alpha=1.0, **common),
+        "v1_ternary_bitmap": cf.compress(lora, method="paper", density=0.3, alpha=1.5, **common),
+        "v1_ternary_ones": cf.compress(ia3, method="paper", density=0.2, alpha=2.0, reference="ones", adapter_kind="ia3", **common),
+        "v1_sparse_prune": cf.compress(lora, method="paper", density=0.25, mode="prune", **common),
+        "v1_sparse_ones_prune": cf.compress(ia3, method="paper", density=0.4, mode="prune", reference="ones", **common),
+        "v1_delta_base": cf.compress(full_ft, method="paper", density=0.1, reference=full_base, adapter_kind="full",
                                      dense_patterns=("b",), **common),
-        "v1_dense_only": cf.compress(lora, density=1.0, dense_patterns=("*",), **common),
-        "v1_2_compressed_base": cf.compress(lora, density=0.1, alpha=1.0, adapter_kind="lora",
+        "v1_dense_only": cf.compress(lora, method="paper", density=1.0, dense_patterns=("*",), **common),
+        "v1_2_compressed_base": cf.compress(lora, method="paper", density=0.1, alpha=1.0, adapter_kind="lora",
                                             base=compressed_base_binding(rng), **common),
+        # 1.3: the fit method, which records compression.options and compression.fidelity
+        "v1_3_fit": cf.compress(lora, method="fit", density=0.3, adapter_kind="lora", **common),
     }
 
 
@@ -384,9 +386,10 @@ def generate(out: Path) -> dict[str, Any]:
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "sha256": tensor_sha256(t.to_dense())}
                         for n, t in adapter.tensors.items()},
         })
-    # Files as earlier writers wrote them: 1.0 (no manifest dictionary) and 1.1 (no 1.2 fields).
+    # Files as earlier writers wrote them: 1.0 (no manifest dictionary), 1.1 and 1.2 (no later fields).
     golomb = valid_adapters()["v1_ternary_golomb"]
-    for version, encoding in (("1.0", C.MANIFEST_ZSTD_BASE64), ("1.1", C.MANIFEST_ZSTD_DICT1_BASE64)):
+    for version, encoding in (("1.0", C.MANIFEST_ZSTD_BASE64), ("1.1", C.MANIFEST_ZSTD_DICT1_BASE64),
+                              ("1.2", C.MANIFEST_ZSTD_DICT1_BASE64)):
         parts = Parts(*build(golomb, manifest_encoding=encoding))
         parts.meta[C.META_VERSION] = version
         name = f"v{version.replace('.', '_')}_ternary_golomb.cpeft.safetensors"
