@@ -2,14 +2,14 @@
 """End-to-end run on the embedded defaults (the README's first command).
 
 Fine-tunes a LoRA adapter with peft on a small Llama built from a config (nothing downloaded),
-picks alpha on a validation split, compresses it with the ``compeft`` CLI, validates and inspects
-the file, decompresses it to a PEFT folder and reloads that with ``PeftModel.from_pretrained``;
+compresses it with the ``compeft`` CLI at its defaults, validates and inspects the file, decompresses it to a PEFT folder and reloads that with ``PeftModel.from_pretrained``;
 then starts a local Hub-compatible server on 127.0.0.1, pushes the file with ``compeft push``,
 pulls it into a fresh cache with ``compeft pull`` (every byte checked) and applies the pulled file
-with ``load_adapter``. Reports sizes, timings and validation losses; exits non-zero if any check
-fails.
+with ``load_adapter``. Reports sizes, timings, validation losses and the share of the fine-tuning
+gain the compressed adapter keeps, then sweeps densities for the paper's method and this
+project's; exits non-zero if any check fails.
 
-    python tools/demo.py [--out out/demo] [--steps 150] [--density 0.1]
+    python tools/demo.py [--out out/demo] [--steps 150] [--density D]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--density", type=float, default=None, help="default: the CLI's")
     a = ap.parse_args()
     if a.out.exists():
         shutil.rmtree(a.out)
@@ -102,21 +102,15 @@ def main() -> int:
     n_params = sum(v.numel() for v in sd.values())
     print(f"trained LoRA r=8 on {len(TARGETS)} projections: {n_params:,} params, {a.steps} steps in {train_s:.1f}s")
 
-    # 2. choose alpha on the validation split (the top-k does not depend on alpha)
-    ca = cf.compress_peft(lora_dir, density=a.density, alpha=1.0)
-
     def evaluate(tensors):
         set_peft_model_state_dict(model, tensors)
         return -val_loss(model, val)
 
-    alpha, scores, _ = cf.alpha_search(evaluate, ca, grid=[0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
-    set_peft_model_state_dict(model, sd)
-    print("alpha search (val loss): " + ", ".join(f"{k:g}: {-v:.4f}" for k, v in scores.items()) + f" -> alpha={alpha:g}")
-
     # 3. the CLI: compress, validate, inspect, decompress
     packed = a.out / "lora.cpeft.safetensors"
     cli = [sys.executable, "-m", "compeft_format.cli"]
-    run(cli + ["compress", str(lora_dir), "-o", str(packed), "--density", str(a.density), "--alpha", str(alpha)])
+    density = ["--density", str(a.density)] if a.density is not None else []
+    run(cli + ["compress", str(lora_dir), "-o", str(packed), *density])
     run(cli + ["validate", str(packed)])
     run(cli + ["inspect", str(packed)])
     restored = a.out / "restored"
@@ -125,9 +119,10 @@ def main() -> int:
     # 4. reload with peft and evaluate
     reloaded = PeftModel.from_pretrained(base_model(), restored).eval()
     loss_ternary = val_loss(reloaded, val)
-    ca_best = cf.rescale(ca, alpha)
-    set_peft_model_state_dict(model, ca_best.state_dict(dtype=torch.float32))
+    ca = cf.compress_peft(lora_dir, cf.CompeftConfig() if a.density is None else cf.CompeftConfig(density=a.density))
+    set_peft_model_state_dict(model, ca.state_dict(dtype=torch.float32))
     loss_memory = val_loss(model, val)
+    set_peft_model_state_dict(model, sd)
 
     # 5. share it through a Hub: a local server, the real huggingface_hub client underneath
     from compeft_format.hub.server import make_server
@@ -153,28 +148,34 @@ def main() -> int:
     apply_s = time.perf_counter() - t
     loss_hub = val_loss(from_hub, val)
 
-    # 6. the size / quality trade-off: densities and modes, alpha picked on validation each time
+    # 6. the size / quality trade-off: the paper's method (alpha picked on validation) against this
+    # project's default method, data-free and with alpha picked on validation
     sweep = []
-    for density in (0.05, 0.1, 0.2, 0.3, 0.5):
-        for mode in ("ternary", "prune"):
-            c = cf.compress_peft(lora_dir, density=density, alpha=1.0, mode=mode)
-            if mode == "ternary":
-                best_alpha, sc, c = cf.alpha_search(evaluate, c, grid=[0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
-                loss = -sc[best_alpha]
-            else:
-                best_alpha, loss = None, -evaluate(c.state_dict(dtype=torch.float32))
-            f = a.out / f"sweep_{mode}_{density}.cpeft.safetensors"
+    for density in (0.05, 0.1, 0.2, 0.5):
+        for method, search in (("paper", True), ("fit", False), ("fit", True)):
+            c = cf.compress_peft(lora_dir, cf.CompeftConfig.method(method, density=density))
+            best_alpha = 1.0
+            if search:
+                grid = cf.calibrate.PAPER_ALPHAS if method == "paper" else cf.calibrate.FIT_ALPHAS
+                best_alpha, _, c = cf.alpha_search(evaluate, c, grid=grid)
+            f = a.out / f"sweep_{method}_{density}.cpeft.safetensors"
             cf.save(c, f)
-            sweep.append({"density": density, "mode": mode, "alpha": best_alpha, "bytes": f.stat().st_size,
-                          "ratio_vs_fp16": fp16_file.stat().st_size / f.stat().st_size, "val_loss": loss})
+            reloaded_sweep = cf.load_adapter(base_model(), f).eval()
+            loss = val_loss(reloaded_sweep, val)
+            sweep.append({"density": density, "method": method + (" (alpha on val)" if search else ""),
+                          "alpha": best_alpha, "bytes": f.stat().st_size,
+                          "ratio_vs_fp16": fp16_file.stat().st_size / f.stat().st_size, "val_loss": loss,
+                          "gain_kept": (loss_base - loss) / (loss_base - loss_lora)})
             f.unlink()
     set_peft_model_state_dict(model, sd)
 
     r = cf.inspect(packed)
     summary = {
         "adapter_params": n_params,
-        "density": a.density,
-        "alpha": alpha,
+        "density": r["compression"]["density"],
+        "alpha": r["compression"]["alpha"],
+        "method": "fit" if r["compression"].get("options") else "paper",
+        "gain_kept": (loss_base - loss_ternary) / (loss_base - loss_lora),
         "bytes": {
             "peft_fp32_safetensors": (lora_dir / "adapter_model.safetensors").stat().st_size,
             "fp16_safetensors": fp16_file.stat().st_size,
@@ -202,14 +203,16 @@ def main() -> int:
           f"{r['file_vs_bound']:.2f}x the information bound)")
     print(f"validation loss: base {loss_base:.4f}, LoRA {loss_lora:.4f}, compeft (reloaded via peft) {loss_ternary:.4f}, "
           f"pulled from the Hub {loss_hub:.4f}")
+    print(f"the compressed adapter (CLI defaults: density {summary['density']:g}, method {summary['method']}) keeps "
+          f"{summary['gain_kept']:.0%} of the LoRA's validation-loss gain over the base model")
     print(f"hub round trip: push {push_s:.2f}s, pull with verification {pull_s:.2f}s (both CLI processes), "
           f"load_adapter {1000 * apply_s:.0f} ms; {r['file_bytes']:,} bytes moved instead of "
           f"{fp16_file.stat().st_size:,} (fp16)")
     print()
-    print("density  mode     alpha   bytes  x fp16  val loss")
+    print("density  method                alpha   bytes  x fp16  val loss  gain kept")
     for row in sweep:
-        al = f"{row['alpha']:g}" if row["alpha"] is not None else "-"
-        print(f"{row['density']:>7}  {row['mode']:<7}  {al:>5}  {row['bytes']:>6,}  {row['ratio_vs_fp16']:>6.1f}  {row['val_loss']:.4f}")
+        print(f"{row['density']:>7}  {row['method']:<20}  {row['alpha']:>5g}  {row['bytes']:>6,}  "
+              f"{row['ratio_vs_fp16']:>6.1f}  {row['val_loss']:.4f}  {row['gain_kept']:>8.0%}")
     print(f"summary written to {a.out / 'summary.json'}")
 
     problems = []
