@@ -9,18 +9,15 @@ Two methods (spec 6.6), both ``CompeftConfig.method(name)``:
 
 - ``paper``: the published algorithm, exactly: one scale ``alpha * sigma`` for the whole
   adapter (global scope), alpha to be chosen on validation data.
-- ``fit`` (the default): the same selection and ternary values, made to fit the weight update
+- ``fit`` (the default): the same selection and ternary values, made to keep the weight update
   without data. Each LoRA module's factors are first *balanced*: row i of A and column i of B are
   scaled to equal norms, which leaves ``B A`` unchanged but lets one top-k treat A and B alike
   (without it, global top-k can empty every ``lora_B``). Then, per module, A is ternarised, B is
   refitted to the ternarised A by least squares (``B A A'^T (A' A'^T)^-1``, r x r algebra) and
-  ternarised with the count of entries the selection gave it, and the pair's scales are the least
-  squares fit of ``B A``. Other sparsified tensors take the least-squares scale of their kept
-  entries (the mean of their magnitudes). ``alpha`` multiplies every scale; 1 is the fit.
-
-``CompeftConfig`` holds the method's parameters; ``compress`` takes it (or single parameters as
-keywords) and, separately, what the file records about the adapter: its PEFT config, the base
-model it belongs to, where it came from.
+  ternarised with the count of entries the selection gave it, and the pair's scales give the
+  module's update ``B A`` its original Frobenius norm (``scale="norm"``; ``"lsq"`` fits it by
+  least squares instead, which shrinks it). Other sparsified tensors keep their norm the same way.
+  ``alpha`` multiplies every scale; 1 needs no data.
 """
 
 from __future__ import annotations
@@ -392,8 +389,10 @@ def compress(
             sparse[n] = CompressedTensor.sparse(n, shapes[n], tdtype, keep[n], kept, offsets[n])
         if cfg.balance != C.BALANCE_NONE:
             options = {"balance": cfg.balance}
-    approx = {n: sparse[n].to_dense(torch.float32).numpy() - np.float32(offsets[n]) for n in sparse_names}
-    fit = compare_task_vectors(original, approx, shapes, cfg_json)
+    fidelity = None
+    if options is not None:  # what the decoded tensors (in their target dtypes) give
+        approx = {n: sparse[n].to_dense().float().numpy() - np.float32(offsets[n]) for n in sparse_names}
+        fidelity = compare_task_vectors(original, approx, shapes, cfg_json).summary()
 
     tensors = {n: (sparse.get(n) or dense[n]) for n in names}
     return CompressedAdapter(
@@ -415,7 +414,7 @@ def compress(
             candidates=int(candidates),
             kept=int(sum(t.nnz for t in sparse.values())),
             options=options,
-            fidelity=None if options is None else fit.summary(),
+            fidelity=fidelity,
         ),
         provenance=ProvenanceInfo(
             tool=f"compeft {__version__}",

@@ -149,7 +149,7 @@ def measure_fidelity(original: Mapping[str, torch.Tensor], compressed: Compresse
         w = _f64(original[name])
         if tuple(w.shape) != tuple(t.shape):
             raise InvalidArgument(f"tensor {name!r}: the original has shape {tuple(w.shape)}, the file {t.shape}")
-        hat = _f64(t.to_dense(torch.float32)) - t.offset
+        hat = _f64(t.to_dense().float()) - t.offset
         if deltas:
             assert base_weights is not None
             if name not in base_weights:
