@@ -85,8 +85,8 @@ def read_texts(path: PathLike, max_samples: int = 256) -> list[str]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}:{i}: not JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:
+                raise InputError(f"{p}:{i}: not JSON ({getattr(e, 'msg', 'too deep or too long')})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise InputError(f"{p}:{i}: each line must be an object with a string 'text'")
             texts.append(obj["text"])
@@ -224,8 +224,19 @@ def calibrate(
             losses[(d, a)] = meter()
     finally:
         pm.unload()
-    d, a = min(losses, key=lambda k: (losses[k], k[0], abs(math.log(k[1]))))
-    return Calibration(rescale(compressed[d], a), d, a, losses[(d, a)], base_loss, adapter_loss, losses, sizes)
+    ranked = sorted(losses, key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k[0],
+                                           abs(math.log(k[1]))))
+    for d, a in ranked:  # the scales change the manifest's bytes a little: check the final file
+        chosen = rescale(compressed[d], a)
+        if max_bytes is None:
+            break
+        size = _file_bytes(chosen, writer_options)
+        if size <= max_bytes:
+            sizes[d] = size
+            break
+    else:
+        raise InvalidArgument(f"no candidate fits in {max_bytes:,} bytes once its scales are set")
+    return Calibration(chosen, d, a, losses[(d, a)], base_loss, adapter_loss, losses, sizes)
 
 
 __all__ = ["Calibration", "calibrate", "read_texts", "LossMeter", "load_causal_lm", "FIT_ALPHAS", "PAPER_ALPHAS",

@@ -22,7 +22,7 @@ from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_d
 from .peft_layout import DEFAULT_DENSE_PATTERNS
 from .reader import CompeftFile
 from .report import format_report, inspect
-from .writer import save
+from .writer import WriterOptions, save
 
 #: ``--fingerprint`` choices: the algorithm each names
 FINGERPRINTS = {"stored": binding.AS_STORED, "float32": binding.FLOAT32}
@@ -184,7 +184,9 @@ def _calibrate(a: argparse.Namespace, sd: dict[str, Any], config: dict[str, Any]
     texts = read_texts(a.data, a.max_samples)
     model, tok = load_causal_lm(a.calibrate)
     meter = LossMeter(model, tok, texts, seq_len=a.seq_len)
+    options = WriterOptions(zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
     return calibrate(sd, config, model, meter, cfg, alphas=alphas, max_bytes=a.max_bytes, progress=_progress,
+                     writer_options=options,
                      compressor=lambda c: compress_peft(a.src, c, tensors=(sd, config), **kwargs))
 
 

@@ -519,7 +519,8 @@ def rescale(adapter: CompressedAdapter, alpha: float) -> CompressedAdapter:
                 raise InvalidArgument(f"alpha {alpha:g} times sigma overflows binary32 for tensor {n!r}")
             t = replace(t, scale=float(scale))
         tensors[n] = t
-    return replace(adapter, tensors=tensors, compression=replace(adapter.compression, alpha=float(alpha)))
+    # the fidelity measured at the old scales no longer holds
+    return replace(adapter, tensors=tensors, compression=replace(adapter.compression, alpha=float(alpha), fidelity=None))
 
 
 def alpha_search(
