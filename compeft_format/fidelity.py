@@ -76,7 +76,8 @@ class Fidelity:
     def to_json(self) -> dict[str, Any]:
         return {**self.summary(), "emptied_modules": self.emptied,
                 "per_module": [{"name": m.name, "kind": m.kind, "norm": m.norm, "error": m.error,
-                                "relative_error": m.relative_error} for m in self.modules]}
+                                "relative_error": m.relative_error if math.isfinite(m.relative_error) else None}
+                               for m in self.modules]}
 
 
 def _f64(x: np.ndarray | torch.Tensor) -> np.ndarray:
