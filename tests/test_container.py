@@ -254,27 +254,20 @@ def test_writer_options_and_compeft_config_are_checked(tmp_file):
 
 
 def test_one_open_file_serves_several_threads_and_reopens_after_close(tmp_file):
-    import threading
+    from conftest import run_in_threads
 
     torch.manual_seed(0)
     sd = {f"t{i}.lora_A.weight": torch.randn(16, 64) for i in range(8)}
     ca = cf.compress(sd, density=0.2)
     cf.save(ca, tmp_file, max_group_elements=2048)
-    errors, results = [], {}
+    results = {}
     with cf.open_file(tmp_file) as f:
         def work(k):
-            try:
-                for _ in range(20):
-                    for n in sd:
-                        results[(k, n)] = f.get_tensor(n)
-            except Exception as e:  # noqa: BLE001 - any failure is the finding
-                errors.append(e)
+            for _ in range(20):
+                for n in sd:
+                    results[(k, n)] = f.get_tensor(n)
 
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_in_threads(work)
     assert errors == []
     assert all(bits_equal(t, ca.tensors[n].to_dense()) for (_, n), t in results.items())
     # closed: the next read opens the file again

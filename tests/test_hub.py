@@ -19,7 +19,7 @@ from huggingface_hub import errors as hfe
 import compeft_format as cf
 from compeft_format import constants as C
 from compeft_format.hub.server import make_server
-from conftest import ROOT, bits_equal
+from conftest import ROOT, bits_equal, run_in_threads
 
 TOKEN = "s3cret"
 
@@ -206,21 +206,12 @@ def test_concurrent_commits_are_serialised(hub, tmp_path):
     endpoint, _ = hub
     api = HfApi(endpoint=endpoint, token=TOKEN)
     api.create_repo("me/many")
-    errors = []
 
     def commit(i):
-        try:
-            HfApi(endpoint=endpoint, token=TOKEN).create_commit(
-                "me/many", operations=[CommitOperationAdd(f"f{i}.txt", str(i).encode())], commit_message=f"c{i}")
-        except Exception as e:  # collected and asserted below
-            errors.append(e)
+        HfApi(endpoint=endpoint, token=TOKEN).create_commit(
+            "me/many", operations=[CommitOperationAdd(f"f{i}.txt", str(i).encode())], commit_message=f"c{i}")
 
-    threads = [threading.Thread(target=commit, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(commit) == []
     assert sorted(api.list_repo_files("me/many")) == sorted(f"f{i}.txt" for i in range(8))
     assert len(api.list_repo_commits("me/many")) == 9
 
