@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import constants as C
-from .compress import CompeftConfig, compress, rescale
+from .compress import CompeftConfig, compress, rescale, search_alpha
 from .compressed import CompressedAdapter
 from .errors import FileNotFound, InputError, InvalidArgument
 from .fileio import PathLike
@@ -170,6 +170,7 @@ def calibrate(
     writer_options: WriterOptions | None = None,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
     compressor: Callable[[CompeftConfig], CompressedAdapter] | None = None,
+    exhaustive: bool = False,
     **compress_args: Any,
 ) -> Calibration:
     """Compress ``state_dict`` with the alpha (and density) whose loss ``meter()`` finds lowest.
@@ -182,7 +183,10 @@ def calibrate(
         alphas: the grid (default ``FIT_ALPHAS``, or ``PAPER_ALPHAS`` for ``scale="sigma"``).
         densities, max_bytes: with a budget, every density of ``densities`` (default
             ``BUDGET_DENSITIES``) whose file fits in ``max_bytes`` is tried.
-        progress: wraps the candidate loop (a progress bar), given the iterable and its length.
+        progress: wraps the candidate loop (a progress bar), given the iterable and its length
+            (an upper bound: the search stops at the best alpha of each density).
+        exhaustive: measure every alpha of the grid instead of walking downhill from alpha 1
+            (``search_alpha``); each density after the first starts at the previous one's best.
         compressor: makes the compressed adapter for a config (default: ``compress`` of
             ``state_dict`` with ``peft_config`` and ``compress_args``: ``base``, ``source``, ...).
 
@@ -217,11 +221,20 @@ def calibrate(
             base_loss = meter()
         set_peft_model_state_dict(pm, dict(state_dict))
         adapter_loss = meter()
-        candidates = [(d, float(a)) for d in compressed for a in grid]
         losses: dict[tuple[float, float], float] = {}
-        for d, a in (progress(candidates, len(candidates)) if progress else candidates):
+        ticks = iter(progress(range(len(compressed) * len(grid)), len(compressed) * len(grid)) if progress else ())
+
+        def measure(d: float, a: float) -> float:
             set_peft_model_state_dict(pm, rescale(compressed[d], a).state_dict(torch.float32))
             losses[(d, a)] = meter()
+            next(ticks, None)
+            return losses[(d, a)]
+
+        start = 1.0
+        for d in compressed:
+            start, _ = search_alpha(lambda a, d=d: measure(d, a), grid, start, exhaustive)
+        for _ in ticks:  # let a progress bar finish
+            pass
     finally:
         pm.unload()
     ranked = sorted(losses, key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k[0],

@@ -190,9 +190,11 @@ def test_alpha_search_picks_best_and_rescales():
     def evaluate(sd):  # negative reconstruction error: the best alpha minimises it
         return -float(((sd["w"] - target) ** 2).sum())
 
-    best, scores, tuned = cf.alpha_search(evaluate, ca, grid=[0.25, 0.5, 1.0, 2.0, 4.0])
+    best, scores, tuned = cf.alpha_search(evaluate, ca, grid=[0.25, 0.5, 1.0, 2.0, 4.0], exhaustive=True)
     assert set(scores) == {0.25, 0.5, 1.0, 2.0, 4.0}
     assert best == max(scores, key=scores.get)
+    walked = cf.alpha_search(evaluate, ca, grid=[0.25, 0.5, 1.0, 2.0, 4.0])
+    assert walked[0] == best and set(walked[1]) < set(scores) and walked[1][best] == scores[best]
     assert tuned.compression.alpha == best
     assert tuned.tensors["w"].indices.tolist() == ca.tensors["w"].indices.tolist()
     assert tuned.tensors["w"].scale == float(np.float32(best * ca.tensors["w"].sigma))
@@ -331,3 +333,27 @@ def test_method_names_and_conflicts():
     for bad in (dict(balance="module"), dict(scale="fit"), dict(refit=1)):
         with pytest.raises(cf.InvalidArgument):
             cf.CompeftConfig(**bad)
+
+
+def test_alpha_search_walks_downhill_to_the_grid_minimum():
+    from compeft_format.calibrate import FIT_ALPHAS
+    from compeft_format.compress import search_alpha
+
+    for target in FIT_ALPHAS:
+        calls: list[float] = []
+
+        def loss(a: float, t: float = target, calls: list[float] = calls) -> float:
+            calls.append(a)
+            return (math.log(a) - math.log(t)) ** 2
+
+        best, losses = search_alpha(loss, FIT_ALPHAS)
+        assert best == target and len(calls) == len(set(calls)) == len(losses)
+        assert len(calls) <= 3 + abs(FIT_ALPHAS.index(target) - FIT_ALPHAS.index(1.0))
+        assert search_alpha(loss, FIT_ALPHAS, exhaustive=True)[0] == target
+    full = search_alpha(lambda a: 1.0, FIT_ALPHAS, exhaustive=True)[1]
+    assert sorted(full) == sorted(FIT_ALPHAS)
+    # equal losses go to the alpha nearest 1; a diverging candidate never wins
+    assert search_alpha(lambda a: 0.0, (0.5, 1.0, 2.0))[0] == 1.0
+    assert search_alpha(lambda a: float("nan") if a != 2.0 else 5.0, (0.5, 1.0, 2.0))[0] == 2.0
+    with pytest.raises(cf.InvalidArgument):
+        search_alpha(lambda a: 0.0, ())

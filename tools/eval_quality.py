@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import compeft_format as cf  # noqa: E402
 from compeft_format import calibrate as CAL  # noqa: E402
-from compeft_format.compress import kept_count  # noqa: E402
+from compeft_format.compress import kept_count, search_alpha  # noqa: E402
 from compeft_format.peft_layout import parse_key  # noqa: E402
 
 CACHE = Path(os.environ.get("COMPEFT_CACHE", Path.home() / ".cache" / "compeft")) / "quality"
@@ -499,10 +499,8 @@ def evaluate_variant(ev: Evaluator, v: Variant, work: Path) -> dict[str, Any]:
     if v.alpha_grid:
         assert v.config is not None
         ca = cf.compress(ev.sd, v.config, peft_config=_peft_json(ev.pm), created_at="2026-01-01T00:00:00Z")
-        losses = {}
-        for a in v.alpha_grid:
-            losses[a] = ev.state_dict(cf.rescale(ca, a).state_dict(), split="val")[1]
-        best = min(losses, key=lambda a: (losses[a], a))
+        best, losses = search_alpha(lambda a: ev.state_dict(cf.rescale(ca, a).state_dict(), split="val")[1],
+                                        v.alpha_grid)
         rec["alpha"], rec["val_loss_by_alpha"] = best, losses
         cf.save(cf.rescale(ca, best), path)
     else:
