@@ -8,6 +8,7 @@ lowest loss wins. Needs ``transformers`` and ``peft`` (the ``train`` extra).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -232,7 +233,7 @@ def calibrate(
 
         start = 1.0
         for d in compressed:
-            start, _ = search_alpha(lambda a, d=d: measure(d, a), grid, start, exhaustive)
+            start, _ = search_alpha(functools.partial(measure, d), grid, start, exhaustive)
         for _ in ticks:  # let a progress bar finish
             pass
     finally:
