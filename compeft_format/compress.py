@@ -44,7 +44,7 @@ from .dtypes import DTYPE_NAMES, TORCH_DTYPES, name_of
 from .errors import InvalidArgument, NonFiniteInput, UnsupportedDtype
 from .fidelity import compare_task_vectors
 from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo
-from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, lora_pairs, peft_type, sparsifiable
+from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, lora_matrices, lora_pairs, peft_type, sparsifiable
 
 
 def _number(x: Any) -> bool:
@@ -115,7 +115,7 @@ class CompeftConfig:
     @property
     def method_name(self) -> str | None:
         """``"paper"`` or ``"fit"`` when the options are exactly one of them, else None."""
-        opts = {"balance": self.balance, "scale": self.scale, "refit": self.refit}
+        opts = {"balance": self.balance, "scale": self.scale, "refit": self.refit and self.scale in PAIR_SCALES}
         return next((n for n, o in METHODS.items() if o == opts), None)
 
     def __post_init__(self) -> None:
@@ -335,12 +335,12 @@ def compress(
         sparse_names.append(name)
 
     shapes = {n: tuple(int(d) for d in state_dict[n].shape) for n in sparse_names}
-    pairs = [(a, b) for _, a, b in lora_pairs(sparse_names)
-             if len(shapes[a]) == 2 and len(shapes[b]) == 2 and shapes[a][0] == shapes[b][1]]
+    matrices = {(a, b): lora_matrices(shapes[a], shapes[b]) for _, a, b in lora_pairs(sparse_names)}
+    pairs = [(a, b, m[0], m[1]) for (a, b), m in matrices.items() if m is not None]
     original = dict(taus)
     if cfg.balance == C.BALANCE_RANK:
-        for a, b in pairs:
-            taus[a], taus[b] = _balance(taus[a].reshape(shapes[a]), taus[b].reshape(shapes[b]))
+        for a, b, sa, sb in pairs:
+            taus[a], taus[b] = _balance(taus[a].reshape(sa), taus[b].reshape(sb))
 
     # selection: the kept indices of each candidate, and the sigma the paper's scale comes from
     keep: dict[str, np.ndarray] = {}
@@ -374,9 +374,9 @@ def compress(
         else:
             units = {n: _mean_magnitude(taus[n][keep[n]]) for n in sparse_names}
         if cfg.scale in PAIR_SCALES:
-            for a, b in pairs:
+            for a, b, sa, sb in pairs:
                 keep[b], signs[b], units[a], units[b] = _fit_pair(
-                    taus[a].reshape(shapes[a]), taus[b].reshape(shapes[b]), keep[a], keep[b], cfg.refit, cfg.scale)
+                    taus[a].reshape(sa), taus[b].reshape(sb), keep[a], keep[b], cfg.refit, cfg.scale)
         for n in sparse_names:
             sparse[n] = _ternary(n, state_dict[n], keep[n], signs[n], units[n], cfg, offsets[n],
                                  exact_sigma=cfg.scale == C.SCALE_SIGMA)
@@ -426,9 +426,10 @@ def compress(
 
 def _balance(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row i of ``a`` (r x n) times c_i and column i of ``b`` (m x r) divided by c_i, with c_i
-    chosen so both have the norm ``sqrt(|a_i| |b_i|)``: ``b @ a`` is unchanged. Flat float32."""
-    na = np.linalg.norm(a.astype(np.float64), axis=1)
-    nb = np.linalg.norm(b.astype(np.float64), axis=0)
+    chosen so both have the same root-mean-square entry: ``b @ a`` is unchanged, and one top-k
+    over both factors keeps entries of each in proportion to its size. Flat float32."""
+    na = np.linalg.norm(a.astype(np.float64), axis=1) / math.sqrt(max(a.shape[1], 1))
+    nb = np.linalg.norm(b.astype(np.float64), axis=0) / math.sqrt(max(b.shape[0], 1))
     c = np.ones_like(na)
     ok = (na > 0) & (nb > 0)
     c[ok] = np.sqrt(nb[ok] / na[ok])

@@ -23,7 +23,7 @@ from . import constants as C
 from .codecs import get_codec
 from .compressed import CompressedAdapter
 from .errors import InvalidArgument
-from .peft_layout import lora_pairs, lora_scaling
+from .peft_layout import lora_matrices, lora_pairs, lora_scaling
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,10 @@ def compare_task_vectors(original: Mapping[str, np.ndarray | torch.Tensor], appr
     modules: list[ModuleFidelity] = []
     paired: set[str] = set()
     for module, a_name, b_name in lora_pairs(original):
-        sa, sb = shapes[a_name], shapes[b_name]
-        if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1] or b_name not in approx or a_name not in approx:
+        matrices = lora_matrices(shapes[a_name], shapes[b_name])
+        if matrices is None or b_name not in approx or a_name not in approx:
             continue
+        sa, sb = matrices
         scaling = 1.0
         if peft_config is not None:
             try:

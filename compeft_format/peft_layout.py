@@ -15,7 +15,7 @@ import enum
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -266,14 +266,28 @@ def peft_config(config: Mapping[str, Any], *, inference_mode: bool) -> Any:
 
 def lora_pairs(names: Iterable[str]) -> list[tuple[str, str, str]]:
     """``(module, lora_A key, lora_B key)`` of every module that has both factors among ``names``
-    (embedding LoRA factors included), in name order."""
-    found: dict[tuple[str, bool], dict[str, str]] = {}
+    (embedding LoRA factors included; keys with an adapter name, ``lora_A.default.weight``, pair
+    with the same adapter's), in name order."""
+    found: dict[tuple[str, str | None, bool], dict[str, str]] = {}
     for key in names:
         kr = parse_key(key)
-        if kr.role.name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") and kr.adapter is None:
-            found.setdefault((kr.module, kr.role.name.startswith("lora_embedding")), {})[kr.role.name[-1]] = key
-    return sorted((module, parts["A"], parts["B"]) for (module, _), parts in found.items()
+        if kr.role.name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            group = (kr.module, kr.adapter, kr.role.name.startswith("lora_embedding"))
+            found.setdefault(group, {})[kr.role.name[-1]] = key
+    return sorted((module, parts["A"], parts["B"]) for (module, _, _), parts in found.items()
                   if "A" in parts and "B" in parts)
+
+
+def lora_matrices(shape_a: Sequence[int], shape_b: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The shapes ``(r, n)`` and ``(m, r)`` under which a LoRA module's update is the matrix
+    product ``B A`` of its factors: linear and embedding factors as they are, convolution factors
+    (A: ``r x in x k..``, B: ``out x r x 1..``) flattened after the first axis. None when the
+    shapes do not make such a product."""
+    if len(shape_a) < 2 or len(shape_b) < 2:
+        return None
+    a = (int(shape_a[0]), math.prod(int(d) for d in shape_a[1:]))
+    b = (int(shape_b[0]), math.prod(int(d) for d in shape_b[1:]))
+    return (a, b) if b[1] == a[0] > 0 else None
 
 
 # --- an adapter's tensors, by where they go --------------------------------------------------------
@@ -308,6 +322,6 @@ class AdapterLayout:
         return lay
 
 
-__all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable", "lora_pairs",
+__all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable", "lora_pairs", "lora_matrices",
            "base_model_of", "base_state_dict", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "lora_scaling",
            "peft_config", "AdapterLayout"]

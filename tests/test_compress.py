@@ -236,7 +236,9 @@ def test_balancing_keeps_every_product_and_equalises_rank_components():
     for k, p in _products(sd).items():
         torch.testing.assert_close(_products(out)[k], p, rtol=1e-5, atol=1e-7)
         a, b = out[k + ".lora_A.weight"], out[k + ".lora_B.weight"]
-        torch.testing.assert_close(a.norm(dim=1), b.norm(dim=0), rtol=1e-5, atol=0)
+        # row i of A and column i of B have the same root-mean-square entry
+        torch.testing.assert_close(a.norm(dim=1) / a.shape[1] ** 0.5, b.norm(dim=0) / b.shape[0] ** 0.5,
+                                   rtol=1e-5, atol=0)
     assert ca.compression.options == {"balance": "rank"}
     paper = cf.compress(sd, density=1.0, mode="prune", method="paper", **NO_DENSE)
     assert paper.compression.options is None and paper.compression.fidelity is None
@@ -357,3 +359,15 @@ def test_alpha_search_walks_downhill_to_the_grid_minimum():
     assert search_alpha(lambda a: float("nan") if a != 2.0 else 5.0, (0.5, 1.0, 2.0))[0] == 2.0
     with pytest.raises(cf.InvalidArgument):
         search_alpha(lambda a: 0.0, ())
+
+
+def test_refit_without_a_pair_scale_is_still_the_papers_method():
+    """refit only acts with the lsq and norm scales: with sigma it changes nothing, so the config
+    is the paper's method and the file records no options."""
+    cfg = cf.CompeftConfig.method("paper", refit=True)
+    assert cfg.method_name == "paper" and cf.CompeftConfig.method("fit", refit=False).method_name is None
+    sd = _lora(2)
+    a = cf.compress(sd, cfg, **NO_DENSE)
+    b = cf.compress(sd, method="paper", **NO_DENSE)
+    assert a.compression.options is None
+    assert all(a.tensors[k].indices.tolist() == b.tensors[k].indices.tolist() for k in sd)

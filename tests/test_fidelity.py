@@ -10,6 +10,7 @@ import torch
 
 import compeft_format as cf
 from compeft_format.fidelity import compare_task_vectors, pair_error
+from compeft_format.peft_layout import lora_pairs
 
 
 def test_pair_error_matches_dense_products():
@@ -65,3 +66,38 @@ def test_measure_fidelity_of_files_and_references(tmp_path):
     assert 0 < cf.measure_fidelity(ft, delta, base_weights=base).relative_error < 1
     with pytest.raises(cf.InvalidArgument, match="no tensor"):
         cf.measure_fidelity({}, ca)
+
+
+def test_fit_pairs_factors_named_with_their_adapter_and_convolution_factors():
+    """``lora_A.default.weight`` keys (a model's own state dict) and Conv2d LoRA factors
+    (A: r x in x k x k, B: out x r x 1 x 1) are balanced and refitted like linear ones."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 40, 1))
+    pm = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    with torch.no_grad():  # B's entries much smaller than A's, as after training from B = 0
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.01)
+    sd = get_peft_model_state_dict(pm)
+    assert {tuple(v.shape) for k, v in sd.items() if "lora_A" in k} == {(4, 8, 3, 3), (4, 16, 1, 1)}
+    named = {k.replace(".weight", ".default.weight"): v for k, v in sd.items()}
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["0", "2"]}
+    results = {}
+    for label, tensors in (("plain", sd), ("named", named)):
+        fit = cf.compress(tensors, density=0.2, peft_config=cfg)
+        paper = cf.compress(tensors, density=0.2, peft_config=cfg, method="paper")
+        fid = cf.measure_fidelity(tensors, fit)
+        assert [m.kind for m in fid.modules] == ["lora", "lora"] and fid.emptied == []
+        assert cf.measure_fidelity(tensors, paper).emptied  # the paper's global top-k empties every B
+        # the product of the decoded factors is what the fidelity measures
+        dec = {k: v.double() for k, v in fit.state_dict(torch.float32).items()}
+        by = {m.name: m for m in fid.modules}
+        for module, a_key, b_key in lora_pairs(tensors):
+            r = tensors[a_key].shape[0]
+            prod = tensors[b_key].double().reshape(-1, r) @ tensors[a_key].double().reshape(r, -1)
+            hat = dec[b_key].reshape(-1, r) @ dec[a_key].reshape(r, -1)
+            assert by[module].error == pytest.approx(2 * float((prod - hat).norm()), rel=1e-4)
+        results[label] = fid.relative_error
+    assert results["plain"] == pytest.approx(results["named"], rel=1e-9) and results["plain"] < 0.9
