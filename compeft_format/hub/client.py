@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,11 @@ from ..errors import (
     HubUnreachable,
     InvalidArgument,
 )
-from ..fileio import atomic_write, atomic_write_bytes, file_sha256
+from ..fileio import atomic_write, atomic_write_bytes
 from ..peft_io import ADAPTER_CONFIG, write_peft_folder
 from ..reader import CompeftFile
 from ..report import report
+from . import download as dl
 from .card import model_card
 from .index import Index, IndexEntry
 
@@ -86,13 +88,6 @@ def hub_errors(what: str, repo_id: str | None = None, revision: str | None = Non
         raise
 
 
-def remote_file_missing(e: BaseException) -> bool:
-    """The Hub answered that a file does not exist (not: the Hub could not be reached)."""
-    from huggingface_hub import errors as hfe
-
-    return isinstance(e, hfe.EntryNotFoundError) and not isinstance(e, hfe.LocalEntryNotFoundError)
-
-
 # --- push -----------------------------------------------------------------------------------------
 @dataclass
 class PushResult:
@@ -129,7 +124,7 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     Files are verified before anything is sent; the repository (and the branch ``revision``) is
     created when missing.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not files:
@@ -145,17 +140,18 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
             # The index is merged with the one at the branch head, and the commit names that head
             # as its parent: a push that lands in between makes the server refuse this commit
             # (412), and the merge is done again on the new head.
-            head = api.model_info(repo_id, revision=revision or "main").sha
-            assert head is not None
+            head = dl.checked_commit(api.model_info(repo_id, revision=revision or "main").sha, what, repo_id,
+                                     revision)
             old = Index()
-            try:
-                old_path = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=head, endpoint=_endpoint(endpoint),
-                                           token=token)
-            except Exception as e:  # no index yet: the usual case for a new repository
-                if not remote_file_missing(e):
-                    raise
-            else:  # an index that is not valid is refused, not replaced: it lists artifacts of others
-                old = Index.parse(Path(old_path).read_bytes(), f"{what}: the repository's index")
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    got = dl.fetch(dl.resolve_url(dl.endpoint_url(endpoint), repo_id, head, C.HUB_INDEX_FILE),
+                                   Path(tmp) / C.HUB_INDEX_FILE, max_bytes=dl.MAX_INDEX_BYTES, token=token,
+                                   what=f"{what}: {C.HUB_INDEX_FILE}", repo_id=repo_id, revision=revision)
+                except HubEntryNotFound:  # no index yet: the usual case for a new repository
+                    pass
+                else:  # an index that is not valid is refused, not replaced: it lists artifacts of others
+                    old = Index.parse(got.path.read_bytes(), f"{what}: the repository's index")
             index = old.merged([a.entry for a in arts])
             ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
             ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
@@ -212,54 +208,95 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
     with ``require``). With ``local_dir`` the verified files (or, with ``to_peft``, PEFT folders)
     are written there, each atomically; nothing is written when a check fails.
 
+    Whatever the endpoint answers, nothing is created, changed or removed outside the cache
+    (``cache_dir``, layout in ``hub.download``) and ``local_dir`` (``hub.download``).
+
     Raises:
         HubRepoNotFound, HubRevisionNotFound, HubNoIndex, HubAuthError, HubUnreachable,
-        ArtifactDigestMismatch, BaseMismatch, and the file errors of ``verify``.
+        ArtifactDigestMismatch, BaseMismatch, IOFailure (the cache or ``local_dir`` cannot be
+        written), and the file errors of ``verify``.
     """
-    from huggingface_hub import hf_hub_download
-
     repo_id, rev = split_repo(repo)
-    rev = revision or rev
-    what = f"{repo_id}@{rev or 'main'}"
+    rev = revision or rev or "main"
+    what = f"{repo_id}@{rev}"
     claims: list[ModelRef | binding.BaseWeights] = []
     if base_model is not None:
         claims.append(BaseBinding(id=base_model))
     if base is not None:  # weights are looked at now, and fingerprinted once for every artifact
         claims.append(base if isinstance(base, (ModelRef, binding.BaseWeights)) else binding.BaseWeights(base))
-    kw: dict[str, Any] = {"endpoint": _endpoint(endpoint), "token": token, "cache_dir": cache_dir}
-    with hub_errors(what, repo_id, rev):
-        try:
-            index_path = hf_hub_download(repo_id, C.HUB_INDEX_FILE, revision=rev, **kw)
-        except Exception as e:
-            if remote_file_missing(e):
-                raise HubNoIndex(f"{what}: the repository holds no {C.HUB_INDEX_FILE}", repo_id=repo_id,
-                                 revision=rev) from None
-            raise
-        commit = Path(index_path).parent.name
-        index = Index.parse(Path(index_path).read_bytes(), what)
-        local: list[Path] = []
-        adapters: list[tuple[dict[str, Any], dict[str, Any] | None]] = []  # decoded, for to_peft
-        for art in index.artifacts:
-            p = Path(hf_hub_download(repo_id, art.path, revision=commit, **kw))
-            actual, size = file_sha256(p), p.stat().st_size
-            if actual != art.sha256 or size != art.size:
-                with contextlib.suppress(OSError):
-                    p.resolve().unlink()  # let a later pull download it again
-                raise ArtifactDigestMismatch(f"{art.path}: sha256 is {actual}, the index declares "
-                                             f"{art.sha256} ({size} bytes, index {art.size})", subject=art.path,
-                                             expected=art.sha256, actual=actual, size=size, expected_size=art.size)
-            with CompeftFile(p) as f:
-                if to_peft and local_dir is not None:  # verified while decoded, decoded once
-                    adapters.append((f.state_dict(verify=True), f.manifest.adapter.peft_config))
-                else:
-                    f.verify()
-                m = f.manifest
-            for claim in claims:
-                binding.check(m.base_model, claim, require=True, subject=art.path)
-            local.append(p)
+    url = dl.endpoint_url(endpoint)
+    cache = dl.HubCache(cache_dir, url)
+    commit, index = (_cached_index if dl.offline() else _fetch_index)(cache, url, repo_id, rev, token, what)
+    snap = cache.snapshot(repo_id, commit)
+    local: list[Path] = []
+    adapters: list[tuple[dict[str, Any], dict[str, Any] | None]] = []  # decoded, for to_peft
+    for art in index.artifacts:
+        p = snap / art.path
+        if not dl.cached_file(p, art.sha256, art.size):
+            if dl.offline():
+                raise HubUnreachable(f"{what}: {art.path} is not in the cache (HF_HUB_OFFLINE is set)",
+                                     repo_id=repo_id, revision=rev)
+            got = dl.fetch(dl.resolve_url(url, repo_id, commit, art.path), p, max_bytes=art.size, token=token,
+                           what=f"{what}: {art.path}", repo_id=repo_id, revision=rev)
+            if got.sha256 != art.sha256 or got.size != art.size:
+                dl.discard(got.path)
+                raise ArtifactDigestMismatch(f"{art.path}: sha256 is {got.sha256}, the index declares "
+                                             f"{art.sha256} ({got.size} bytes, index {art.size})", subject=art.path,
+                                             expected=art.sha256, actual=got.sha256, size=got.size,
+                                             expected_size=art.size)
+            dl.install(got, p)
+        with CompeftFile(p) as f:
+            if to_peft and local_dir is not None:  # verified while decoded, decoded once
+                adapters.append((f.state_dict(verify=True), f.manifest.adapter.peft_config))
+            else:
+                f.verify()
+            m = f.manifest
+        for claim in claims:
+            binding.check(m.base_model, claim, require=True, subject=art.path)
+        local.append(p)
     if local_dir is not None:
         local = _write_out(Path(local_dir), index, local, adapters if to_peft else None, what)
     return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index)
+
+
+def _fetch_index(cache: dl.HubCache, url: str, repo_id: str, rev: str, token: str | None,
+                 what: str) -> tuple[str, Index]:
+    """Download the index at ``rev``: the commit the server names for it, and the checked index
+    (stored in the cache under that commit)."""
+    try:
+        got = dl.fetch(dl.resolve_url(url, repo_id, rev, C.HUB_INDEX_FILE), cache.repo(repo_id) / C.HUB_INDEX_FILE,
+                       max_bytes=dl.MAX_INDEX_BYTES, token=token, what=f"{what}: {C.HUB_INDEX_FILE}",
+                       repo_id=repo_id, revision=rev)
+    except HubEntryNotFound:
+        raise HubNoIndex(f"{what}: the repository holds no {C.HUB_INDEX_FILE}", repo_id=repo_id, revision=rev) from None
+    except ArtifactDigestMismatch:
+        raise HubNoIndex(f"{what}: {C.HUB_INDEX_FILE} is over {dl.MAX_INDEX_BYTES:,} bytes", repo_id=repo_id,
+                         revision=rev) from None
+    try:
+        commit = dl.checked_commit(got.commit, what, repo_id, rev)
+        index = Index.parse(got.path.read_bytes(), what)
+    except BaseException:
+        dl.discard(got.path)
+        raise
+    dl.install(got, cache.snapshot(repo_id, commit) / C.HUB_INDEX_FILE)
+    cache.remember(repo_id, rev, commit)
+    return commit, index
+
+
+def _cached_index(cache: dl.HubCache, url: str, repo_id: str, rev: str, token: str | None,
+                  what: str) -> tuple[str, Index]:
+    """The index ``rev`` resolved to when last online (``HF_HUB_OFFLINE``)."""
+    commit = cache.cached_commit(repo_id, rev)
+    path = None if commit is None else cache.snapshot(repo_id, commit) / C.HUB_INDEX_FILE
+    try:
+        if path is None or path.stat().st_size > dl.MAX_INDEX_BYTES:
+            raise FileNotFoundError
+        data = path.read_bytes()
+    except OSError:
+        raise HubUnreachable(f"{what}: not in the cache, and HF_HUB_OFFLINE is set", repo_id=repo_id,
+                             revision=rev) from None
+    assert commit is not None
+    return commit, Index.parse(data, what)
 
 
 def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[dict[str, Any], Any]] | None,
