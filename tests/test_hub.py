@@ -513,3 +513,42 @@ def test_push_keeps_what_it_does_not_know_and_refuses_to_overwrite_a_broken_inde
     with pytest.raises(cf.HubNoIndex, match="the repository's index"):
         cf.push(adapter_file(tmp_path, 2, "c.cpeft.safetensors"), "me/keep", endpoint=endpoint, token=TOKEN)
     assert api.model_info("me/keep").sha == head
+
+
+def test_private_repositories_stay_private_end_to_end(hub, tmp_path):
+    """``push --private`` through huggingface_hub (which sends ``"visibility": "private"``) makes a
+    repository that anonymous clients cannot see or pull, and the token holder can."""
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    p = cli("push", str(f), "me/secret", "--private", "--endpoint", endpoint, "--token", TOKEN)
+    assert p.returncode == 0, p.stderr
+    assert HfApi(endpoint=endpoint, token=TOKEN).model_info("me/secret").private is True
+    with pytest.raises(hfe.RepositoryNotFoundError):
+        HfApi(endpoint=endpoint, token=False).model_info("me/secret")
+    with pytest.raises(cf.HubRepoNotFound):
+        cf.pull("me/secret", endpoint=endpoint, token=False, cache_dir=tmp_path / "anon")
+    with pytest.raises(cf.HubRepoNotFound):
+        cf.pull("me/secret", endpoint=endpoint, token="wrong", cache_dir=tmp_path / "anon")
+    res = cf.pull("me/secret", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "owner")
+    assert res.paths[0].read_bytes() == f.read_bytes()
+    cf.push(f, "me/open", endpoint=endpoint, token=TOKEN)
+    assert HfApi(endpoint=endpoint, token=False).model_info("me/open").private is False
+
+
+def test_error_headers_cannot_be_injected(hub):
+    """A path with CR LF or characters outside Latin-1 is echoed in X-Error-Message as printable
+    ASCII: no header is added and the connection answers."""
+    import http.client
+
+    endpoint, _ = hub
+    host, port = endpoint.removeprefix("http://").split(":")
+    for path in ("/me/x%0d%0aSet-Cookie:%20evil=1/resolve/main/f", "/me/%E2%98%83%F0%9F%92%A5/resolve/main/f",
+                 "/api/models/me/x%0aX-Injected:%201"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 404 and r.getheader("Set-Cookie") is None and r.getheader("X-Injected") is None
+        msg = r.getheader("X-Error-Message")
+        assert msg and all(32 <= ord(c) < 127 for c in msg)
+        conn.close()

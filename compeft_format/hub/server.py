@@ -240,7 +240,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if raw is None:
             self.send_header("Content-Type", "application/json")
         for k, v in (headers or {}).items():
-            self.send_header(k, v)
+            self.send_header(k, header_value(v))
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if not head:
@@ -260,7 +260,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if not token:
             return True
         auth = self.headers.get("Authorization", "")
-        return auth == f"Bearer {token}"
+        return hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode())
 
     def _require_write(self) -> None:
         if not self._authorized():
@@ -330,7 +330,9 @@ class HubHandler(BaseHTTPRequestHandler):
             raise ApiError(400, f"invalid repository name {org}/{name}")
         repo_id = f"{org}/{name}"
         url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}"
-        if not self.store.create_repo(rtype, repo_id, bool(body.get("private"))):
+        # huggingface_hub 1.x sends "private": true, 2.x "visibility": "private"
+        private = body.get("private") is True or body.get("visibility") == "private"
+        if not self.store.create_repo(rtype, repo_id, private):
             raise ApiError(409, "You already created this repo", extra={"url": url})
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
@@ -475,7 +477,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if method == "HEAD":
             self.send_response(200)
             for k, v in headers.items():
-                self.send_header(k, v)
+                self.send_header(k, header_value(v))
             self.send_header("Content-Length", str(size))
             self.end_headers()
             return None
@@ -526,6 +528,16 @@ class HubHandler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"LFS object {oid} of size {body.get('size')} is not stored")
             return self._send(200, {})
         raise ApiError(404, "no such LFS route")
+
+
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+MAX_HEADER_VALUE = 1024
+
+
+def header_value(value: str) -> str:
+    """A header value that cannot end the header or break its encoding: printable ASCII only
+    (anything else, CR and LF included, becomes ``?``), at most ``MAX_HEADER_VALUE`` characters."""
+    return _NOT_PRINTABLE.sub("?", str(value))[:MAX_HEADER_VALUE]
 
 
 def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
