@@ -20,6 +20,7 @@ from .compressed import CompressedAdapter
 from .container import read_safetensors_header
 from .errors import FileNotFound, InputError, IOFailure
 from .fileio import atomic_write
+from .peft_layout import check_config_patterns
 from .reader import CompeftFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,7 +80,14 @@ def read_source(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 def write_peft_folder(out_dir: PathLike, state_dict: Mapping[str, torch.Tensor],
                       config: Mapping[str, Any] | None) -> list[Path]:
     """Write ``adapter_model.safetensors`` (and ``adapter_config.json``) into ``out_dir``, each
-    file atomically. Returns the paths written."""
+    file atomically. Returns the paths written.
+
+    Raises:
+        ConfigMismatch: the config holds a regular expression peft could not run safely
+            (``peft_layout.check_config_patterns``); nothing is written.
+    """
+    if config is not None:
+        check_config_patterns(config)
     d = Path(out_dir)
     try:
         d.mkdir(parents=True, exist_ok=True)

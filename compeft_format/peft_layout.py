@@ -229,11 +229,56 @@ def _jsonable(x: Any, where: str) -> Any:
     raise InvalidArgument(f"{where} holds a {type(x).__name__}, which JSON cannot hold")
 
 
+#: Longest regular expression a PEFT config may give (``rank_pattern`` keys, ``target_modules``).
+MAX_PATTERN = 512
+#: Most unbounded repetitions (``*``, ``+``, ``{n,}``) in one of them.
+MAX_REPEATS = 2
+_REPEAT = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
+_GROUP_REPEAT = re.compile(r"(?<!\\)\)[*+?{]")
+
+
+def check_pattern(pattern: Any, where: str) -> str:
+    """A regular expression from a PEFT config that can be run on module names without risk: a
+    string of at most ``MAX_PATTERN`` characters that compiles, with no repeated group (``(a+)+``,
+    ``(a|a)*``) and at most ``MAX_REPEATS`` unbounded repetitions, so matching stays polynomial
+    and small. peft runs these expressions too (``rank_pattern``, ``alpha_pattern`` and a string
+    ``target_modules``), so a config from a file is checked before it reaches peft.
+
+    Raises:
+        ConfigMismatch: anything else.
+    """
+    if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_PATTERN:
+        raise ConfigMismatch(f"{where}: a pattern must be a string of 1 to {MAX_PATTERN} characters")
+    if _GROUP_REPEAT.search(pattern) or len(_REPEAT.findall(pattern)) > MAX_REPEATS:
+        raise ConfigMismatch(f"{where}: pattern {pattern[:80]!r} repeats a group or has more than {MAX_REPEATS} "
+                             "unbounded repetitions; its matching time could explode")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigMismatch(f"{where}: pattern {pattern[:80]!r} is not a regular expression ({e})") from None
+    return pattern
+
+
+def check_config_patterns(config: Mapping[str, Any]) -> None:
+    """Every regular expression of a PEFT config (``check_pattern``)."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, Mapping):
+            raise ConfigMismatch(f"{name} must be an object")
+        for key in patterns:
+            check_pattern(key, name)
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(name), str):
+            check_pattern(config[name], name)
+
+
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of the
-    module name."""
+    module name (each key checked by ``check_pattern`` first)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(rf"(.*\.)?({check_pattern(key, 'rank_pattern / alpha_pattern')})$", module):
             return value
     return default
 
@@ -258,6 +303,7 @@ def peft_config(config: Mapping[str, Any], *, inference_mode: bool) -> Any:
         name = PeftType(str(config.get("peft_type", "")).upper())
     except ValueError:
         raise UnsupportedAdapter(f"peft has no adapter type {config.get('peft_type')!r}") from None
+    check_config_patterns(config)
     names = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[name])}
     kwargs = {k: v for k, v in config.items() if k in names and k not in ("peft_type", "auto_mapping")}
     kwargs["inference_mode"] = inference_mode
@@ -323,5 +369,6 @@ class AdapterLayout:
 
 
 __all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable", "lora_pairs", "lora_matrices",
-           "base_model_of", "base_state_dict", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "lora_scaling",
+           "base_model_of", "base_state_dict", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "check_pattern",
+           "check_config_patterns", "lora_scaling",
            "peft_config", "AdapterLayout"]

@@ -172,6 +172,35 @@ def test_config_that_disagrees_with_tensors(tmp_path):
     assert e.value.code == "CONFIG_MISMATCH"
 
 
+@pytest.mark.parametrize("hostile", [{"rank_pattern": {"(a+)+b": 4}}, {"alpha_pattern": {"(": 3}},
+                                     {"rank_pattern": {".*.*.*q_proj": 4}}, {"target_modules": "(.*)*x"},
+                                     {"alpha_pattern": {"q" * 600: 3}}],
+                         ids=["nested", "invalid", "repeats", "target_modules", "long"])
+def test_config_patterns_that_could_hang_or_crash_are_refused(tmp_path, hostile):
+    """rank_pattern / alpha_pattern keys and a string target_modules are regular expressions that
+    peft and this library run on module names: a file's are checked before anything runs them."""
+    import time
+
+    src = tmp_path / "src"
+    trained(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), 1).save_pretrained(src)
+    sd, cfg = cf.read_source(src)
+    path = tmp_path / "bad.cpeft.safetensors"
+    cf.save(cf.compress(sd, density=0.3, peft_config={**cfg, **hostile}), path)
+    model = base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    with pytest.raises(cf.ConfigMismatch) as e:
+        cf.load_adapter(model, path)
+    assert e.value.code == "CONFIG_MISMATCH" and "pattern" in str(e.value)
+    with pytest.raises(cf.ConfigMismatch):  # nor is a PEFT folder written for peft to run them
+        cf.decompress_to_peft(path, tmp_path / "peft-out")
+    assert not (tmp_path / "peft-out").exists()
+    # the fidelity report does not run them either: it compares the products unscaled
+    assert cf.measure_fidelity(sd, cf.read(path)).relative_error > 0
+    assert time.perf_counter() - t0 < 5
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_unknown_peft_type_is_refused(tmp_path):
     path = tmp_path / "vera.cpeft.safetensors"
     cf.save(cf.compress({"base_model.model.x.vera_lambda_b": torch.randn(64)}, density=0.5, reference="zero",
