@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--user", default="local", help="the namespace whoami reports")
     sv.add_argument("--lfs", action="store_true",
                     help="answer uploadMode lfs for binary files (clients need HF_HUB_DISABLE_XET=1)")
+    sv.add_argument("--max-workers", type=int, default=64,
+                    help="connections served at once; more are answered 503 with Retry-After (default 64)")
+    sv.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds a connection may stay idle or stall before it is closed (default 30)")
     sv.add_argument("--verbose", action="store_true", help="log every request")
     return p
 
@@ -306,8 +310,10 @@ def cmd_pull(a: argparse.Namespace) -> int:
 def cmd_hub(a: argparse.Namespace) -> int:
     from .hub.server import make_server
 
+    if a.max_workers < 1 or not a.timeout > 0:
+        raise InvalidArgument("--max-workers must be >= 1 and --timeout > 0")
     server = make_server(a.root, host=a.host, port=a.port, token=a.token, user=a.user, lfs=a.lfs,
-                         verbose=a.verbose)
+                         verbose=a.verbose, max_workers=a.max_workers, timeout=a.timeout)
     host, port = str(server.server_address[0]), int(server.server_address[1])
     print(f"compeft hub serving {Path(a.root).resolve()} on http://{host}:{port} "
           f"(writes {'need a token' if a.token else 'are open'}); Ctrl-C stops", flush=True)

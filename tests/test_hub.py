@@ -552,3 +552,97 @@ def test_error_headers_cannot_be_injected(hub):
         msg = r.getheader("X-Error-Message")
         assert msg and all(32 <= ord(c) < 127 for c in msg)
         conn.close()
+
+
+def _raw(endpoint: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+         timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own socket, headers exactly as given (no Content-Length added)."""
+    host, port = endpoint.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        s.sendall(head.encode() + b"\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    top, _, payload = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    hdrs = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), hdrs, payload
+
+
+def test_server_refuses_bad_and_oversized_bodies_before_reading_them(hub):
+    endpoint, _ = hub
+    t0 = time.perf_counter()
+    status, h, body = _raw(endpoint, "POST", "/api/validate-yaml", headers={"Content-Length": str(10 ** 12)})
+    assert status == 413 and json.loads(body)["error"].startswith("request body of")
+    assert _raw(endpoint, "POST", "/api/validate-yaml", headers={"Content-Length": "-1"})[0] == 400
+    assert _raw(endpoint, "POST", "/api/validate-yaml", headers={"Content-Length": "12abc"})[0] == 400
+    assert _raw(endpoint, "POST", "/api/validate-yaml", b"0\r\n\r\n", {"Transfer-Encoding": "chunked"})[0] == 411
+    deep = b"[" * 200_000 + b"]" * 200_000
+    status, _, body = _raw(endpoint, "POST", "/api/models/me/x/paths-info/main", deep,
+                           {"Content-Length": str(len(deep)), "Content-Type": "application/json"})
+    assert status in (400, 404) and "error" in json.loads(body)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_server_refuses_hostile_commit_paths_and_content(hub, tmp_path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/paths-srv")
+
+    def commit(path: str, content: str = "MQ==") -> tuple[int, str]:
+        line = json.dumps({"key": "file", "value": {"path": path, "content": content, "encoding": "base64"}})
+        body = (json.dumps({"key": "header", "value": {"summary": "m"}}) + "\n" + line).encode()
+        status, _, answer = _raw(endpoint, "POST", "/api/models/me/paths-srv/commit/main", body,
+                                 {"Content-Length": str(len(body)), "Authorization": f"Bearer {TOKEN}",
+                                  "Content-Type": "application/x-ndjson"})
+        return status, json.loads(answer).get("error", "")
+
+    for path in ["..\\..\\x", "C:\\x", ".", "a//b", "a\0b", "x" * 5000, "a/../b", "/".join(["d"] * 600), ""]:
+        assert commit(path)[0] == 400, path
+    assert commit("a")[0] == 200
+    assert commit("a/b") == (400, "'a' would be both a file and a folder")
+    status, error = commit("f", "!!not base64!!")
+    assert status == 400 and "not valid base64" in error
+    assert [f.rfilename for f in api.model_info("me/paths-srv").siblings] == ["a"]
+
+
+def test_server_ranges_follow_the_http_rules(hub):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/ranges")
+    data = bytes(range(256)) * 40
+    api.create_commit("me/ranges", [CommitOperationAdd("f.bin", data)], commit_message="m")
+    url = "/me/ranges/resolve/main/f.bin"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert _raw(endpoint, "GET", url, headers=auth)[2] == data
+    for rng, want in (("bytes=10-19", data[10:20]), ("bytes=10200-", data[10200:]), ("bytes=-7", data[-7:]),
+                      ("bytes=10230-99999", data[10230:])):
+        status, h, body = _raw(endpoint, "GET", url, headers={**auth, "Range": rng})
+        assert status == 206 and body == want, rng
+        start = len(data) - len(want) if rng.startswith("bytes=-") else int(rng[6:].split("-")[0])
+        assert h["content-range"] == f"bytes {start}-{start + len(want) - 1}/{len(data)}"
+    for rng in ("bytes=20-10", f"bytes={len(data)}-", "bytes=-0", "bytes=-"):
+        status, h, _ = _raw(endpoint, "GET", url, headers={**auth, "Range": rng})
+        assert status == 416 and h["content-range"] == f"bytes */{len(data)}", rng
+
+
+def test_server_bounds_its_connections_and_drops_idle_ones(tmp_path):
+    server = make_server(tmp_path / "hub", token=TOKEN, max_workers=2, timeout=1.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]
+        time.sleep(0.3)
+        status, h, _ = _raw(endpoint, "GET", "/api/whoami-v2", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 503 and h["retry-after"] == "1"
+        time.sleep(1.5)  # the idle connections time out and give their slots back
+        status, _, body = _raw(endpoint, "GET", "/api/whoami-v2", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and json.loads(body)["name"] == "local"
+        for s in idle:
+            assert s.recv(10) == b""  # closed by the server
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -15,11 +15,14 @@ of its branch is refused, so no commit is lost.
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +39,15 @@ REPO_TYPES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_BRANCH = "main"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # namespaces and repository names
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
+#: Largest JSON request body (bytes); commits carry regular files base64-encoded, LFS uploads stream.
+MAX_JSON_BODY = 8 << 20
+MAX_COMMIT_BODY = 256 << 20
+MAX_UPLOAD = 64 << 30
+#: Longest path in a repository, and longest path component (bytes).
+MAX_PATH = 1000
+MAX_PATH_PART = 255
+CHUNK = 1 << 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 #: Suffixes answered with uploadMode "lfs" when the server runs with ``lfs=True``.
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
 
@@ -43,9 +55,27 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
 class ApiError(Exception):
     """An HTTP error answer: status, message, and the Hub's ``X-Error-Code`` when it has one."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+        self.headers = headers or {}
+
+
+def valid_repo_path(path: Any) -> bool:
+    """A file path in a repository: ``/``-separated, no empty, ``.`` or ``..`` component, no
+    backslash or control character, at most ``MAX_PATH`` characters and ``MAX_PATH_PART`` bytes a
+    component."""
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH or _CONTROL.search(path):
+        return False
+    return all(part not in ("", ".", "..") and len(part.encode("utf-8", "surrogatepass")) <= MAX_PATH_PART
+               for part in path.split("/"))
+
+
+def _folder_clash(files: dict[str, Any]) -> str | None:
+    """A path that is both a file and a folder of other files (``a`` beside ``a/b``)."""
+    folders = {p[:i] for p in files for i in range(len(p)) if p[i] == "/"}
+    return next(iter(sorted(folders & files.keys())), None)
 
 
 def _now() -> str:
@@ -82,6 +112,39 @@ class Store:
     def has_blob(self, sha256: str, size: int | None = None) -> bool:
         p = self.blob_path(sha256)
         return p.is_file() and (size is None or p.stat().st_size == size)
+
+    def put_blob_stream(self, src: Any, size: int, expected: str) -> str:
+        """Store ``size`` bytes read from ``src`` in chunks; their sha256 must be ``expected``."""
+        if self.has_blob(expected, size):
+            remaining = size
+            while remaining:
+                chunk = src.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise ApiError(400, "request body shorter than its Content-Length")
+                remaining -= len(chunk)
+            return expected
+        h = hashlib.sha256()
+        tmp = self.root / "blobs" / f".{expected}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                os.chmod(tmp, 0o600)
+                remaining = size
+                while remaining:
+                    chunk = src.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise ApiError(400, "request body shorter than its Content-Length")
+                    h.update(chunk)
+                    fh.write(chunk)
+                    remaining -= len(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if h.hexdigest() != expected:
+                raise ApiError(400, f"content sha256 {h.hexdigest()} does not match the declared oid {expected}")
+            os.replace(tmp, self.blob_path(expected))
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return expected
 
     def put_blob(self, data: bytes, expected: str | None = None) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -164,13 +227,18 @@ class Store:
             for key, value in ops:
                 if not isinstance(value, dict):
                     raise ApiError(400, f"commit operation {key!r} must be an object")
-                path = str(value.get("path", "")).strip("/")
-                if key in ("file", "lfsFile") and (not path or ".." in path.split("/")):
-                    raise ApiError(400, f"invalid path {path!r}")
+                raw_path = value.get("path", "")
+                path = raw_path.lstrip("/") if isinstance(raw_path, str) else raw_path
+                if not valid_repo_path(path):
+                    raise ApiError(400, f"invalid path {str(raw_path)[:200]!r}")
                 if key == "file":
-                    if value.get("encoding", "base64") != "base64":
+                    content = value.get("content", "")
+                    if value.get("encoding", "base64") != "base64" or not isinstance(content, str):
                         raise ApiError(400, "file content must be base64")
-                    data = base64.b64decode(value.get("content", ""))
+                    try:
+                        data = base64.b64decode(content, validate=True)
+                    except (binascii.Error, ValueError):
+                        raise ApiError(400, f"file content of {path!r} is not valid base64") from None
                     files[path] = {"sha256": self.put_blob(data), "size": len(data), "lfs": False,
                                    "oid": _git_blob_oid(data)}
                 elif key == "lfsFile":
@@ -191,7 +259,10 @@ class Store:
                     for p in [p for p in files if p.startswith(path + "/")]:
                         del files[p]
                 else:
-                    raise ApiError(400, f"unsupported commit operation {key!r}")
+                    raise ApiError(400, f"unsupported commit operation {str(key)[:100]!r}")
+            clash = _folder_clash(files)
+            if clash is not None:
+                raise ApiError(400, f"{clash!r} would be both a file and a folder")
             oid = self._write_commit(rtype, repo_id, [head], files, header.get("summary") or "update",
                                      header.get("description") or "")
             refs["branches"][branch] = oid
@@ -217,10 +288,28 @@ class HubHandler(BaseHTTPRequestHandler):
         host, port = cast(tuple[str, int], self.server.server_address)[:2]
         return f"http://{self.headers.get('Host', f'{host}:{port}')}"
 
-    def _body(self) -> bytes:
+    def _length(self) -> int:
+        """The request's Content-Length, checked (no chunked bodies, no negative or malformed length)."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return 0
+        raw = raw.strip()
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise ApiError(400, "bad Content-Length")
+        return int(raw)
+
+    def _body(self, limit: int = MAX_JSON_BODY) -> bytes:
+        """The request body, refused (413) before reading when it is over ``limit`` bytes."""
+        n = self._length()
+        if n > limit:
+            raise ApiError(413, f"request body of {n:,} bytes is over the {limit:,} bytes accepted")
         self._body_read = True
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        data = self.rfile.read(n) if n else b""
+        if len(data) != n:
+            raise ApiError(400, "request body shorter than its Content-Length")
+        return data
 
     def _json_body(self) -> Any:
         raw = self._body()
@@ -230,8 +319,8 @@ class HubHandler(BaseHTTPRequestHandler):
             return {k: (v if k == "paths" else v[-1]) for k, v in form.items()}
         try:
             return json.loads(raw or b"{}")
-        except ValueError:
-            raise ApiError(400, "request body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise ApiError(400, "request body is not JSON (or nests too deep)") from None
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
               raw: bytes | None = None, head: bool = False) -> None:
@@ -250,7 +339,7 @@ class HubHandler(BaseHTTPRequestHandler):
         # An error can come before the request body was read; closing the connection keeps an
         # unread body from being taken for the next request on it.
         self.close_connection = True
-        headers = {"X-Error-Message": e.message, "Connection": "close"}
+        headers = {**e.headers, "X-Error-Message": e.message, "Connection": "close"}
         if e.code:
             headers["X-Error-Code"] = e.code
         self._send(e.status, {"error": e.message, **e.extra}, headers, head=head)
@@ -282,9 +371,15 @@ class HubHandler(BaseHTTPRequestHandler):
             self._route(method, segs, query)
         except ApiError as e:
             self._error(e, head=head)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
             self._error(ApiError(400, f"bad request: {type(e).__name__}: {e}"), head=head)
-        if not self._body_read and int(self.headers.get("Content-Length") or 0):
+        except (OSError, MemoryError) as e:
+            if isinstance(e, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+                self.close_connection = True  # the client went away: nothing to answer
+                return
+            self.log_error("%s", f"{type(e).__name__}: {e}")
+            self._error(ApiError(500, f"server error: {type(e).__name__}"), head=head)
+        if not self._body_read and self.headers.get("Content-Length", "0").strip() != "0":
             self.close_connection = True
 
     do_GET = lambda self: self._dispatch("GET")  # noqa: E731
@@ -354,7 +449,7 @@ class HubHandler(BaseHTTPRequestHandler):
             self._require_write()
             self.store.repo(rtype, repo_id)
             branch = rest[1] if len(rest) > 1 else DEFAULT_BRANCH
-            lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+            lines = [json.loads(line) for line in self._body(MAX_COMMIT_BODY).splitlines() if line.strip()]
             if not all(isinstance(x, dict) for x in lines):
                 raise ApiError(400, "every commit line must be a JSON object")
             header: Any = next((x["value"] for x in lines if x.get("key") == "header"), {})
@@ -466,22 +561,38 @@ class HubHandler(BaseHTTPRequestHandler):
         if f["lfs"]:
             headers.update({"X-Linked-Etag": f'"{f["sha256"]}"', "X-Linked-Size": str(f["size"])})
         blob = self.store.blob_path(f["sha256"])
-        data = b"" if method == "HEAD" else blob.read_bytes()
-        size = blob.stat().st_size
-        rng = self.headers.get("Range")
-        if method == "GET" and rng and (m := re.match(r"bytes=(\d+)-(\d*)$", rng)):
-            start = int(m.group(1))
-            end = int(m.group(2)) if m.group(2) else size - 1
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            return self._send(206, headers=headers, raw=data[start:end + 1])
-        if method == "HEAD":
-            self.send_response(200)
+        with open(blob, "rb") as fh:  # streamed in chunks: memory stays at one chunk per download
+            size = os.fstat(fh.fileno()).st_size
+            start, end, status = 0, size - 1, 200
+            rng = self.headers.get("Range")
+            if rng is not None and "," not in rng and (m := re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", rng)):
+                first, last = m.groups()
+                if first:
+                    start, end = int(first), min(int(last), size - 1) if last else size - 1
+                elif last:  # the last N bytes
+                    start = max(size - int(last), 0)
+                if (not first and not last) or (first and last and int(last) < int(first)) or start >= size \
+                        or (not first and int(last) == 0):
+                    raise ApiError(416, f"range {rng.strip()[:100]!r} is not satisfiable for {size} bytes",
+                                   headers={"Content-Range": f"bytes */{size}"})
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, header_value(v))
-            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Length", str(end - start + 1))
             self.end_headers()
-            return None
-        self._send(200, headers=headers, raw=data)
+            if method == "HEAD":
+                return None
+            fh.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                chunk = fh.read(min(CHUNK, remaining))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+        return None
 
     def _lfs_batch(self, rtype: str, repo_id: str) -> None:
         self._require_write()
@@ -516,10 +627,12 @@ class HubHandler(BaseHTTPRequestHandler):
             size = q.get("size", "")
             if not (size.isdigit() and hmac.compare_digest(q.get("sig", ""), self._sign(oid, int(size)))):
                 raise ApiError(403, "upload URL signature does not match")
-            data = self._body()
-            if len(data) != int(size):
-                raise ApiError(400, f"uploaded {len(data)} bytes, the batch request declared {size}")
-            self.store.put_blob(data, expected=oid)
+            n = self._length()
+            if n != int(size) or n > MAX_UPLOAD:
+                raise ApiError(400 if n != int(size) else 413,
+                               f"upload of {n:,} bytes; the batch request declared {int(size):,}")
+            self._body_read = True
+            self.store.put_blob_stream(self.rfile, n, expected=oid)
             return self._send(200, {})
         self._require_write()
         if method == "POST" and rest[1:] == ["verify"]:
@@ -540,11 +653,52 @@ def header_value(value: str) -> str:
     return _NOT_PRINTABLE.sub("?", str(value))[:MAX_HEADER_VALUE]
 
 
+class HubServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_workers`` at once: a connection over the limit is
+    answered 503 (``Retry-After: 1``, which huggingface_hub retries) without a thread. Each
+    connection's socket times out after ``timeout`` seconds without data, so idle and slow clients
+    give their slot back."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_workers: int = 64):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_workers)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                                b"X-Error-Message: the server is busy\r\nConnection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a handler's own error answers (the client went away
+        mid-answer, a socket error): one line with ``verbose``, never a traceback."""
+        if getattr(self, "verbose", False):
+            e = sys.exc_info()[1]
+            sys.stderr.write(f"{client_address[0]}: connection dropped: {type(e).__name__}: {e}\n")
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                user: str = "local", lfs: bool = False, verbose: bool = False) -> ThreadingHTTPServer:
-    """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address``)."""
-    server = ThreadingHTTPServer((host, port), HubHandler)
-    server.daemon_threads = True
+                user: str = "local", lfs: bool = False, verbose: bool = False, max_workers: int = 64,
+                timeout: float = 30.0) -> HubServer:
+    """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address``).
+    ``max_workers`` connections are served at once; a socket idle for ``timeout`` seconds is closed."""
+    handler = type("Handler", (HubHandler,), {"timeout": timeout})
+    server = HubServer((host, port), handler, max_workers)
     server.store = Store(Path(root))  # type: ignore[attr-defined]
     server.token = token  # type: ignore[attr-defined]
     server.user = user  # type: ignore[attr-defined]
@@ -554,4 +708,4 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     return server
 
 
-__all__ = ["make_server", "Store", "HubHandler", "ApiError"]
+__all__ = ["make_server", "HubServer", "Store", "HubHandler", "ApiError", "valid_repo_path"]
