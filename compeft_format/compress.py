@@ -335,8 +335,7 @@ def compress(
         sparse_names.append(name)
 
     shapes = {n: tuple(int(d) for d in state_dict[n].shape) for n in sparse_names}
-    matrices = {(a, b): lora_matrices(shapes[a], shapes[b]) for _, a, b in lora_pairs(sparse_names)}
-    pairs = [(a, b, m[0], m[1]) for (a, b), m in matrices.items() if m is not None]
+    pairs = [(a, b, *m) for _, a, b in lora_pairs(sparse_names) if (m := lora_matrices(shapes[a], shapes[b]))]
     original = dict(taus)
     if cfg.balance == C.BALANCE_RANK:
         for a, b, sa, sb in pairs:

@@ -53,10 +53,6 @@ PathLike = str | os.PathLike[str]
 PUSH_ATTEMPTS = 5
 
 
-def _endpoint(endpoint: str | None) -> str | None:
-    return endpoint or os.environ.get("HF_ENDPOINT") or None
-
-
 @contextlib.contextmanager
 def hub_errors(what: str, repo_id: str | None = None, revision: str | None = None) -> Iterator[None]:
     """Translate huggingface_hub and transport failures into typed compeft errors."""
@@ -130,7 +126,7 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     if not files:
         raise InvalidArgument("nothing to push")
     arts = [_prepare(p) for p in files]
-    api = HfApi(endpoint=_endpoint(endpoint), token=token)
+    api = HfApi(endpoint=dl.endpoint_url(endpoint), token=token)
     what = f"push to {repo_id}"
     with hub_errors(what, repo_id, revision):
         api.create_repo(repo_id, private=private, exist_ok=True)

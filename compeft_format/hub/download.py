@@ -40,7 +40,8 @@ from ..errors import (
     InvalidArgument,
     IOFailure,
 )
-from ..fileio import file_sha256
+from ..fileio import atomic_write_bytes, file_sha256
+from .paths import printable
 
 #: Largest index accepted (bytes).
 MAX_INDEX_BYTES = 16 << 20
@@ -50,8 +51,6 @@ CHUNK = 1 << 20
 COMMIT = re.compile(r"[0-9a-f]{40}")
 #: One part of a repository id, as the Hub allows them.
 REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-
-_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -71,10 +70,6 @@ def offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def _quote_message(text: str | None) -> str:
-    return _PRINTABLE.sub("?", text or "")[:MAX_MESSAGE]
 
 
 @dataclass
@@ -122,16 +117,12 @@ class HubCache:
 
 
 def put_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically (temporary file in the same folder, then rename)."""
-    tmp = _temp_name(path)
+    """Write a file of the cache atomically (``fileio.atomic_write_bytes``), creating its folder."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
     except OSError as e:
-        discard(tmp)
-        raise IOFailure(f"{path}: cannot write the cache: {e.strerror or e}") from None
+        raise IOFailure(f"{path.parent}: cannot write the cache: {e.strerror or e}") from None
+    atomic_write_bytes(path, data)
 
 
 def install(fetched: Fetched, dest: Path) -> Path:
@@ -168,7 +159,7 @@ def _raise_for_status(response: Any, what: str, repo_id: str, revision: str | No
     if status < 400:
         return
     code = response.headers.get("X-Error-Code", "")
-    msg = _quote_message(response.headers.get("X-Error-Message"))
+    msg = printable(response.headers.get("X-Error-Message"), MAX_MESSAGE)
     ctx: dict[str, Any] = {"repo_id": repo_id, "revision": revision, "status": status}
     detail = f" ({msg})" if msg else ""
     if code == "RepoNotFound":
@@ -191,7 +182,7 @@ def transport_errors(what: str, repo_id: str, revision: str | None) -> Iterator[
         raise
     except Exception as e:
         if type(e).__module__.split(".")[0].startswith("httpx") or isinstance(e, ConnectionError | TimeoutError):
-            raise HubUnreachable(f"{what}: {_quote_message(str(e)) or type(e).__name__}", repo_id=repo_id,
+            raise HubUnreachable(f"{what}: {printable(e, MAX_MESSAGE) or type(e).__name__}", repo_id=repo_id,
                                  revision=revision) from None
         raise
 
@@ -241,7 +232,7 @@ def resolve_url(endpoint: str, repo_id: str, revision: str, path: str) -> str:
 def checked_commit(value: str | None, what: str, repo_id: str, revision: str | None) -> str:
     """The server's ``X-Repo-Commit``: 40 lowercase hex digits, else ``HubError``."""
     if value is None or COMMIT.fullmatch(value) is None:
-        raise HubError(f"{what}: the Hub named no valid commit (X-Repo-Commit {_quote_message(value)!r})",
+        raise HubError(f"{what}: the Hub named no valid commit (X-Repo-Commit {printable(value, MAX_MESSAGE)!r})",
                        repo_id=repo_id, revision=revision)
     return value
 

@@ -9,7 +9,6 @@ download is written into.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -18,6 +17,7 @@ from ..binding import BaseBinding
 from ..errors import HubNoIndex, InvalidArgument, ManifestError
 from ..jsonfields import HEX64
 from ..reader import CompeftFile
+from .paths import valid_repo_path
 
 #: What an artifact can be, with the line a model card gives it. A new kind is one entry here.
 ARTIFACT_KINDS: dict[str, str] = {
@@ -27,15 +27,10 @@ DEFAULT_KIND = "adapter"
 #: Most artifacts one index may list.
 MAX_ARTIFACTS = 10_000
 
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
-
-
 def safe_path(path: Any) -> bool:
-    """A relative path inside the repository: ``/``-separated, no empty, ``.`` or ``..``
-    component, no backslash, colon or control character, not the index itself."""
-    if not isinstance(path, str) or not path or _BAD_CHARS.search(path) or path == C.HUB_INDEX_FILE:
-        return False
-    return all(part not in ("", ".", "..") for part in path.split("/"))
+    """A path ``paths.valid_repo_path`` accepts that also holds no colon (a drive on Windows) and
+    is not the index itself: safe to write below an output folder."""
+    return valid_repo_path(path) and ":" not in path and path != C.HUB_INDEX_FILE
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..fileio import atomic_write_bytes
 from ..jsonfields import HEX64
+from .paths import printable, valid_repo_path
 
 REPO_TYPES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_BRANCH = "main"
@@ -43,11 +44,7 @@ _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 MAX_JSON_BODY = 8 << 20
 MAX_COMMIT_BODY = 256 << 20
 MAX_UPLOAD = 64 << 30
-#: Longest path in a repository, and longest path component (bytes).
-MAX_PATH = 1000
-MAX_PATH_PART = 255
 CHUNK = 1 << 20
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 #: Suffixes answered with uploadMode "lfs" when the server runs with ``lfs=True``.
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
 
@@ -60,16 +57,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
         self.headers = headers or {}
-
-
-def valid_repo_path(path: Any) -> bool:
-    """A file path in a repository: ``/``-separated, no empty, ``.`` or ``..`` component, no
-    backslash or control character, at most ``MAX_PATH`` characters and ``MAX_PATH_PART`` bytes a
-    component."""
-    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH or _CONTROL.search(path):
-        return False
-    return all(part not in ("", ".", "..") and len(part.encode("utf-8", "surrogatepass")) <= MAX_PATH_PART
-               for part in path.split("/"))
 
 
 def _folder_clash(files: dict[str, Any]) -> str | None:
@@ -114,20 +101,13 @@ class Store:
         return p.is_file() and (size is None or p.stat().st_size == size)
 
     def put_blob_stream(self, src: Any, size: int, expected: str) -> str:
-        """Store ``size`` bytes read from ``src`` in chunks; their sha256 must be ``expected``."""
-        if self.has_blob(expected, size):
-            remaining = size
-            while remaining:
-                chunk = src.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise ApiError(400, "request body shorter than its Content-Length")
-                remaining -= len(chunk)
-            return expected
+        """Store ``size`` bytes read from ``src`` in chunks; their sha256 must be ``expected``. A
+        blob already stored is read through and kept as it is."""
+        stored = self.has_blob(expected, size)
         h = hashlib.sha256()
         tmp = self.root / "blobs" / f".{expected}.{os.getpid()}.{threading.get_ident()}.part"
         try:
-            with open(tmp, "wb") as fh:
-                os.chmod(tmp, 0o600)
+            with open(os.devnull if stored else tmp, "wb") as fh:
                 remaining = size
                 while remaining:
                     chunk = src.read(min(CHUNK, remaining))
@@ -136,11 +116,14 @@ class Store:
                     h.update(chunk)
                     fh.write(chunk)
                     remaining -= len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+                if not stored:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             if h.hexdigest() != expected:
                 raise ApiError(400, f"content sha256 {h.hexdigest()} does not match the declared oid {expected}")
-            os.replace(tmp, self.blob_path(expected))
+            if not stored:
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, self.blob_path(expected))
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -643,14 +626,12 @@ class HubHandler(BaseHTTPRequestHandler):
         raise ApiError(404, "no such LFS route")
 
 
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 MAX_HEADER_VALUE = 1024
 
 
 def header_value(value: str) -> str:
-    """A header value that cannot end the header or break its encoding: printable ASCII only
-    (anything else, CR and LF included, becomes ``?``), at most ``MAX_HEADER_VALUE`` characters."""
-    return _NOT_PRINTABLE.sub("?", str(value))[:MAX_HEADER_VALUE]
+    """A header value that cannot end the header or break its encoding (``paths.printable``)."""
+    return printable(value, MAX_HEADER_VALUE)
 
 
 class HubServer(ThreadingHTTPServer):
