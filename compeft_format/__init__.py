@@ -17,6 +17,7 @@ from . import binding, calibrate, codecs, constants, errors, peft_layout
 from ._version import __version__
 from .apply import MergedAdapter, load_adapter, merge_adapter
 from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
+from .budget import Budget
 from .compress import CompeftConfig, alpha_search, compress, kept_count, rescale, top_k_indices
 from .compressed import CompressedAdapter, CompressedTensor
 from .errors import *  # noqa: F403  (the typed errors are part of the public API)
@@ -30,6 +31,7 @@ from .report import inspect, ternary_bound_bits
 from .writer import WriterOptions, save
 
 __all__ = [
+    "Budget",
     "__version__",
     "binding",
     "calibrate",

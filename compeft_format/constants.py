@@ -14,6 +14,9 @@ FORMAT_VERSION_MAJOR = 1
 FORMAT_VERSION_MINOR = 3
 FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
 
+#: The safetensors header member that holds the metadata; no stream can have this name.
+SAFETENSORS_METADATA = "__metadata__"
+
 META_FORMAT = "compeft.format"
 META_VERSION = "compeft.version"
 META_MANIFEST = "compeft.manifest"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import IO, Any
 import numpy as np
 
 from . import constants as C
-from .errors import FileNotFound, InputError, IOFailure, NotSafetensors, TruncatedFile
+from .errors import FileNotFound, InputError, IOFailure, LimitExceeded, NotSafetensors, TruncatedFile
 from .fileio import sha256_of_file
+from .jsonfields import loads
 
 PathLike = str | os.PathLike[str]
 
@@ -27,7 +29,18 @@ _ST_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 
                 "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 
-def _parse_header(f: IO[bytes], size: int, where: str) -> tuple[dict[str, Any], dict[str, str], int]:
+def _scalar_text(s: str) -> bool:
+    """True when ``s`` is a sequence of Unicode scalar values (no lone surrogate from a JSON
+    escape, which the safetensors library refuses as well)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parse_header(f: IO[bytes], size: int, where: str,
+                  max_objects: int | None = None) -> tuple[dict[str, Any], dict[str, str], int]:
     head = f.read(8)
     if len(head) < 8:
         raise TruncatedFile(f"file is {size} bytes, shorter than the 8-byte header length", path=where)
@@ -37,18 +50,27 @@ def _parse_header(f: IO[bytes], size: int, where: str) -> tuple[dict[str, Any], 
     if n > size - 8:
         raise TruncatedFile(f"header of {n} bytes does not fit in a {size}-byte file", path=where)
     raw = f.read(n)
+    if len(raw) != n:
+        raise TruncatedFile(f"file ended inside its {n}-byte header", path=where)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        header = json.loads(text) if max_objects is None else loads(text, max_objects=max_objects, what="header")
+    except LimitExceeded as exc:
+        raise LimitExceeded(str(exc), path=where) from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise NotSafetensors("header is not UTF-8 JSON", path=where) from None
     if not isinstance(header, dict):
         raise NotSafetensors("header is not a JSON object", path=where)
-    meta = header.pop("__metadata__", None)
+    meta = header.pop(C.SAFETENSORS_METADATA, None)
     meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise NotSafetensors("__metadata__ must map strings to strings", path=where)
+    if not all(_scalar_text(k) and _scalar_text(v) for k, v in meta.items()):
+        raise NotSafetensors("__metadata__ holds a string that is not valid Unicode (a lone surrogate)", path=where)
     spans = []
     for name, e in header.items():
+        if not _scalar_text(name):
+            raise NotSafetensors(f"tensor name {ascii(name)} is not valid Unicode (a lone surrogate)", path=where)
         if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
             raise NotSafetensors(f"tensor {name!r} has no dtype", path=where)
         shape, offs = e.get("shape"), e.get("data_offsets")
@@ -78,12 +100,18 @@ def _parse_header(f: IO[bytes], size: int, where: str) -> tuple[dict[str, Any], 
     return header, meta, data_start
 
 
-def _open(path: PathLike) -> tuple[IO[bytes], int]:
+def open_regular(path: PathLike) -> tuple[IO[bytes], int]:
+    """Open a regular file for reading and return it with its size. A folder, a FIFO, a device or
+    a socket is refused (``InputError``) without reading from it: the file is opened
+    non-blocking, so a FIFO with no writer cannot stall the caller, and checked with ``fstat``
+    on the open descriptor, so it cannot be swapped after the check.
+
+    Raises:
+        FileNotFound, InputError, IOFailure.
+    """
     p = Path(path)
     try:
-        if p.is_dir():
-            raise InputError(f"{p} is a directory, not a file", path=str(p))
-        f = open(p, "rb")
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise FileNotFound(f"no such file: {p}", path=str(p)) from None
     except IsADirectoryError:
@@ -91,10 +119,20 @@ def _open(path: PathLike) -> tuple[IO[bytes], int]:
     except OSError as e:
         raise IOFailure(f"cannot read {p}: {e.strerror or e}", path=str(p)) from None
     try:
-        return f, os.fstat(f.fileno()).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise InputError(f"{p} is {kind}", path=str(p))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
     except OSError as e:
-        f.close()
+        os.close(fd)
         raise IOFailure(f"cannot read {p}: {e.strerror or e}", path=str(p)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+
 
 
 def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, str], int]:
@@ -105,7 +143,7 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, s
     Raises:
         FileNotFound, InputError (a folder), IOFailure, TruncatedFile, NotSafetensors.
     """
-    f, size = _open(path)
+    f, size = open_regular(path)
     with f:
         try:
             return _parse_header(f, size, str(path))
@@ -114,17 +152,18 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, Any], dict[str, s
 
 
 class ContainerFile:
-    """An open safetensors file: the header checked on open, tensors read by their byte ranges
-    through one file handle. Reads are never memory-mapped (a file truncated by someone else while
-    it is open gives a typed error, not a crash) and may come from several threads at once. After
-    ``close`` the file is opened again on the next read, and refused if its size changed."""
+    """An open safetensors file: the header checked on open (``max_objects`` bounds the JSON
+    objects it may hold), tensors read by their byte ranges through one file handle. Reads are
+    never memory-mapped (a file truncated by someone else while it is open gives a typed error,
+    not a crash) and may come from several threads at once. After ``close`` the file is opened
+    again on the next read, and refused if its size changed."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, max_objects: int | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        f, self.size = _open(path)
+        f, self.size = open_regular(path)
         try:
-            self.header, self.metadata, self.data_start = _parse_header(f, self.size, str(path))
+            self.header, self.metadata, self.data_start = _parse_header(f, self.size, str(path), max_objects)
         except BaseException:
             f.close()
             raise
@@ -139,7 +178,7 @@ class ContainerFile:
     def _handle(self) -> IO[bytes]:
         """The open handle (the caller holds the lock), opened again after ``close``."""
         if self._f is None:
-            f, size = _open(self.path)
+            f, size = open_regular(self.path)
             if size != self.size:
                 f.close()
                 raise TruncatedFile(f"{self.path} changed size since it was opened", path=str(self.path))
@@ -174,4 +213,4 @@ class ContainerFile:
                 raise IOFailure(f"cannot read {self.path}: {e.strerror or e}", path=str(self.path)) from None
 
 
-__all__ = ["ContainerFile", "read_safetensors_header"]
+__all__ = ["ContainerFile", "open_regular", "read_safetensors_header"]

@@ -24,6 +24,7 @@ import zstandard
 
 from . import constants as C
 from .binding import BaseBinding
+from .budget import Budget, resolve
 from .errors import (
     InvalidArgument,
     LimitExceeded,
@@ -46,6 +47,7 @@ from .jsonfields import (
     as_opt_number,
     as_opt_str,
     as_str,
+    loads,
     utf8_len,
 )
 
@@ -233,13 +235,16 @@ class Manifest:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, obj: Any, encodings: Encodings) -> Manifest:
-        """Validate a parsed manifest (spec 3, in the order of 9.1 step 6)."""
+    def from_dict(cls, obj: Any, encodings: Encodings, budget: Budget | None = None) -> Manifest:
+        """Validate a parsed manifest (spec 3, in the order of 9.1 step 6); with ``budget``, its
+        entry count is checked first (spec 8.5)."""
         o = as_object(obj, "manifest")
         raw_tensors = as_list(o.get("tensors"), "tensors")
         raw_groups = as_list(o.get("groups"), "groups")
         if len(raw_tensors) > C.MAX_TENSORS:
             raise LimitExceeded(f"{len(raw_tensors)} tensors, limit {C.MAX_TENSORS}")
+        if budget is not None:
+            budget.check_entries(len(raw_tensors) + len(raw_groups), "manifest")
         groups = [_parse_group(g, i, encodings) for i, g in enumerate(raw_groups)]
         tensors = [_parse_tensor(t, i, groups, encodings) for i, t in enumerate(raw_tensors)]
         req = as_list(o.get("required_features", []), "required_features")
@@ -314,9 +319,11 @@ class Manifest:
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 
 
-def parse_metadata(meta: Mapping[str, str], encodings: Encodings) -> Manifest:
+def parse_metadata(meta: Mapping[str, str], encodings: Encodings, budget: Budget | None = None) -> Manifest:
     """The manifest of a file's ``__metadata__``: format key, version, manifest encoding and
-    digest, required features, then the manifest itself, checked in that order."""
+    digest, required features, then the manifest itself, checked in that order, within ``budget``
+    (spec 8.5; the default budget when None)."""
+    budget = resolve(budget)
     if meta.get(C.META_FORMAT) != C.FORMAT_NAME:
         raise NotCompeft("safetensors file without compeft metadata")
     version = meta.get(C.META_VERSION)
@@ -339,7 +346,9 @@ def parse_metadata(meta: Mapping[str, str], encodings: Encodings) -> Manifest:
         raise ManifestDigestMismatch(f"manifest sha256 is {actual}, metadata declares {digest}", subject="manifest",
                                      expected=digest, actual=actual)
     try:
-        obj = json.loads(text, parse_constant=_no_constants)
+        obj = loads(text, max_objects=budget.json_objects, what="manifest", parse_constant=_no_constants)
+    except LimitExceeded:
+        raise
     except (ValueError, RecursionError) as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
     if isinstance(obj, dict):
@@ -348,7 +357,7 @@ def parse_metadata(meta: Mapping[str, str], encodings: Encodings) -> Manifest:
             unknown = [f for f in req if not isinstance(f, str) or f not in C.SUPPORTED_FEATURES]
             if unknown:
                 raise UnsupportedFeature(f"file requires features this reader lacks: {unknown}", features=unknown)
-    return Manifest.from_dict(obj, encodings)
+    return Manifest.from_dict(obj, encodings, budget)
 
 
 def metadata(manifest: Manifest, encoding: str = "auto") -> dict[str, str]:
@@ -436,8 +445,12 @@ def _parse_group(g: Any, i: int, encodings: Encodings) -> GroupInfo:
         comp = as_str(s.get("compression"), f"groups[{i}].streams.{role}.compression")
         if comp not in C.COMPRESSIONS:
             raise UnknownEncoding(f"groups[{i}] stream {role!r} uses unknown compression {comp!r}")
+        sname = as_str(s.get("name"), f"groups[{i}].streams.{role}.name")
+        utf8_len(sname, f"groups[{i}].streams.{role}.name")
+        if sname == C.SAFETENSORS_METADATA:
+            raise ManifestError(f"groups[{i}] stream {role!r} is named {C.SAFETENSORS_METADATA!r}, which no tensor can be")
         streams[role] = StreamInfo(
-            name=as_str(s.get("name"), f"groups[{i}].streams.{role}.name"),
+            name=sname,
             compression=comp,
             size=as_int(s.get("size"), f"groups[{i}].streams.{role}.size"),
             raw_size=as_int(s.get("raw_size"), f"groups[{i}].streams.{role}.raw_size"),

@@ -6,7 +6,6 @@ compressed form (the inverse of ``save``).
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from . import constants as C
+from .budget import Budget, resolve
 from .codecs import REGISTRY, get_codec
 from .compressed import CompressedAdapter, CompressedTensor
 from .container import ContainerFile
@@ -50,30 +50,34 @@ def check_streams_match(manifest: Manifest, header: dict[str, Any]) -> None:
             raise ManifestMismatch(f"stream {name!r} holds {e['shape'][0]} bytes, manifest declares {s.size}")
 
 
-@functools.cache
-def _memory_bytes() -> int:
-    """Physical memory of this machine (0 when unknown): a file declaring more output than this
-    is refused before anything is allocated."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return 0
+def decode_need(members: list[TensorInfo], select: list[int], streams: list[StreamInfo],
+                itemsizes: list[int] | None) -> int:
+    """Bytes one group decode holds at once (spec 8.5): the streams as stored and unframed, the
+    positions decoding works through (8 bytes and a sign per kept entry of the group, one mask as
+    long as its largest member) and, when ``itemsizes`` are given, the selected members' outputs."""
+    need = sum(s.size + s.raw_size for s in streams)
+    need += 9 * sum(m.nnz for m in members) + max((m.numel for m in members), default=0)
+    if itemsizes is not None:
+        need += sum(members[j].numel * itemsizes[k] for k, j in enumerate(select))
+    return need
 
 
 class CompeftFile:
     """An open compeft file. Header, metadata and manifest are checked on open; tensor data is
-    read lazily, one group at a time, through the one open file handle.
+    read lazily, one group at a time, through the one open file handle. Every decode is checked
+    against ``budget`` (spec 8.5) before its streams are read.
 
     Example:
         >>> with open_file("adapter.cpeft.safetensors") as f:
         ...     w = f.get_tensor(f.keys()[0], dtype="float32")
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, budget: Budget | None = None) -> None:
         self.path = Path(path)
-        self._file = ContainerFile(path)
+        self.budget = resolve(budget)
+        self._file = ContainerFile(path, max_objects=self.budget.json_objects)
         try:
-            self.manifest = parse_metadata(self._file.metadata, REGISTRY)
+            self.manifest = parse_metadata(self._file.metadata, REGISTRY, self.budget)
             check_streams_match(self.manifest, self._file.header)
         except BaseException:
             self._file.close()
@@ -134,13 +138,21 @@ class CompeftFile:
         if self._cache is not None and self._cache[0] == gi and self._cache[1] == key:
             return self._cache[2], self._cache[3]
         raw = {}
-        for role, info in self.manifest.groups[gi].streams.items():
+        streams = self.manifest.groups[gi].streams
+        self.budget.check_bytes(decode_need(self._members_of(gi), [], list(streams.values()), None),
+                                f"{self.path}: reading group {gi}")
+        for role, info in streams.items():
             stored = self.stored_stream(info)
             actual = sha256_hex(stored)
             if actual != info.sha256:
                 raise StreamDigestMismatch(f"stream {info.name!r}: sha256 is {actual}, manifest declares {info.sha256}",
                                            subject=info.name, expected=info.sha256, actual=actual)
-            raw[role] = to_device(as_tensor(unframe(stored, info.compression, info.raw_size)), device)
+            try:
+                unframed = unframe(stored, info.compression, info.raw_size)
+            except MemoryError:
+                raise LimitExceeded(f"stream {info.name!r} unframes to {info.raw_size:,} bytes, more than this "
+                                    f"machine can allocate") from None
+            raw[role] = to_device(as_tensor(unframed), device)
         memo: dict[str, Any] = {}
         self._cache = (gi, key, raw, memo)
         return raw, memo
@@ -152,10 +164,9 @@ class CompeftFile:
                 device: str | torch.device) -> dict[int, torch.Tensor]:
         g = self.manifest.groups[gi]
         members = self._members_of(gi)
-        need = sum(members[j].numel * to_torch(dtype or members[j].dtype).itemsize for j in select)
-        limit = _memory_bytes()
-        if torch.device(device).type == "cpu" and limit and need > limit:
-            raise LimitExceeded(f"group {gi} decodes to {need:,} bytes, more than this machine's memory ({limit:,})")
+        need = decode_need(members, select, list(g.streams.values()),
+                           [to_torch(dtype or members[j].dtype).itemsize for j in select])
+        self.budget.check_bytes(need, f"{self.path}: decoding group {gi}")
         raw, memo = self._group_raw(gi, device)
         try:
             return get_codec(g.encoding).decode(raw, members, g.params, select, dtype, memo)
@@ -235,6 +246,12 @@ class CompeftFile:
         sigma = m.compression.sigma if m.compression.scope == C.SCOPE_GLOBAL and paper_scales else None
         for gi, idx in enumerate(self._members):
             g = m.groups[gi]
+            if verify:
+                members = self._members_of(gi)
+                select = list(range(len(members)))
+                self.budget.check_bytes(decode_need(members, select, list(g.streams.values()),
+                                                    [to_torch(t.dtype).itemsize for t in members]),
+                                        f"{self.path}: decoding group {gi}")
             raw, _ = self._group_raw(gi, "cpu")
             codec = get_codec(g.encoding)
             payloads = codec.unpack(raw, self._members_of(gi), g.params)
@@ -249,32 +266,33 @@ class CompeftFile:
                                  provenance=m.provenance)
 
 
-def open_file(path: PathLike) -> CompeftFile:
+def open_file(path: PathLike, *, budget: Budget | None = None) -> CompeftFile:
     """Open a compeft file for lazy reading. Raises a ``CompeftError`` subclass when the header,
-    metadata or manifest is not valid."""
-    return CompeftFile(path)
+    metadata or manifest is not valid, ``LimitExceeded`` when it is over ``budget`` (spec 8.5;
+    ``Budget.default()`` when None)."""
+    return CompeftFile(path, budget=budget)
 
 
 def load(path: PathLike, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+         device: str | torch.device = "cpu", budget: Budget | None = None) -> dict[str, torch.Tensor]:
     """Decode every tensor of a compeft file. Stream digests are checked before decoding."""
-    with CompeftFile(path) as f:
+    with CompeftFile(path, budget=budget) as f:
         return f.state_dict(dtype=dtype, device=device)
 
 
-def verify(path: PathLike) -> Manifest:
+def verify(path: PathLike, *, budget: Budget | None = None) -> Manifest:
     """Fully check a file: header, manifest, every stream digest, every decoded tensor digest.
 
     Raises the first problem found as a ``CompeftError`` subclass; returns the manifest otherwise.
     """
-    with CompeftFile(path) as f:
+    with CompeftFile(path, budget=budget) as f:
         return f.verify()
 
 
-def read(path: PathLike, *, verify: bool = False) -> CompressedAdapter:
+def read(path: PathLike, *, verify: bool = False, budget: Budget | None = None) -> CompressedAdapter:
     """A compeft file as the ``CompressedAdapter`` that ``save`` wrote: ``save(read(p), q)`` with
     the writer options that made ``p`` writes the same streams and manifest."""
-    with CompeftFile(path) as f:
+    with CompeftFile(path, budget=budget) as f:
         return f.compressed(verify=verify)
 
 

@@ -1,4 +1,4 @@
-"""Independent reader of the compeft 1.2 format, written from spec/FORMAT.md alone (without the
+"""Independent reader of the compeft 1.3 format, written from spec/FORMAT.md alone (without the
 reference implementation) so that the conformance vectors can be checked against the spec text.
 It also computes the base-model fingerprints of spec 3.4 (`fingerprint`)."""
 import base64
@@ -37,8 +37,16 @@ def _req(cond, code, message=""):
         raise SpecError(code, message)
 
 
+class _NegZero(int):
+    """The JSON number `-0` without fraction: 0 as an integer, -0.0 as a number (3.1)."""
+
+
+def _int_literal(text):
+    return _NegZero(0) if text == "-0" else int(text)
+
+
 def _nat(v):
-    return type(v) is int and v >= 0
+    return type(v) in (int, _NegZero) and v >= 0
 
 
 def _one_of(v, options):
@@ -50,15 +58,15 @@ def _str_or_null(v):
 
 
 def _number(v):
-    return type(v) is int or (type(v) is float and math.isfinite(v))
+    return type(v) in (int, _NegZero) or (type(v) is float and math.isfinite(v))
 
 
 def _f32(v):
     """The binary32 value of an "f32" field (3.1), or None when the field is not one."""
-    if type(v) not in (int, float):
+    if type(v) not in (int, float, _NegZero):
         return None
     try:
-        x = float(v)
+        x = -0.0 if type(v) is _NegZero else float(v)
         y = struct.unpack("<f", struct.pack("<f", x))[0]
     except OverflowError:
         return None
@@ -71,9 +79,20 @@ def _reject_constant(name):
 
 def _json(text, code):
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_int_literal)
     except (ValueError, RecursionError):
         raise SpecError(code, "not JSON") from None
+
+
+def _scalars(v):
+    """True when every string of a parsed JSON value (keys included) is Unicode scalar values."""
+    if isinstance(v, str):
+        return not any(0xD800 <= ord(c) <= 0xDFFF for c in v)
+    if isinstance(v, dict):
+        return all(_scalars(k) and _scalars(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_scalars(x) for x in v)
+    return True
 
 
 def _container(buf):
@@ -87,6 +106,7 @@ def _container(buf):
         raise SpecError(NS, "header not UTF-8") from None
     hdr = _json(text, NS)
     _req(isinstance(hdr, dict), NS, "header not an object")
+    _req(_scalars(hdr), NS, "a header string holds a lone surrogate")
     meta = hdr.get("__metadata__")
     meta = {} if meta is None else meta
     _req(isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values()), NS, "bad __metadata__")
@@ -196,7 +216,8 @@ def _check_groups(G):
             s = S[role]
             _req(isinstance(s, dict) and "compression" in s, MI, f"stream {role}")
             _req(_one_of(s["compression"], ("none", "zstd")), UE, "stream compression")
-            _req(isinstance(s.get("name"), str), MI, "stream name")
+            _req(isinstance(s.get("name"), str) and _scalars(s["name"]) and s["name"] != "__metadata__",
+                 MI, "stream name")
             _req(_nat(s.get("size")) and _nat(s.get("raw_size")), MI, "stream size")
             _req(isinstance(s.get("sha256"), str) and HEX.fullmatch(s["sha256"]), MI, "stream sha256")
             streams.append(dict(s, role=role))
