@@ -3,13 +3,22 @@
 branches and tags, list and download files.
 
 Storage under ``root``: ``blobs/<sha256>`` holds every file's content once; each repository has
-``repo.json``, ``refs.json`` and ``commits/<id>.json`` (the full file table of that commit). Every
-write goes to a temporary file that is fsynced and renamed, so a restart loses nothing committed.
-Commits to a repository are serialised by a lock; a commit whose ``parentCommit`` is not the head
-of its branch is refused, so no commit is lost.
+``repo.json``, ``refs.json``, ``commits/<id>.json`` (the full file table of that commit) and
+``objects/<sha256>``, an empty file for each blob uploaded to that repository. Every write goes to
+a temporary file that is fsynced and renamed before the request is answered, so a restart loses
+nothing acknowledged; temporary files a killed server left behind are removed when the next one
+starts. Commits to a repository are serialised by a lock; a commit whose ``parentCommit`` is not
+the head of its branch is refused, so no commit is lost.
 
-    compeft hub serve --root ./hub --port 8080 --token SECRET
-    HF_ENDPOINT=http://127.0.0.1:8080 HF_TOKEN=SECRET compeft push adapter.cpeft.safetensors me/adapter
+Ownership: each token may write the repositories of its namespaces (``TokenTable``); a private
+repository is visible only to those tokens and answers everyone else as a missing one does; a
+commit may name an LFS object only if its bytes were uploaded to the same repository (or a commit
+of it already names them), so a blob of one repository cannot be published in another by its
+sha256 alone. A server started without tokens lets anyone write, and shows private repositories
+to no one.
+
+    compeft hub serve --root ./hub --port 8080 --tokens tokens.json
+    HF_ENDPOINT=http://127.0.0.1:8080 HF_TOKEN=tok-alice compeft push adapter.cpeft.safetensors alice/adapter
 """
 
 from __future__ import annotations
@@ -17,14 +26,17 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +44,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..errors import FileNotFound, InvalidArgument, IOFailure
 from ..fileio import atomic_write_bytes
 from ..jsonfields import HEX64
 from .paths import printable, valid_repo_path
@@ -47,6 +60,17 @@ MAX_UPLOAD = 64 << 30
 CHUNK = 1 << 20
 #: Suffixes answered with uploadMode "lfs" when the server runs with ``lfs=True``.
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz", ".zst")
+#: A namespace list holding this grants every namespace.
+ANY_NAMESPACE = "*"
+#: Largest token file read, in bytes.
+MAX_TOKEN_FILE = 1 << 20
+#: A token is 1 to 1024 visible ASCII characters: it travels in an HTTP header.
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,1024}$")
+#: ``X-Error-Code`` (and ``code`` in the JSON body) of the refusals the Hub sends without a code.
+E_NAMESPACE_FORBIDDEN = "NamespaceForbidden"
+E_LFS_OBJECT_NOT_IN_REPO = "LfsObjectNotInRepo"
+#: Names of the temporary files the store writes: ``put_blob_stream``'s and ``fileio.atomic_write``'s.
+_TEMPORARY = re.compile(r"^\..+\.(part|tmp)$")
 
 
 class ApiError(Exception):
@@ -57,6 +81,150 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
         self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one token may do: write, and read when private, the repositories of ``namespaces``
+    (``"*"``: of every namespace)."""
+
+    namespaces: tuple[str, ...]
+
+    def may_write(self, namespace: str) -> bool:
+        return ANY_NAMESPACE in self.namespaces or namespace in self.namespaces
+
+    def user(self, default: str) -> str:
+        """The name whoami reports, and the namespace of a repository created without one: the
+        first namespace named, else ``default``."""
+        return next((n for n in self.namespaces if n != ANY_NAMESPACE), default)
+
+
+#: The grant of every request to a server without tokens.
+OPEN = Grant((ANY_NAMESPACE,))
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("an object names the same key twice")
+    return dict(pairs)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class TokenTable:
+    """The tokens a server accepts, each with its ``Grant``. Only the sha256 of each token is kept,
+    and a token is looked up by comparing it with every one in constant time.
+
+    Args:
+        grants: token -> the namespaces it may write (``"*"`` for all). A token is 1 to 1024
+            visible ASCII characters; a namespace is ``"*"`` or a repository namespace.
+        source: where the grants come from, named in errors and as their ``path``.
+
+    Raises:
+        InvalidArgument: a token or a namespace list is malformed. Messages name a token by its
+            position, never by its value.
+
+    Example:
+        >>> table = TokenTable({"tok-alice": ["alice", "team"], "tok-admin": ["*"]})
+        >>> table.grant("Bearer tok-alice").may_write("team")
+        True
+    """
+
+    def __init__(self, grants: Mapping[str, Iterable[str]] | None = None, *, source: str | None = None) -> None:
+        self._grants: dict[bytes, Grant] = {}
+        for i, (token, namespaces) in enumerate((grants or {}).items(), 1):
+            self._add(token, namespaces, f"{source or 'tokens'}: token #{i}", source)
+
+    def _add(self, token: Any, namespaces: Any, where: str, source: str | None) -> None:
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise InvalidArgument(f"{where} must be 1 to 1024 visible ASCII characters (no spaces)", path=source)
+        if not isinstance(namespaces, (list, tuple)) or not namespaces:
+            raise InvalidArgument(f"{where}: its namespaces must be a non-empty list", path=source)
+        for n in namespaces:
+            if not (isinstance(n, str) and (n == ANY_NAMESPACE or _NAME.fullmatch(n))):
+                raise InvalidArgument(f"{where}: namespace {printable(str(n), 100)!r} is neither '*' nor a "
+                                      "valid name (letters, digits, '.', '_', '-')", path=source)
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._grants.get(digest, Grant(()))
+        self._grants[digest] = Grant(tuple(dict.fromkeys((*known.namespaces, *namespaces))))
+
+    @classmethod
+    def parse(cls, data: bytes, *, source: str = "tokens") -> TokenTable:
+        """A table from the JSON text ``{"tokens": {TOKEN: [NAMESPACE, ...], ...}}``; no other
+        member, no repeated key. ``{"tokens": {}}`` accepts no token: nobody may write.
+
+        Raises:
+            InvalidArgument: the text is over ``MAX_TOKEN_FILE`` bytes, not UTF-8 JSON, or not of
+                that shape.
+        """
+        if len(data) > MAX_TOKEN_FILE:
+            raise InvalidArgument(f"{source}: a token file is at most {MAX_TOKEN_FILE:,} bytes", path=source)
+        try:
+            doc = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
+                             parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{source}: not UTF-8 text", path=source) from None
+        except RecursionError:
+            raise InvalidArgument(f"{source}: not JSON (nested too deep)", path=source) from None
+        except ValueError as e:
+            raise InvalidArgument(f"{source}: not JSON: {e}", path=source) from None
+        if not (isinstance(doc, dict) and list(doc) == ["tokens"] and isinstance(doc["tokens"], dict)):
+            raise InvalidArgument(f'{source}: must be {{"tokens": {{TOKEN: [NAMESPACE, ...], ...}}}} and nothing '
+                                  "else", path=source)
+        return cls(doc["tokens"], source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TokenTable:
+        """``parse`` of the file at ``path``.
+
+        Raises:
+            FileNotFound: there is no such file.
+            IOFailure: it cannot be read.
+            InvalidArgument: it is not a regular file, or as for ``parse``.
+        """
+        source = str(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO does not block the start
+        except FileNotFoundError:
+            raise FileNotFound(f"{source}: no such token file", path=source) from None
+        except OSError as e:
+            raise IOFailure(f"{source}: cannot read the token file: {e.strerror or e}", path=source) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidArgument(f"{source}: the token file is not a regular file", path=source)
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(MAX_TOKEN_FILE + 1)
+        except OSError as e:
+            raise IOFailure(f"{source}: cannot read the token file: {e.strerror or e}", path=source) from None
+        finally:
+            os.close(fd)
+        return cls.parse(data, source=source)
+
+    def with_token(self, token: str, namespaces: Iterable[str] = (ANY_NAMESPACE,)) -> TokenTable:
+        """This table and ``token`` (namespaces joined when it is in the table already)."""
+        table = TokenTable()
+        table._grants = dict(self._grants)
+        table._add(token, list(namespaces), "--token", None)
+        return table
+
+    def grant(self, authorization: str | None) -> Grant | None:
+        """The grant of the token in an ``Authorization: Bearer TOKEN`` header; None without one or
+        for a token not in the table. Every token is compared, whichever matches."""
+        scheme, _, credential = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        digest = hashlib.sha256(credential.strip().encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for known, grant in self._grants.items():
+            if hmac.compare_digest(digest, known):
+                found = grant
+        return found
+
+    def __len__(self) -> int:
+        return len(self._grants)
 
 
 def _folder_clash(files: dict[str, Any]) -> str | None:
@@ -73,10 +241,37 @@ def _git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` durable (a rename, a new entry); a no-op where the file
+    system cannot sync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each one durable in its own parent."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+        _fsync_folder(d.parent)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a file of the store whole or not at all, creating its folders; readable by the
-    server's user only (private repositories live here too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file of the store whole or not at all, durably, creating its folders; readable by
+    the server's user only (private repositories live here too)."""
+    _make_folders(path.parent)
     atomic_write_bytes(path, data, mode=0o600)
 
 
@@ -88,9 +283,21 @@ class Store:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        _make_folders(self.root / "blobs")
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary files (``.*.part``, ``.*.tmp``) that a server killed mid-write
+        left in the store; returns them. Call it only while no other server uses this root."""
+        removed = []
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                p = Path(folder) / name
+                if _TEMPORARY.fullmatch(name) and stat.S_ISREG(p.lstat().st_mode):
+                    p.unlink()
+                    removed.append(p)
+        return removed
 
     # -- blobs -------------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -124,6 +331,7 @@ class Store:
             if not stored:
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, self.blob_path(expected))
+                _fsync_folder(tmp.parent)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -137,10 +345,29 @@ class Store:
             _atomic_write(self.blob_path(digest), data)
         return digest
 
+    # -- which blobs a repository may name ---------------------------------------------------
+    def owns(self, rtype: str, repo_id: str, sha256: str, size: int | None = None) -> bool:
+        """Whether a commit to ``repo_id`` may name the blob ``sha256`` (of ``size`` bytes): it is
+        stored, and its bytes were uploaded to this repository or a commit of it names them."""
+        if not self.has_blob(sha256, size):
+            return False
+        d = self.repo_dir(rtype, repo_id)
+        if (d / "objects" / sha256).is_file():
+            return True
+        # Repositories written before objects/ was kept: what their commits name is theirs.
+        return any(f.get("sha256") == sha256 for c in (d / "commits").glob("*.json")
+                   for f in json.loads(c.read_text()).get("files", {}).values())
+
+    def add_owned(self, rtype: str, repo_id: str, sha256: str) -> None:
+        """Record that the bytes of blob ``sha256`` were uploaded to ``repo_id``."""
+        marker = self.repo_dir(rtype, repo_id) / "objects" / sha256
+        if not marker.is_file():
+            _atomic_write(marker, b"")
+
     # -- repositories ------------------------------------------------------------------------
     def repo_dir(self, rtype: str, repo_id: str) -> Path:
         ns, _, name = repo_id.partition("/")
-        if rtype not in REPO_TYPES or not _NAME.match(ns) or not _NAME.match(name) or ".." in repo_id:
+        if rtype not in REPO_TYPES or not _NAME.fullmatch(ns) or not _NAME.fullmatch(name) or ".." in repo_id:
             raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return self.root / "repos" / f"{rtype}s" / ns / name
 
@@ -159,6 +386,7 @@ class Store:
             d = self.repo_dir(rtype, repo_id)
             if (d / "repo.json").is_file():
                 return False
+            _make_folders(d / "objects")
             commit = self._write_commit(rtype, repo_id, parents=[], files={}, title="initial commit", message="")
             _atomic_write(d / "refs.json", json.dumps({"branches": {DEFAULT_BRANCH: commit}, "tags": {}}).encode())
             _atomic_write(d / "repo.json", json.dumps({"private": private, "created": _now()}).encode())
@@ -181,7 +409,7 @@ class Store:
             return refs["branches"][name]
         if name in refs["tags"]:
             return refs["tags"][name]
-        if _HEX40.match(revision) and (self.repo_dir(rtype, repo_id) / "commits" / f"{revision}.json").is_file():
+        if _HEX40.fullmatch(revision) and (self.repo_dir(rtype, repo_id) / "commits" / f"{revision}.json").is_file():
             return revision
         raise ApiError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
@@ -222,16 +450,18 @@ class Store:
                         data = base64.b64decode(content, validate=True)
                     except (binascii.Error, ValueError):
                         raise ApiError(400, f"file content of {path!r} is not valid base64") from None
-                    files[path] = {"sha256": self.put_blob(data), "size": len(data), "lfs": False,
-                                   "oid": _git_blob_oid(data)}
+                    digest = self.put_blob(data)
+                    self.add_owned(rtype, repo_id, digest)
+                    files[path] = {"sha256": digest, "size": len(data), "lfs": False, "oid": _git_blob_oid(data)}
                 elif key == "lfsFile":
                     oid, size = value.get("oid"), value.get("size")
                     if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not HEX64.fullmatch(oid):
                         raise ApiError(400, f"lfsFile {path!r} needs a sha256 oid")
                     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                         raise ApiError(400, f"lfsFile {path!r} needs an integer size")
-                    if not self.has_blob(oid, size):
-                        raise ApiError(422, f"LFS object {oid} for {path!r} was not uploaded")
+                    if not self.owns(rtype, repo_id, oid, size):  # the same answer whether stored elsewhere or not
+                        raise ApiError(422, f"LFS object {oid} ({size} bytes) for {path!r} was not uploaded to "
+                                            f"{repo_id}", E_LFS_OBJECT_NOT_IN_REPO)
                     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
                     files[path] = {"sha256": oid, "size": size, "lfs": True, "oid": _git_blob_oid(pointer.encode()),
                                    "pointer_size": len(pointer)}
@@ -259,11 +489,15 @@ class HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     @property
+    def hub(self) -> HubServer:
+        return cast(HubServer, self.server)
+
+    @property
     def store(self) -> Store:
-        return self.server.store  # type: ignore[attr-defined]
+        return self.hub.store
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        if getattr(self.server, "verbose", False):
+        if self.hub.verbose:
             super().log_message(fmt, *args)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -323,25 +557,39 @@ class HubHandler(BaseHTTPRequestHandler):
         # unread body from being taken for the next request on it.
         self.close_connection = True
         headers = {**e.headers, "X-Error-Message": e.message, "Connection": "close"}
+        body: dict[str, Any] = {"error": e.message}
         if e.code:
-            headers["X-Error-Code"] = e.code
-        self._send(e.status, {"error": e.message, **e.extra}, headers, head=head)
+            headers["X-Error-Code"] = body["code"] = e.code
+        self._send(e.status, {**body, **e.extra}, headers, head=head)
 
-    def _authorized(self) -> bool:
-        token = getattr(self.server, "token", None)
-        if not token:
-            return True
-        auth = self.headers.get("Authorization", "")
-        return hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode())
+    def _grant(self) -> Grant | None:
+        """What the request's token may do: None for no token or an unknown one; every
+        namespace on a server without tokens."""
+        access = self.hub.access
+        return OPEN if access is None else access.grant(self.headers.get("Authorization"))
 
-    def _require_write(self) -> None:
-        if not self._authorized():
+    def _authenticate(self) -> Grant:
+        grant = self._grant()
+        if grant is None:
             raise ApiError(401, "Invalid credentials in Authorization header")
+        return grant
+
+    def _require_write(self, namespace: str) -> Grant:
+        """The request's grant, which must include ``namespace``: 401 without a known token, 403
+        with one that may not write there (whether or not the repository exists)."""
+        grant = self._authenticate()
+        if not grant.may_write(namespace):
+            raise ApiError(403, f"this token may not write to the namespace {namespace!r}", E_NAMESPACE_FORBIDDEN)
+        return grant
 
     def _require_read(self, rtype: str, repo_id: str) -> dict[str, Any]:
+        """The repository, when this request may read it: a private one is answered as missing
+        unless the token may write its namespace (and always on a server without tokens)."""
         repo = self.store.repo(rtype, repo_id)
-        if repo.get("private") and not (getattr(self.server, "token", None) and self._authorized()):
-            raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
+        if repo.get("private"):
+            grant = None if self.hub.access is None else self._grant()
+            if grant is None or not grant.may_write(repo_id.partition("/")[0]):
+                raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
 
     def _dispatch(self, method: str) -> None:
@@ -374,10 +622,11 @@ class HubHandler(BaseHTTPRequestHandler):
     # -- routing -----------------------------------------------------------------------------
     def _route(self, method: str, s: list[str], q: dict[str, str]) -> None:
         if s[:2] == ["api", "whoami-v2"] and method == "GET":
-            if not self._authorized():
-                raise ApiError(401, "Invalid credentials in Authorization header")
-            return self._send(200, {"type": "user", "name": self.server.user, "fullname": self.server.user,  # type: ignore[attr-defined]
-                                    "orgs": [], "auth": {"accessToken": {"role": "write"}}})
+            grant = self._authenticate()
+            name = grant.user(self.hub.user)
+            orgs = [{"name": n} for n in grant.namespaces if n not in (name, ANY_NAMESPACE)]
+            return self._send(200, {"type": "user", "name": name, "fullname": name, "orgs": orgs,
+                                    "auth": {"accessToken": {"role": "write"}}})
         if s[:2] == ["api", "validate-yaml"] and method == "POST":
             self._body()
             return self._send(200, {"errors": [], "warnings": []})
@@ -398,14 +647,16 @@ class HubHandler(BaseHTTPRequestHandler):
         raise ApiError(404, f"no route for {method} {self.path}")
 
     def _create_repo(self) -> None:
-        self._require_write()
+        grant = self._authenticate()
         body = self._json_body()
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        name, org = body.get("name"), body.get("organization") or self.server.user  # type: ignore[attr-defined]
+        name, org = body.get("name"), body.get("organization") or grant.user(self.hub.user)
         rtype = body.get("type") or "model"
-        if rtype not in REPO_TYPES or not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(org):
+        if rtype not in REPO_TYPES or not isinstance(name, str) or not isinstance(org, str) or not _NAME.fullmatch(name) \
+                or not _NAME.fullmatch(org):
             raise ApiError(400, f"invalid repository name {org}/{name}")
+        self._require_write(org)
         repo_id = f"{org}/{name}"
         url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}"
         # huggingface_hub 1.x sends "private": true, 2.x "visibility": "private"
@@ -416,20 +667,21 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _api_repo(self, method: str, rtype: str, repo_id: str, rest: list[str], q: dict[str, str]) -> None:
         verb = rest[0] if rest else ""
+        namespace = repo_id.partition("/")[0]
         if method == "GET" and verb in ("", "revision"):
             self._require_read(rtype, repo_id)
             rev = rest[1] if verb == "revision" and len(rest) > 1 else DEFAULT_BRANCH
             return self._send(200, self._info(rtype, repo_id, rev))
         if verb == "preupload" and method == "POST":
-            self._require_write()
+            self._require_write(namespace)
             self.store.resolve(rtype, repo_id, rest[1] if len(rest) > 1 else DEFAULT_BRANCH)
             files = self._json_body().get("files", [])
-            lfs = getattr(self.server, "lfs", False)
+            lfs = self.hub.lfs
             return self._send(200, {"files": [
                 {"path": f["path"], "uploadMode": "lfs" if lfs and f["path"].endswith(LFS_SUFFIXES) and f.get("size", 0)
                  else "regular", "shouldIgnore": False} for f in files]})
         if verb == "commit" and method == "POST":
-            self._require_write()
+            self._require_write(namespace)
             self.store.repo(rtype, repo_id)
             branch = rest[1] if len(rest) > 1 else DEFAULT_BRANCH
             lines = [json.loads(line) for line in self._body(MAX_COMMIT_BODY).splitlines() if line.strip()]
@@ -472,7 +724,7 @@ class HubHandler(BaseHTTPRequestHandler):
                 at = c["parents"][0] if c["parents"] else None
             return self._send(200, out)
         if verb in ("branch", "tag") and len(rest) > 1 and method in ("POST", "DELETE"):
-            self._require_write()
+            self._require_write(namespace)
             return self._ref(method, verb, rtype, repo_id, rest[1])
         raise ApiError(404, f"no route for {method} {self.path}")
 
@@ -485,7 +737,7 @@ class HubHandler(BaseHTTPRequestHandler):
                 target, name = self.store.resolve(rtype, repo_id, name), body.get("tag", "")
             else:
                 target = self.store.resolve(rtype, repo_id, body.get("startingPoint") or DEFAULT_BRANCH)
-            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._/-]{1,200}$", name) or ".." in name:
+            if not isinstance(name, str) or not re.fullmatch(r"^[A-Za-z0-9._/-]{1,200}$", name) or ".." in name:
                 raise ApiError(400, f"invalid {kind} name {name!r}")
             if method == "DELETE":
                 if name not in table or (kind == "branch" and name == DEFAULT_BRANCH):
@@ -578,7 +830,7 @@ class HubHandler(BaseHTTPRequestHandler):
         return None
 
     def _lfs_batch(self, rtype: str, repo_id: str) -> None:
-        self._require_write()
+        self._require_write(repo_id.partition("/")[0])
         self.store.repo(rtype, repo_id)
         body = self._json_body()
         if body.get("operation") != "upload":
@@ -587,28 +839,35 @@ class HubHandler(BaseHTTPRequestHandler):
         for o in body.get("objects", []):
             oid, size = o.get("oid"), o.get("size")
             entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if not (isinstance(oid, str) and HEX64.fullmatch(oid) and isinstance(size, int)):
+            if not (isinstance(oid, str) and HEX64.fullmatch(oid) and isinstance(size, int)
+                    and not isinstance(size, bool) and 0 <= size <= MAX_UPLOAD):
                 entry["error"] = {"code": 422, "message": "bad oid or size"}
-            elif not self.store.has_blob(oid, size):
-                href = f"{self._base()}/_lfs/{oid}"
+            elif not self.store.owns(rtype, repo_id, oid, size):
+                # Bytes stored for another repository are asked for too: an upload proves the
+                # client holds them, and the object becomes this repository's.
+                href = f"{self._base()}/_lfs/{rtype}/{repo_id}/{oid}"
                 # The upload PUT carries no credentials (as with presigned storage URLs): the
-                # URL itself is signed for this object and size.
-                entry["actions"] = {"upload": {"href": f"{href}?size={size}&sig={self._sign(oid, size)}", "header": {}},
+                # URL itself is signed for this repository, object and size.
+                sig = self._sign(rtype, repo_id, oid, size)
+                entry["actions"] = {"upload": {"href": f"{href}?size={size}&sig={sig}", "header": {}},
                                     "verify": {"href": f"{href}/verify", "header": {}}}
             objects.append(entry)
         self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                    {"Content-Type": "application/vnd.git-lfs+json"})
 
-    def _sign(self, oid: str, size: int) -> str:
-        return hmac.new(self.server.secret, f"{oid}:{size}".encode(), hashlib.sha256).hexdigest()  # type: ignore[attr-defined]
+    def _sign(self, rtype: str, repo_id: str, oid: str, size: int) -> str:
+        return hmac.new(self.hub.secret, f"{rtype}/{repo_id}:{oid}:{size}".encode(), hashlib.sha256).hexdigest()
 
     def _lfs_object(self, method: str, rest: list[str], q: dict[str, str]) -> None:
-        oid = rest[0] if rest else ""
-        if not HEX64.fullmatch(oid):
-            raise ApiError(400, "bad LFS oid")
-        if method == "PUT" and len(rest) == 1:
+        """``/_lfs/<type>/<namespace>/<name>/<oid>``: PUT with the signed URL of a batch answer
+        stores the object for that repository; POST ``.../verify`` checks that it holds it."""
+        if len(rest) < 4 or rest[0] not in REPO_TYPES or not HEX64.fullmatch(rest[3]):
+            raise ApiError(404, "no such LFS route")
+        rtype, repo_id, oid = rest[0], f"{rest[1]}/{rest[2]}", rest[3]
+        if method == "PUT" and len(rest) == 4:
             size = q.get("size", "")
-            if not (size.isdigit() and hmac.compare_digest(q.get("sig", ""), self._sign(oid, int(size)))):
+            if not (size.isascii() and size.isdigit() and len(size) <= 18
+                    and hmac.compare_digest(q.get("sig", ""), self._sign(rtype, repo_id, oid, int(size)))):
                 raise ApiError(403, "upload URL signature does not match")
             n = self._length()
             if n != int(size) or n > MAX_UPLOAD:
@@ -616,12 +875,15 @@ class HubHandler(BaseHTTPRequestHandler):
                                f"upload of {n:,} bytes; the batch request declared {int(size):,}")
             self._body_read = True
             self.store.put_blob_stream(self.rfile, n, expected=oid)
+            self.store.add_owned(rtype, repo_id, oid)
             return self._send(200, {})
-        self._require_write()
-        if method == "POST" and rest[1:] == ["verify"]:
+        if method == "POST" and rest[4:] == ["verify"]:
+            self._require_write(rest[1])
             body = self._json_body()
-            if not self.store.has_blob(oid, body.get("size")):
-                raise ApiError(404, f"LFS object {oid} of size {body.get('size')} is not stored")
+            declared = body.get("size") if isinstance(body, dict) else None
+            if not (isinstance(declared, int) and self.store.owns(rtype, repo_id, oid, declared)):
+                raise ApiError(404, f"LFS object {oid} of size {declared} was not uploaded to {repo_id}",
+                               E_LFS_OBJECT_NOT_IN_REPO)
             return self._send(200, {})
         raise ApiError(404, "no such LFS route")
 
@@ -641,10 +903,46 @@ class HubServer(ThreadingHTTPServer):
     give their slot back."""
 
     daemon_threads = True
+    store: Store
+    #: the accepted tokens; None: no token is needed and every request may write
+    access: TokenTable | None = None
+    user: str = "local"
+    lfs: bool = False
+    verbose: bool = False
+    #: signs the LFS upload URLs
+    secret: bytes = b""
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_workers: int = 64):
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(max_workers)
+        self._root_lock: int | None = None
+
+    def claim(self, store: Store) -> None:
+        """Serve ``store``, as its only server: lock its root, then remove the temporary files a
+        server killed mid-write left there (none of them can be in use).
+
+        Raises:
+            IOFailure: another server holds the root, or the lock cannot be taken.
+        """
+        path = store.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise IOFailure(f"{store.root}: cannot lock the store: {e.strerror or e}", path=str(path)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise IOFailure(f"{store.root}: another compeft hub server is serving this folder",
+                            path=str(store.root)) from None
+        self._root_lock, self.store = fd, store
+        store.sweep()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._root_lock is not None:
+            os.close(self._root_lock)
+            self._root_lock = None
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
@@ -675,18 +973,33 @@ class HubServer(ThreadingHTTPServer):
 
 def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                 user: str = "local", lfs: bool = False, verbose: bool = False, max_workers: int = 64,
-                timeout: float = 30.0) -> HubServer:
+                timeout: float = 30.0, *, tokens: TokenTable | None = None) -> HubServer:
     """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address``).
-    ``max_workers`` connections are served at once; a socket idle for ``timeout`` seconds is closed."""
+    ``max_workers`` connections are served at once; a socket idle for ``timeout`` seconds is closed.
+
+    ``tokens`` are the accepted tokens and their namespaces; ``token`` is one more that may write
+    every namespace. With neither, anyone may write anywhere and private repositories are shown to
+    no one. The root is locked for this server until ``server_close``, and temporary files left in
+    it are removed.
+
+    Raises:
+        InvalidArgument: ``token`` is not 1 to 1024 visible ASCII characters.
+        IOFailure: another server serves ``root``, or it cannot be written.
+    """
+    access = tokens
+    if token:
+        access = (tokens if tokens is not None else TokenTable()).with_token(token)
     handler = type("Handler", (HubHandler,), {"timeout": timeout})
+    store = Store(Path(root))
     server = HubServer((host, port), handler, max_workers)
-    server.store = Store(Path(root))  # type: ignore[attr-defined]
-    server.token = token  # type: ignore[attr-defined]
-    server.user = user  # type: ignore[attr-defined]
-    server.lfs = lfs  # type: ignore[attr-defined]
-    server.verbose = verbose  # type: ignore[attr-defined]
-    server.secret = os.urandom(32)  # type: ignore[attr-defined]  # signs LFS upload URLs
+    try:
+        server.claim(store)
+    except BaseException:
+        server.server_close()
+        raise
+    server.access, server.user, server.lfs, server.verbose = access, user, lfs, verbose
+    server.secret = os.urandom(32)
     return server
 
 
-__all__ = ["make_server", "HubServer", "Store", "HubHandler", "ApiError", "valid_repo_path"]
+__all__ = ["make_server", "HubServer", "Store", "HubHandler", "ApiError", "TokenTable", "Grant", "valid_repo_path"]
