@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Callable
 from typing import Any
-
-import numpy as np
 
 from .errors import LimitExceeded, ManifestError
 
@@ -58,6 +57,8 @@ def loads(text: str, *, max_objects: int, what: str,
         return json.loads(text, **hooks)
     except _TooManyObjects:
         raise LimitExceeded(f"{what} holds more than {max_objects:,} JSON objects, over this reader's budget") from None
+
+_F32 = struct.Struct("<f")
 
 #: a hex digest: 64 lowercase hex digits (spec 1)
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -114,8 +115,10 @@ def as_opt_number(x: Any, what: str) -> float | None:
 def as_f32(x: Any, what: str) -> float:
     """A finite JSON number that is exactly a binary32 value."""
     v = as_finite(x, what)
-    with np.errstate(over="ignore"):  # beyond binary32: inf, which is not equal
-        exact = float(np.float32(v)) == v
+    try:
+        exact = _F32.unpack(_F32.pack(v))[0] == v
+    except OverflowError:  # beyond binary32's range
+        exact = False
     if not exact:
         raise ManifestError(f"{what} must be a finite value exactly representable in binary32")
     return v
