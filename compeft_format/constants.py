@@ -147,6 +147,10 @@ E_HUB_AUTH = "HUB_AUTH"
 E_HUB_UNREACHABLE = "HUB_UNREACHABLE"
 E_HUB_ERROR = "HUB_ERROR"
 E_ARTIFACT_DIGEST_MISMATCH = "ARTIFACT_DIGEST_MISMATCH"
+E_SIGNATURE_MISSING = "SIGNATURE_MISSING"
+E_SIGNATURE_MALFORMED = "SIGNATURE_MALFORMED"
+E_SIGNATURE_INVALID = "SIGNATURE_INVALID"
+E_KEY_INVALID = "KEY_INVALID"
 
 #: Codes a conforming reader returns for a file (spec section 9.1).
 READER_ERROR_CODES = (
@@ -170,6 +174,15 @@ READER_ERROR_CODES = (
 #: The index file a compeft Hub repository carries (``compeft push`` writes it, ``pull`` checks it).
 HUB_INDEX_FILE = "compeft-index.json"
 HUB_INDEX_VERSION = 1
+
+# --- detached signatures (spec section 12, informative) ----------------------------------------
+#: ``<artifact>.sig`` holds the artifact's signature, beside it on disk and in a repository.
+SIGNATURE_SUFFIX = ".sig"
+SIGNATURE_FORMAT = "compeft-signature"
+SIGNATURE_VERSION = 1
+SIGNATURE_ALGORITHM = "ed25519"
+#: Largest signature file accepted (bytes); one is about 450.
+MAX_SIGNATURE_BYTES = 4096
 
 # --- writer defaults (not normative) ----------------------------------------------------------
 DEFAULT_ZSTD_LEVEL = 19

@@ -271,6 +271,45 @@ class HubUnreachable(HubError, ConnectionError):
     code = C.E_HUB_UNREACHABLE
 
 
+# --- signatures ---------------------------------------------------------------------------------
+class SignatureError(CompeftError, ValueError):
+    """An artifact's detached signature does not show that a trusted key signed these bytes (a
+    kind; raised as one of its subclasses). ``path`` names the signature file or the artifact,
+    ``key_fingerprint`` the key the signature names."""
+
+    path: str | None = None
+    key_fingerprint: str | None = None
+
+
+class SignatureMissing(SignatureError):
+    """A signature is required and the artifact has none."""
+
+    code = C.E_SIGNATURE_MISSING
+
+
+class SignatureMalformed(SignatureError):
+    """The signature file is not a compeft signature: too large, not JSON, a member missing,
+    unknown or of the wrong type, bad base64, an unknown version or algorithm."""
+
+    code = C.E_SIGNATURE_MALFORMED
+
+
+class SignatureInvalid(SignatureError):
+    """The signature is by a key that is not trusted, is for other bytes (``expected`` is the
+    digest it signs, ``actual`` the file's) or does not verify."""
+
+    code = C.E_SIGNATURE_INVALID
+    expected: str | None = None
+    actual: str | None = None
+
+
+class KeyInvalid(InputError, ValueError):
+    """A key file is not an unencrypted PEM Ed25519 key of the kind needed (private to sign,
+    public to verify)."""
+
+    code = C.E_KEY_INVALID
+
+
 __all__ = [
     "CODES",
     "CompeftError",
@@ -310,4 +349,9 @@ __all__ = [
     "HubAuthError",
     "HubUnreachable",
     "ArtifactDigestMismatch",
+    "SignatureError",
+    "SignatureMissing",
+    "SignatureMalformed",
+    "SignatureInvalid",
+    "KeyInvalid",
 ]
