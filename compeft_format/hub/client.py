@@ -1,11 +1,12 @@
 """Push compressed artifacts to a Hugging Face Hub repository and pull them back, checking every
 byte on the way in.
 
-A compeft repository holds the compressed files, a model card (``README.md``) the Hub understands,
-the adapter's ``adapter_config.json`` when it has one, and ``compeft-index.json`` (``hub.index``).
-``pull`` downloads through ``hf_hub_download`` (its cache, revision pinning and offline mode),
-checks each file against the index and verifies it fully before anything is returned or written
-to the output folder.
+A compeft repository holds the compressed files, their detached signatures (``<file>.sig``,
+``signing``) when they have them, a model card (``README.md``) the Hub understands, the adapter's
+``adapter_config.json`` when it has one, and ``compeft-index.json`` (``hub.index``). ``pull``
+downloads through ``hub.download`` (its cache, revision pinning and offline mode), checks each file
+against the index, and its signature when one is required, and verifies it fully before anything
+is returned or written to the output folder.
 
 The endpoint is ``endpoint=`` / ``--endpoint``, else ``HF_ENDPOINT``; the token ``token=``, else
 ``HF_TOKEN`` or the stored login.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import binding
+from .. import binding, signing
 from .. import constants as C
 from ..binding import BaseBinding, ModelRef
 from ..errors import (
@@ -38,6 +39,8 @@ from ..errors import (
     HubRevisionNotFound,
     HubUnreachable,
     InvalidArgument,
+    SignatureMalformed,
+    SignatureMissing,
 )
 from ..fileio import atomic_write, atomic_write_bytes
 from ..peft_io import ADAPTER_CONFIG, write_peft_folder
@@ -101,13 +104,22 @@ class _Artifact:
     entry: IndexEntry
     report: dict[str, Any]
     peft_config: dict[str, Any] | None
+    #: the file's detached signature (``<file>.sig``), when it has one
+    signature: signing.Signature | None
 
 
 def _prepare(path: Path) -> _Artifact:
     with CompeftFile(path) as f:  # the one time this push opens the file
         f.verify()
-        return _Artifact(path, IndexEntry.of(f, path.name, sha256=f.sha256()), report(f),
-                         f.manifest.adapter.peft_config)
+        sha = f.sha256()
+        sig_path = signing.signature_path(path)
+        sig = None
+        if os.path.lexists(sig_path):  # a signature of other bytes (a stale one) is refused, not pushed
+            sig = signing.read_signature(sig_path)
+            sig.check_subject(sha256=sha, size=f.size, manifest_sha256=f.metadata[C.META_MANIFEST_SHA256],
+                              what=str(sig_path))
+        entry = IndexEntry.of(f, path.name, sha256=sha, signature=None if sig is None else path.name + C.SIGNATURE_SUFFIX)
+        return _Artifact(path, entry, report(f), f.manifest.adapter.peft_config, sig)
 
 
 def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | None = None,
@@ -118,7 +130,8 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     ``compeft-index.json``.
 
     Files are verified before anything is sent; the repository (and the branch ``revision``) is
-    created when missing.
+    created when missing. A file's detached signature (``<file>.sig``, ``signing``) is uploaded
+    beside it and named in the index; one that is for other bytes is refused (``SignatureInvalid``).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -150,6 +163,8 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
                     old = Index.parse(got.path.read_bytes(), f"{what}: the repository's index")
             index = old.merged([a.entry for a in arts])
             ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
+            ops += [CommitOperationAdd(path_in_repo=a.entry.signature, path_or_fileobj=a.signature.to_bytes())
+                    for a in arts if a.signature is not None and a.entry.signature is not None]
             ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
             ops.append(CommitOperationAdd("README.md", model_card(repo_id, [a.entry for a in arts],
                                                                   [a.report for a in arts]).encode()))
@@ -174,6 +189,8 @@ class PullResult:
     commit: str
     paths: list[Path]
     index: Index = field(default_factory=Index)
+    #: artifact path -> fingerprint of the trusted key that signed it (with ``require_signature``)
+    signers: dict[str, str] = field(default_factory=dict)
 
 
 def split_repo(spec: str) -> tuple[str, str | None]:
@@ -194,15 +211,19 @@ def peft_folder(path: str) -> str:
 
 def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None = None, to_peft: bool = False,
          base: ModelRef | binding.BaseWeights | binding.Weights | None = None, base_model: str | None = None,
-         endpoint: str | None = None, token: str | None = None, cache_dir: PathLike | None = None) -> PullResult:
+         require_signature: signing.PublicKeys | None = None, endpoint: str | None = None, token: str | None = None,
+         cache_dir: PathLike | None = None) -> PullResult:
     """Download a compeft repository's artifacts and verify every byte before returning them.
 
     The index is read first and every artifact is downloaded from the same commit; each file's
     sha256 and size must equal the index's, and each must pass full verification. With ``base``
     (a ``BaseBinding``, or the base weights themselves: a model, a state dict or a checkpoint
     path) or ``base_model`` (an id), every artifact must be bound to that base (``binding.check``
-    with ``require``). With ``local_dir`` the verified files (or, with ``to_peft``, PEFT folders)
-    are written there, each atomically; nothing is written when a check fails.
+    with ``require``). With ``require_signature`` (trusted public keys: key objects or PEM files,
+    ``signing.trusted_keys``) every artifact must carry a detached signature by one of them, which
+    is checked before the file is decoded. With ``local_dir`` the verified files (or, with
+    ``to_peft``, PEFT folders) are written there, each atomically, with their checked signatures
+    beside them; nothing is written when a check fails.
 
     Whatever the endpoint answers, nothing is created, changed or removed outside the cache
     (``cache_dir``, layout in ``hub.download``) and ``local_dir`` (``hub.download``).
@@ -210,7 +231,8 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
     Raises:
         HubRepoNotFound, HubRevisionNotFound, HubNoIndex, HubAuthError, HubUnreachable,
         ArtifactDigestMismatch, BaseMismatch, IOFailure (the cache or ``local_dir`` cannot be
-        written), and the file errors of ``verify``.
+        written), SignatureMissing, SignatureMalformed, SignatureInvalid, KeyInvalid, and the file
+        errors of ``verify``.
     """
     repo_id, rev = split_repo(repo)
     rev = revision or rev or "main"
@@ -220,12 +242,14 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
         claims.append(BaseBinding(id=base_model))
     if base is not None:  # weights are looked at now, and fingerprinted once for every artifact
         claims.append(base if isinstance(base, (ModelRef, binding.BaseWeights)) else binding.BaseWeights(base))
+    trusted = None if require_signature is None else signing.trusted_keys(require_signature)
     url = dl.endpoint_url(endpoint)
     cache = dl.HubCache(cache_dir, url)
     commit, index = (_cached_index if dl.offline() else _fetch_index)(cache, url, repo_id, rev, token, what)
     snap = cache.snapshot(repo_id, commit)
     local: list[Path] = []
     adapters: list[tuple[dict[str, Any], dict[str, Any] | None]] = []  # decoded, for to_peft
+    signatures: dict[str, signing.Signature] = {}
     for art in index.artifacts:
         p = snap / art.path
         if not dl.cached_file(p, art.sha256, art.size):
@@ -242,6 +266,8 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
                                              expected_size=art.size)
             dl.install(got, p)
         with CompeftFile(p) as f:
+            if trusted is not None:  # the bytes are authenticated before any stream is decoded
+                signatures[art.path] = _signature(art, f, trusted, snap, url, repo_id, commit, rev, token, what)
             if to_peft and local_dir is not None:  # verified while decoded, decoded once
                 adapters.append((f.state_dict(verify=True), f.manifest.adapter.peft_config))
             else:
@@ -251,8 +277,47 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
             binding.check(m.base_model, claim, require=True, subject=art.path)
         local.append(p)
     if local_dir is not None:
-        local = _write_out(Path(local_dir), index, local, adapters if to_peft else None, what)
-    return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index)
+        local = _write_out(Path(local_dir), index, local, adapters if to_peft else None, signatures, what)
+    return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index,
+                      signers={path: sig.key_fingerprint for path, sig in signatures.items()})
+
+
+def _signature(art: IndexEntry, f: CompeftFile, trusted: signing.TrustedKeys, snap: Path, url: str,
+               repo_id: str, commit: str, rev: str, token: str | None, what: str) -> signing.Signature:
+    """The signature of ``art`` (open as ``f``) by a trusted key: from the cache, else downloaded
+    and stored in the cache once it is checked."""
+    name = f"{what}: {art.path}"
+    if art.signature is None:
+        raise SignatureMissing(f"{name}: not signed (the index names no signature)", path=art.path)
+    p = snap / art.signature
+    got = None
+    if p.is_file() and not p.is_symlink():
+        sig = signing.read_signature(p, what=f"{what}: {art.signature}")
+    elif dl.offline():
+        raise HubUnreachable(f"{what}: {art.signature} is not in the cache (HF_HUB_OFFLINE is set)",
+                             repo_id=repo_id, revision=rev)
+    else:
+        try:
+            got = dl.fetch(dl.resolve_url(url, repo_id, commit, art.signature), p, max_bytes=C.MAX_SIGNATURE_BYTES,
+                           token=token, what=f"{what}: {art.signature}", repo_id=repo_id, revision=rev)
+        except HubEntryNotFound:
+            raise SignatureMissing(f"{name}: the index names the signature {art.signature}, which the repository "
+                                   "does not hold", path=art.signature) from None
+        except ArtifactDigestMismatch:
+            raise SignatureMalformed(f"{what}: {art.signature}: over {C.MAX_SIGNATURE_BYTES:,} bytes: not a "
+                                     "signature file", path=art.signature) from None
+    try:
+        if got is not None:
+            sig = signing.read_signature(got.path, what=f"{what}: {art.signature}")
+        signing.authenticate(sig, trusted, sha256=f.sha256(), size=f.size,
+                             manifest_sha256=f.metadata[C.META_MANIFEST_SHA256], what=name)
+    except BaseException:
+        if got is not None:
+            dl.discard(got.path)
+        raise
+    if got is not None:
+        dl.install(got, p)
+    return sig
 
 
 def _fetch_index(cache: dl.HubCache, url: str, repo_id: str, rev: str, token: str | None,
@@ -296,8 +361,9 @@ def _cached_index(cache: dl.HubCache, url: str, repo_id: str, rev: str, token: s
 
 
 def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[dict[str, Any], Any]] | None,
-               what: str) -> list[Path]:
-    """Write verified files (or, given ``adapters``, PEFT folders) into ``out``."""
+               signatures: dict[str, signing.Signature], what: str) -> list[Path]:
+    """Write verified files and their checked ``signatures`` (or, given ``adapters``, PEFT
+    folders) into ``out``."""
     arts = index.artifacts
     if adapters is not None:  # one adapter: the folder itself; several: a folder per file
         dests = [out] if len(arts) == 1 else [out / peft_folder(a.path) for a in arts]
@@ -313,6 +379,9 @@ def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[
             dest.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(dest, functools.partial(shutil.copyfile, src))
     if adapters is None:
+        for a in arts:
+            if a.signature is not None and a.path in signatures:
+                atomic_write_bytes(out / a.signature, signatures[a.path].to_bytes())
         atomic_write_bytes(out / C.HUB_INDEX_FILE, index.to_json().encode())
     return dests
 

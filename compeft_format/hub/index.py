@@ -51,12 +51,14 @@ class IndexEntry:
     kind: str = DEFAULT_KIND
     #: paths of artifacts of the same repository that must be applied before this one
     requires: tuple[str, ...] = ()
+    #: path of the artifact's detached signature (``<path>.sig``, ``signing``), when it has one
+    signature: str | None = None
     #: members of the entry this version does not know, kept as they were
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, f: CompeftFile, path: str, *, sha256: str, kind: str = DEFAULT_KIND,
-           requires: tuple[str, ...] = ()) -> IndexEntry:
+           requires: tuple[str, ...] = (), signature: str | None = None) -> IndexEntry:
         """The entry of an open, verified compeft file stored at ``path`` in the repository."""
         if kind not in ARTIFACT_KINDS:
             raise InvalidArgument(f"unknown artifact kind {kind!r}; the kinds are {sorted(ARTIFACT_KINDS)}")
@@ -64,7 +66,7 @@ class IndexEntry:
         return cls(path=path, sha256=sha256, size=f.size, format_version=f.metadata[C.META_VERSION],
                    manifest_sha256=f.metadata[C.META_MANIFEST_SHA256], adapter_kind=m.adapter.kind,
                    peft_type=(m.adapter.peft_config or {}).get("peft_type"), representation=m.adapter.representation,
-                   base_model=m.base_model, kind=kind, requires=tuple(requires))
+                   base_model=m.base_model, kind=kind, requires=tuple(requires), signature=signature)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {**self.extra, "path": self.path, "sha256": self.sha256, "size": self.size,
@@ -74,6 +76,8 @@ class IndexEntry:
                              "kind": self.kind}
         if self.requires:
             d["requires"] = list(self.requires)
+        if self.signature is not None:
+            d["signature"] = self.signature
         return d
 
     @classmethod
@@ -97,13 +101,16 @@ class IndexEntry:
             raise HubNoIndex(f"{what}: index entry {path!r} has fields of the wrong type")
         if not isinstance(requires, list) or not all(safe_path(r) for r in requires):
             raise HubNoIndex(f"{what}: index entry {path!r} requires unsafe or malformed paths")
+        signature = obj.get("signature")
+        if signature is not None and (signature != path + C.SIGNATURE_SUFFIX or not safe_path(signature)):
+            raise HubNoIndex(f"{what}: index entry {path!r} names a signature other than {path + C.SIGNATURE_SUFFIX!r}")
         try:
             base = BaseBinding.from_json(obj.get("base_model") or {}, "base_model")
         except ManifestError as e:
             raise HubNoIndex(f"{what}: index entry {path!r}: {e}") from None
         extra = {k: v for k, v in obj.items() if k not in _KNOWN}
-        return cls(path=path, sha256=sha, size=size, base_model=base, kind=kind, requires=tuple(requires), extra=extra,
-                   **text)
+        return cls(path=path, sha256=sha, size=size, base_model=base, kind=kind, requires=tuple(requires),
+                   signature=signature, extra=extra, **text)
 
 
 _KNOWN = frozenset(f.name for f in fields(IndexEntry)) - {"extra"}
@@ -143,6 +150,8 @@ class Index:
         paths = [e.path for e in entries]
         if len(set(paths)) != len(paths):
             raise HubNoIndex(f"{what}: the index lists a path twice")
+        if set(paths) & {e.signature for e in entries}:
+            raise HubNoIndex(f"{what}: the index names an artifact's signature as an artifact")
         return cls(entries)
 
 
