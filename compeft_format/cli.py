@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import binding
+from . import binding, signing
 from . import constants as C
 from ._version import __version__
 from .codecs import CODINGS
@@ -94,9 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="output folder")
     d.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="dtype of the written tensors")
 
-    v = sub.add_parser("validate", help="check files fully; exit 0 when all are valid")
+    v = sub.add_parser("validate", aliases=["verify"], help="check files fully; exit 0 when all are valid")
     v.add_argument("files", nargs="+")
     v.add_argument("--json", action="store_true", help="one JSON object per file")
+    v.add_argument("--key", action="append", default=None, metavar="KEY.pub",
+                   help="also require each file's signature (FILE.sig) by this public key; repeat to trust several")
+
+    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing (KEY, mode 0600, and KEY.pub)")
+    kg.add_argument("-o", "--output", required=True, metavar="KEY", help="private key file; never overwritten")
+
+    sg = sub.add_parser("sign", help="verify files and write their signatures (FILE.sig)")
+    sg.add_argument("files", nargs="+", metavar="FILE")
+    sg.add_argument("--key", required=True, metavar="KEY", help="private key (from compeft keygen)")
 
     i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios")
     i.add_argument("file")
@@ -121,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--endpoint", default=None)
     pl.add_argument("--token", default=None)
     pl.add_argument("--cache-dir", default=None)
+    pl.add_argument("--require-signature", action="append", default=None, metavar="KEY.pub",
+                    help="refuse artifacts not signed by this public key; repeat to trust several")
 
     cb = sub.add_parser("check-base", help="check that a file was made for the given base weights")
     cb.add_argument("file")
@@ -245,13 +256,18 @@ def cmd_decompress(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
+    keys = None if a.key is None else signing.trusted_keys(a.key)
     bad = 0
     for path in a.files:
         try:
-            with CompeftFile(path) as f:
-                f.verify()
-            result = {"path": path, "valid": True}
-            line = f"{path}: OK"
+            signer = None
+            if keys is None:
+                with CompeftFile(path) as f:
+                    f.verify()
+            else:
+                signer = signing.verify_signed(path, keys).key_fingerprint
+            result: dict[str, Any] = {"path": path, "valid": True, **({} if signer is None else {"signed_by": signer})}
+            line = f"{path}: OK" + ("" if signer is None else f", signed by key {signer}")
         except CompeftError as e:
             bad += 1
             result = {"path": path, "valid": False, "code": e.code, "reason": str(e)}
@@ -263,6 +279,21 @@ def cmd_validate(a: argparse.Namespace) -> int:
         print(json.dumps(result) if a.json else line, flush=False)
     sys.stdout.flush()
     return 1 if bad else 0
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    private, public = signing.generate_keys(a.output)
+    print(f"{private}: private key (keep it secret)")
+    print(f"{public}: public key {signing.key_fingerprint(signing.load_public_key(public))}")
+    return 0
+
+
+def cmd_sign(a: argparse.Namespace) -> int:
+    key = signing.load_private_key(a.key)
+    for path in a.files:
+        dest = signing.sign(path, key)
+        print(f"{dest}: {path} signed by key {signing.key_fingerprint(key)}")
+    return 0
 
 
 def cmd_check_base(a: argparse.Namespace) -> int:
@@ -301,9 +332,10 @@ def cmd_pull(a: argparse.Namespace) -> int:
 
     _quiet_hub_logging()
     r = pull(a.repo, local_dir=a.output, to_peft=a.to_peft, base_model=a.base_model, base=a.base,
-             endpoint=a.endpoint, token=a.token, cache_dir=a.cache_dir)
-    for p in r.paths:
-        print(f"{p}: verified ({r.repo_id}@{r.commit[:12]})")
+             require_signature=a.require_signature, endpoint=a.endpoint, token=a.token, cache_dir=a.cache_dir)
+    for p, art in zip(r.paths, r.index.artifacts, strict=True):
+        signer = r.signers.get(art.path)
+        print(f"{p}: verified ({r.repo_id}@{r.commit[:12]})" + ("" if signer is None else f", signed by key {signer}"))
     return 0
 
 
@@ -325,7 +357,8 @@ def cmd_hub(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect,
-            "check-base": cmd_check_base, "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub}
+            "check-base": cmd_check_base, "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub,
+            "verify": cmd_validate, "keygen": cmd_keygen, "sign": cmd_sign}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
