@@ -592,6 +592,13 @@ class HubHandler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
 
+    def _visible(self, rtype: str, repo_id: str) -> bool:
+        try:
+            self._require_read(rtype, repo_id)
+        except ApiError:
+            return False
+        return True
+
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         segs = [unquote(s) for s in parts.path.split("/")[1:]]
@@ -656,9 +663,13 @@ class HubHandler(BaseHTTPRequestHandler):
         if rtype not in REPO_TYPES or not isinstance(name, str) or not isinstance(org, str) or not _NAME.fullmatch(name) \
                 or not _NAME.fullmatch(org):
             raise ApiError(400, f"invalid repository name {org}/{name}")
-        self._require_write(org)
         repo_id = f"{org}/{name}"
         url = f"{self._base()}/{REPO_TYPES[rtype]}{repo_id}"
+        # A repository this token can see exists already (409, whoever may write it); one it
+        # cannot see is answered as any other namespace it may not write (403).
+        if not grant.may_write(org) and self._visible(rtype, repo_id):
+            raise ApiError(409, "You already created this repo", extra={"url": url})
+        self._require_write(org)
         # huggingface_hub 1.x sends "private": true, 2.x "visibility": "private"
         private = body.get("private") is True or body.get("visibility") == "private"
         if not self.store.create_repo(rtype, repo_id, private):
