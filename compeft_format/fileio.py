@@ -1,10 +1,20 @@
 """Writing files whole or not at all, and hashing them: shared by the compeft writer, the PEFT
-folder writer, ``pull`` and the Hub server."""
+folder writer, ``pull`` and the Hub server.
+
+A write goes to a hidden temporary file beside its destination, named for the destination, this
+host and the writer's process id (``.<name>.<host>-<pid>.<random>.tmp``). A writer killed before
+its rename leaves that file behind; the next write to the same destination removes it once the
+process named in it is no longer running on this host. Temporary files of live writers, of other
+hosts and of other programs are never touched.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +31,67 @@ def _umask() -> int:
     return mask
 
 
+#: a destination's name as temporary names carry it (the whole name could pass the 255-byte limit)
+_NAME_CHARS = 64
+#: what follows ``.<name>.`` in a temporary name: host tag, writer's pid, mkstemp's random part
+_TEMP_TAIL = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})\.[A-Za-z0-9_]{8}\.tmp")
+
+
+@functools.cache
+def _host_tag() -> str:
+    """Eight hex digits naming this host (a folder may be shared with other machines)."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name[:_NAME_CHARS]}."
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host; True when that cannot be told (so its files stay)."""
+    if os.name != "posix" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs under another user
+        return True
+    try:  # a zombie has exited and writes nothing more
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:][:1] != "Z"
+    except (OSError, ValueError):
+        return True
+
+
+def remove_stale_temp_files(path: PathLike) -> list[str]:
+    """Remove the temporary files that writers of ``path`` on this host left when they died
+    before their rename; return their names. Files of running writers stay."""
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    prefix, host = _temp_prefix(dest), _host_tag()
+    removed: list[str] = []
+    try:
+        entries = [e.name for e in os.scandir(parent) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in entries:
+        m = _TEMP_TAIL.fullmatch(name[len(prefix):])
+        if m is None or m["host"] != host or _process_alive(int(m["pid"])):
+            continue
+        try:
+            os.unlink(parent / name)
+            removed.append(name)
+        except OSError:
+            pass  # another writer removed it first, or the folder is read-only
+    return removed
+
+
 def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | None = None) -> None:
     """Call ``write(tmp_path)``, then move the finished file into place: the temporary file is
     flushed to disk, takes the permissions ``mode`` (default: what the umask gives a new file) and
-    replaces ``path`` in one rename. A failure leaves neither a partial file nor the temporary one.
+    replaces ``path`` in one rename. A failure leaves neither a partial file nor the temporary one;
+    temporary files of earlier writers of ``path`` that were killed are removed after the rename.
 
     Raises:
         FileNotFound: the folder of ``path`` does not exist.
@@ -35,7 +102,8 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
     if not parent.is_dir():
         raise FileNotFound(f"output folder does not exist: {parent}", path=str(parent))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(dest)}{_host_tag()}-{os.getpid()}.", suffix=".tmp",
+                                   dir=parent)
         os.close(fd)
     except OSError as e:
         raise IOFailure(f"cannot write into {parent}: {e.strerror or e}", path=str(parent)) from None
@@ -53,6 +121,7 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
         if isinstance(e, OSError) and not isinstance(e, CompeftError):
             raise IOFailure(f"cannot write {dest}: {e.strerror or e}", path=str(dest)) from None
         raise
+    remove_stale_temp_files(dest)
     try:
         dfd = os.open(parent, os.O_RDONLY)
         try:
