@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--token", default=os.environ.get("COMPEFT_HUB_TOKEN"),
-                    help="token required for writes (default: COMPEFT_HUB_TOKEN; none: writes are open)")
+                    help="a token that may write every namespace (default: COMPEFT_HUB_TOKEN)")
+    sv.add_argument("--tokens", default=None, metavar="FILE",
+                    help='JSON {"tokens": {TOKEN: [NAMESPACE, ...]}}: each token writes, and reads the private '
+                         'repositories of, its namespaces ("*": all). With neither --token nor --tokens anyone '
+                         "may write (see docs/serving.md)")
     sv.add_argument("--user", default="local", help="the namespace whoami reports")
     sv.add_argument("--lfs", action="store_true",
                     help="answer uploadMode lfs for binary files (clients need HF_HUB_DISABLE_XET=1)")
@@ -340,15 +344,17 @@ def cmd_pull(a: argparse.Namespace) -> int:
 
 
 def cmd_hub(a: argparse.Namespace) -> int:
-    from .hub.server import make_server
+    from .hub.server import TokenTable, make_server
 
     if a.max_workers < 1 or not a.timeout > 0:
         raise InvalidArgument("--max-workers must be >= 1 and --timeout > 0")
+    tokens = None if a.tokens is None else TokenTable.load(a.tokens)
     server = make_server(a.root, host=a.host, port=a.port, token=a.token, user=a.user, lfs=a.lfs,
-                         verbose=a.verbose, max_workers=a.max_workers, timeout=a.timeout)
+                         verbose=a.verbose, max_workers=a.max_workers, timeout=a.timeout, tokens=tokens)
     host, port = str(server.server_address[0]), int(server.server_address[1])
+    writes = "are open to anyone" if server.access is None else f"need one of {len(server.access)} token(s)"
     print(f"compeft hub serving {Path(a.root).resolve()} on http://{host}:{port} "
-          f"(writes {'need a token' if a.token else 'are open'}); Ctrl-C stops", flush=True)
+          f"(writes {writes}); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     finally:
