@@ -181,7 +181,7 @@ SIGNATURE_SUFFIX = ".sig"
 SIGNATURE_FORMAT = "compeft-signature"
 SIGNATURE_VERSION = 1
 SIGNATURE_ALGORITHM = "ed25519"
-#: Largest signature file accepted (bytes); one is about 450.
+#: Largest signature file accepted (bytes); one is under 500.
 MAX_SIGNATURE_BYTES = 4096
 
 # --- writer defaults (not normative) ----------------------------------------------------------
