@@ -268,6 +268,21 @@ def test_a_private_blob_cannot_be_republished_by_its_oid(hub, tmp_path):
     assert [p.name for p in (root / "blobs").iterdir() if p.read_bytes() == secret] == [oid]
 
 
+def test_upload_urls_follow_the_scheme_a_tls_proxy_forwards(hub):
+    endpoint, _ = hub
+    HfApi(endpoint=endpoint, token=ALICE).create_repo("alice/tls")
+    body = json.dumps({"operation": "upload", "objects": [{"oid": "ab" * 32, "size": 5}]}).encode()
+    hrefs = []
+    for proto in ("https", "http", None):
+        headers = {"Host": "hub.example.org", **({} if proto is None else {"X-Forwarded-Proto": proto})}
+        status, _, answer = request(endpoint, "POST", "/alice/tls.git/info/lfs/objects/batch", body, ALICE, headers)
+        assert status == 200
+        hrefs.append(json.loads(answer)["objects"][0]["actions"]["upload"]["href"])
+    assert [h.partition("://")[0] for h in hrefs] == ["https", "http", "http"]
+    prefix = "hub.example.org/_lfs/model/alice/tls/" + "ab" * 32 + "?size=5&sig="
+    assert all(h.partition("://")[2].startswith(prefix) for h in hrefs)
+
+
 def test_inline_files_make_their_blob_the_repositorys(hub):
     endpoint, _ = hub
     alice = HfApi(endpoint=endpoint, token=ALICE)

@@ -502,8 +502,11 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------------
     def _base(self) -> str:
+        """This server's URL as the client reached it: behind a TLS proxy that sends
+        ``X-Forwarded-Proto: https``, the LFS upload URLs it hands out must be https too."""
         host, port = cast(tuple[str, int], self.server.server_address)[:2]
-        return f"http://{self.headers.get('Host', f'{host}:{port}')}"
+        forwarded = self.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        return f"{'https' if forwarded == 'https' else 'http'}://{self.headers.get('Host', f'{host}:{port}')}"
 
     def _length(self) -> int:
         """The request's Content-Length, checked (no chunked bodies, no negative or malformed length)."""
