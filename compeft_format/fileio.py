@@ -1,11 +1,13 @@
 """Writing files whole or not at all, and hashing them: shared by the compeft writer, the PEFT
 folder writer, ``pull`` and the Hub server.
 
-A write goes to a hidden temporary file beside its destination, named for the destination, this
-host and the writer's process id (``.<name>.<host>-<pid>.<random>.tmp``). A writer killed before
-its rename leaves that file behind; the next write to the same destination removes it once the
-process named in it is no longer running on this host. Temporary files of live writers, of other
-hosts and of other programs are never touched.
+A write goes to a file in a hidden temporary folder beside its destination, the folder named for
+the destination, this host and the writer's process id (``.<name>.<host>-<pid>.<random>.tmp``).
+The folder also catches what the write function itself puts beside its output (safetensors writes
+through a ``.tmpXXXXXX`` file of its own). A writer killed before its rename leaves that folder
+behind; the next write to the same destination removes it once the process named in it is no
+longer running on this host. Temporary folders of live writers, of other hosts and of other
+programs are never touched.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -33,7 +36,7 @@ def _umask() -> int:
 
 #: a destination's name as temporary names carry it (the whole name could pass the 255-byte limit)
 _NAME_CHARS = 64
-#: what follows ``.<name>.`` in a temporary name: host tag, writer's pid, mkstemp's random part
+#: what follows ``.<name>.`` in a temporary name: host tag, writer's pid, mkdtemp's random part
 _TEMP_TAIL = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})\.[A-Za-z0-9_]{8}\.tmp")
 
 
@@ -64,34 +67,44 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
+def _remove(entry: os.DirEntry[str]) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+    else:
+        os.unlink(entry.path)
+
+
 def remove_stale_temp_files(path: PathLike) -> list[str]:
-    """Remove the temporary files that writers of ``path`` on this host left when they died
-    before their rename; return their names. Files of running writers stay."""
+    """Remove the temporary folders (and files, as earlier versions named them) that writers of
+    ``path`` on this host left when they died before their rename; return their names. Those of
+    running writers stay."""
     dest = Path(path)
     parent = dest.parent if str(dest.parent) else Path(".")
     prefix, host = _temp_prefix(dest), _host_tag()
     removed: list[str] = []
     try:
-        entries = [e.name for e in os.scandir(parent) if e.name.startswith(prefix)]
+        with os.scandir(parent) as it:
+            entries = [e for e in it if e.name.startswith(prefix)]
     except OSError:
         return removed
-    for name in entries:
-        m = _TEMP_TAIL.fullmatch(name[len(prefix):])
+    for entry in entries:
+        m = _TEMP_TAIL.fullmatch(entry.name[len(prefix):])
         if m is None or m["host"] != host or _process_alive(int(m["pid"])):
             continue
         try:
-            os.unlink(parent / name)
-            removed.append(name)
+            _remove(entry)
+            removed.append(entry.name)
         except OSError:
             pass  # another writer removed it first, or the folder is read-only
     return removed
 
 
 def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | None = None) -> None:
-    """Call ``write(tmp_path)``, then move the finished file into place: the temporary file is
-    flushed to disk, takes the permissions ``mode`` (default: what the umask gives a new file) and
-    replaces ``path`` in one rename. A failure leaves neither a partial file nor the temporary one;
-    temporary files of earlier writers of ``path`` that were killed are removed after the rename.
+    """Call ``write(tmp_path)``, then move the finished file into place: the temporary file (in a
+    temporary folder of its own beside ``path``) is flushed to disk, takes the permissions ``mode``
+    (default: what the umask gives a new file) and replaces ``path`` in one rename. A failure leaves
+    neither a partial file nor the temporary folder; temporary folders of earlier writers of
+    ``path`` that were killed are removed after the rename.
 
     Raises:
         FileNotFound: the folder of ``path`` does not exist.
@@ -102,25 +115,24 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
     if not parent.is_dir():
         raise FileNotFound(f"output folder does not exist: {parent}", path=str(parent))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(dest)}{_host_tag()}-{os.getpid()}.", suffix=".tmp",
-                                   dir=parent)
-        os.close(fd)
+        folder = tempfile.mkdtemp(prefix=f"{_temp_prefix(dest)}{_host_tag()}-{os.getpid()}.", suffix=".tmp",
+                                  dir=parent)
     except OSError as e:
         raise IOFailure(f"cannot write into {parent}: {e.strerror or e}", path=str(parent)) from None
+    # hidden and ending in .tmp like the folder, for sweepers that look for such files
+    tmp = os.path.join(folder, f"{_temp_prefix(dest)}tmp")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)  # temporary files are created 0600
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        shutil.rmtree(folder, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, CompeftError):
             raise IOFailure(f"cannot write {dest}: {e.strerror or e}", path=str(dest)) from None
         raise
+    shutil.rmtree(folder, ignore_errors=True)  # empty unless ``write`` left files of its own
     remove_stale_temp_files(dest)
     try:
         dfd = os.open(parent, os.O_RDONLY)

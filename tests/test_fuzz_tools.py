@@ -234,10 +234,11 @@ def test_killed_writers_leave_a_complete_file_or_none(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _temp_name_of_a_write(dest: Path) -> str:
-    names = []
-    atomic_write(dest, lambda tmp: (names.append(Path(tmp).name), Path(tmp).write_bytes(b"x")))
-    return names[0]
+def _temp_folder_of_a_write(dest: Path) -> str:
+    paths = []
+    atomic_write(dest, lambda tmp: (paths.append(Path(tmp)), Path(tmp).write_bytes(b"x")))
+    assert paths[0].name == f".{dest.name}.tmp" and paths[0].parent.parent == dest.parent
+    return paths[0].parent.name
 
 
 def _exited(reap: bool) -> subprocess.Popen:
@@ -256,7 +257,7 @@ def _exited(reap: bool) -> subprocess.Popen:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_next_write_removes_temp_files_of_dead_writers_only(tmp_path):
     dest = tmp_path / "f.bin"
-    name = _temp_name_of_a_write(dest)
+    name = _temp_folder_of_a_write(dest)
     m = re.fullmatch(r"\.f\.bin\.([0-9a-f]{8})-(\d+)\.[a-z0-9_]{8}\.tmp", name)
     assert m is not None and int(m[2]) == os.getpid()
     host = m[1]
@@ -264,18 +265,24 @@ def test_next_write_removes_temp_files_of_dead_writers_only(tmp_path):
     zombie_proc = _exited(reap=False)
     try:
         dead, zombie = _exited(reap=True).pid, zombie_proc.pid
+        # a killed writer's folder, with what safetensors left in it, and a file as earlier versions named it
         stale = [f".f.bin.{host}-{dead}.abcd1234.tmp", f".f.bin.{host}-{zombie}.zzzz_999.tmp"]
+        (tmp_path / stale[0]).mkdir()
+        (tmp_path / stale[0] / ".tmpXy12Ab").write_bytes(b"partial")
         kept = [f".f.bin.{host}-{live.pid}.abcd1234.tmp",    # a writer still running
                 f".f.bin.{host}-{os.getpid()}.q1w2e3r4.tmp",  # this process
                 f".f.bin.{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead}.abcd1234.tmp",  # another host
                 f".g.bin.{host}-{dead}.abcd1234.tmp",        # another destination
                 ".f.bin.abcd1234.tmp",                       # no pid in the name
                 f".f.bin.{host}-{dead}.abcd1234.tmp.keep"]   # not a temporary name
-        for n in stale + kept:
+        for n in stale[1:] + kept[1:]:
             (tmp_path / n).write_bytes(b"partial")
+        (tmp_path / kept[0]).mkdir()
+        (tmp_path / kept[0] / "f.bin").write_bytes(b"half")
         atomic_write_bytes(dest, b"whole")
         assert dest.read_bytes() == b"whole"
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["f.bin"])
+        assert (tmp_path / kept[0] / "f.bin").read_bytes() == b"half"
     finally:
         live.kill()
         live.wait()

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writers killed mid-save: a child process saves a large-ish file over the same destination again
 and again and is killed with SIGKILL after a random delay. The destination must then be absent or
-the complete file (``verify`` passes, same tensors and metadata), never a truncated one, and the temporary file a
-killed writer leaves must be gone after the next save to that destination.
+the complete file (``verify`` passes, same tensors and metadata), never a truncated one, and what
+a killed writer leaves in the folder (its temporary folder, and the temporary file safetensors
+writes through) must be gone after the next save to that destination.
 
     python tools/crash_save.py [--trials 50] [--mb 16] [--seed 1] [--dir DIR] [--out DIR]
 
