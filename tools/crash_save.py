@@ -108,6 +108,7 @@ def run(trials: int, *, mb: int = 16, seed: int = 1, folder: Path | None = None)
         dest = box / DEST
         states: Counter[str] = Counter()
         rows: list[dict[str, Any]] = []
+        lingering: list[str] = []  # what the previous next save left
         for i in range(trials):
             proc = subprocess.Popen([sys.executable, __file__, "--child", str(dest), "--mb", str(mb)],
                                     stdout=subprocess.PIPE, text=True)
@@ -122,19 +123,19 @@ def run(trials: int, *, mb: int = 16, seed: int = 1, folder: Path | None = None)
             saves = proc.stdout.read().split().count("saved")
             proc.stdout.close()
             state = file_state(dest, reference)
-            left = others(box)
+            left = [n for n in others(box) if n not in lingering]
             cf.save(adapter, dest, **OPTIONS)  # the next save
-            after = others(box)
+            lingering = others(box)
             states[state.split(" ")[0]] += 1
             rows.append({"trial": i, "delay_s": round(delay, 4), "saves_before_kill": saves, "state": state,
-                         "left_by_kill": left, "left_after_next_save": after})
+                         "left_by_kill": left, "left_after_next_save": lingering})
         bad = [r for r in rows if r["state"] not in ("absent", "complete") or r["left_after_next_save"]]
         return {
             "trials": trials, "file_bytes": ref_size, "save_s": round(save_s, 4), "seed": seed,
             "states": dict(states),
             "truncated_or_corrupt": sum(r["state"] not in ("absent", "complete") for r in rows),
             "kills_that_left_a_temp_file": sum(bool(r["left_by_kill"]) for r in rows),
-            "temp_files_left_after_next_save": sum(len(r["left_after_next_save"]) for r in rows),
+            "temp_files_left_after_next_save": len({n for r in rows for n in r["left_after_next_save"]}),
             "saves_completed_by_children": sum(r["saves_before_kill"] for r in rows),
             "failures": len(bad),
             "rows": rows,
