@@ -414,8 +414,8 @@ def test_push_opens_each_file_once_and_indexes_it_typed(hub, tmp_path, monkeypat
     endpoint, _ = hub
     files = [adapter_file(tmp_path, i, f"a{i}.cpeft.safetensors") for i in range(2)]
     opened = []
-    real = container._open
-    monkeypatch.setattr(container, "_open", lambda path: opened.append(str(path)) or real(path))
+    real = container.open_regular
+    monkeypatch.setattr(container, "open_regular", lambda path: opened.append(str(path)) or real(path))
     cf.push(files, "me/typed", endpoint=endpoint, token=TOKEN)
     assert sorted(opened) == sorted(str(f) for f in files)
     res = cf.pull("me/typed", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
