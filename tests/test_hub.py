@@ -188,6 +188,31 @@ def test_writes_need_the_token(hub, tmp_path):
     cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
 
 
+def test_pushing_to_a_public_repository_without_its_token_is_an_auth_error(hub, tmp_path):
+    # huggingface_hub answers a refused create_repo of an existing repository by building the
+    # repository's URL, which it cannot do for an endpoint other than huggingface.co
+    endpoint, root = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/public", endpoint=endpoint, token=TOKEN)
+    before = sorted(p.name for p in (root / "blobs").iterdir())
+    for token in ("wrong", None):
+        with pytest.raises(cf.HubAuthError) as e:
+            cf.push(adapter_file(tmp_path, 1, "b.cpeft.safetensors"), "me/public", endpoint=endpoint, token=token)
+        assert e.value.status == 401
+    p = cli("push", str(f), "me/public", "--endpoint", endpoint, env={"HF_TOKEN": ""})
+    assert p.returncode == 1 and ": HUB_AUTH: " in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (root / "blobs").iterdir()) == before
+
+
+@pytest.mark.parametrize("repo", ["adapter", "me/adapter@main", "a/b/c", "/x"])
+def test_push_needs_a_namespace_and_a_name(hub, tmp_path, repo):
+    endpoint, root = hub
+    with pytest.raises(cf.InvalidArgument):
+        cf.push(adapter_file(tmp_path), repo, endpoint=endpoint, token=TOKEN)
+    assert not (root / "blobs").exists() or list((root / "blobs").iterdir()) == []
+
+
 def test_stale_parent_commit_is_refused(hub, tmp_path):
     endpoint, _ = hub
     api = HfApi(endpoint=endpoint, token=TOKEN)

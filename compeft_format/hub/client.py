@@ -134,7 +134,10 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     beside it and named in the index; one that is for other bytes is refused (``SignatureInvalid``).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfUriError
 
+    if split_repo(repo_id)[1] is not None:  # namespace/name: for a bare name the Hub picks the namespace
+        raise InvalidArgument(f"repository must be namespace/name (the branch is revision=), got {repo_id!r}")
     files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not files:
         raise InvalidArgument("nothing to push")
@@ -142,7 +145,13 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     api = HfApi(endpoint=dl.endpoint_url(endpoint), token=token)
     what = f"push to {repo_id}"
     with hub_errors(what, repo_id, revision):
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+        except HfUriError:
+            # The Hub refused to create the repository and huggingface_hub found it already there,
+            # then failed to build its URL for an endpoint other than huggingface.co; the commit
+            # below is refused the same way when the token may not write it.
+            pass
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         for attempt in range(PUSH_ATTEMPTS):
