@@ -423,7 +423,11 @@ def test_a_killed_server_leaves_no_temporary_files_and_loses_no_acknowledged_com
         proc.stderr.close()
 
     repo = root / "repos" / "models" / "alice" / "x"
-    planted = [repo / ".refs.json.a1b2c3d4-999999.abcdefgh.tmp", repo / "commits" / ".x.json.q8w7e6r5.tmp"]
+    # fileio.atomic_write's temporary folder, with the file it was writing inside
+    folder = repo / ".refs.json.a1b2c3d4-999999.abcdefgh.tmp"
+    planted = [folder.with_name(".refs.json.old-999998.tmp"), repo / "commits" / ".x.json.q8w7e6r5.tmp"]
+    folder.mkdir()
+    planted.append(folder / ".refs.json.tmp")
     for p in planted:
         p.write_bytes(b"half a write")
     keep = [repo / "refs.json", root / "blobs" / hashlib.sha256(b"kept").hexdigest()]
@@ -432,7 +436,7 @@ def test_a_killed_server_leaves_no_temporary_files_and_loses_no_acknowledged_com
     proc, endpoint = start_cli_server(root, tokens)
     try:
         leftovers = [p for p in root.rglob(".*") if p.name.endswith((".part", ".tmp"))]
-        assert leftovers == [] and not parts[0].exists()
+        assert leftovers == [] and not parts[0].exists() and not folder.exists()
         assert all(p.is_file() for p in keep) and not (root / "blobs" / oid).exists()
         alice = HfApi(endpoint=endpoint, token=ALICE)
         assert alice.model_info("alice/x").sha == acked

@@ -32,6 +32,7 @@ import hmac
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import threading
@@ -288,10 +289,18 @@ class Store:
         self._guard = threading.Lock()
 
     def sweep(self) -> list[Path]:
-        """Remove the temporary files (``.*.part``, ``.*.tmp``) that a server killed mid-write
-        left in the store; returns them. Call it only while no other server uses this root."""
+        """Remove the temporary files (``.*.part``, ``.*.tmp``) and ``fileio.atomic_write``'s
+        temporary folders (``.*.tmp/``) that a server killed mid-write left in the store; returns
+        them. Repository and namespace names start with a letter or digit, so neither is ever one.
+        Call it only while no other server uses this root."""
         removed = []
-        for folder, _, names in os.walk(self.root):
+        for folder, dirs, names in os.walk(self.root):
+            for name in list(dirs):
+                p = Path(folder) / name
+                if _TEMPORARY.fullmatch(name) and stat.S_ISDIR(p.lstat().st_mode):
+                    shutil.rmtree(p)
+                    dirs.remove(name)
+                    removed.append(p)
             for name in names:
                 p = Path(folder) / name
                 if _TEMPORARY.fullmatch(name) and stat.S_ISREG(p.lstat().st_mode):
@@ -487,6 +496,9 @@ class Store:
 class HubHandler(BaseHTTPRequestHandler):
     server_version = "compeft-hub/1"
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY: a response's headers and body go out as separate writes, and with Nagle's
+    #: algorithm the body waits for the client's delayed ACK of the headers (about 40 ms a request)
+    disable_nagle_algorithm = True
 
     @property
     def hub(self) -> HubServer:
