@@ -11,9 +11,10 @@ Example:
     >>> cf.verify("adapter.cpeft.safetensors")
     >>> tensors = cf.load("adapter.cpeft.safetensors", dtype="float16")
     >>> ca = cf.read("adapter.cpeft.safetensors")     # the compressed form back, as save wrote it
+    >>> cf.signing.sign("adapter.cpeft.safetensors", "me.key")  # writes adapter.cpeft.safetensors.sig
 """
 
-from . import binding, calibrate, codecs, constants, errors, peft_layout
+from . import binding, calibrate, codecs, constants, errors, peft_layout, signing
 from ._version import __version__
 from .apply import MergedAdapter, load_adapter, merge_adapter
 from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
@@ -39,6 +40,7 @@ __all__ = [
     "constants",
     "errors",
     "peft_layout",
+    "signing",
     # compress and write
     "CompeftConfig",
     "compress",

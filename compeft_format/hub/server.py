@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import threading
@@ -929,6 +930,9 @@ class HubServer(ThreadingHTTPServer):
     give their slot back."""
 
     daemon_threads = True
+    #: the listen backlog: socketserver's default of 5 drops the SYNs of a burst of new
+    #: connections, and each dropped one waits for the kernel's retransmission (1 s, 3 s, 7 s, ...)
+    request_queue_size = socket.SOMAXCONN
     store: Store
     #: the accepted tokens; None: no token is needed and every request may write
     access: TokenTable | None = None
