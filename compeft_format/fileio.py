@@ -99,12 +99,15 @@ def remove_stale_temp_files(path: PathLike) -> list[str]:
     return removed
 
 
-def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | None = None) -> None:
+def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | None = None,
+                 sweep: bool = True) -> None:
     """Call ``write(tmp_path)``, then move the finished file into place: the temporary file (in a
     temporary folder of its own beside ``path``) is flushed to disk, takes the permissions ``mode``
     (default: what the umask gives a new file) and replaces ``path`` in one rename. A failure leaves
     neither a partial file nor the temporary folder; temporary folders of earlier writers of
-    ``path`` that were killed are removed after the rename.
+    ``path`` that were killed are removed after the rename (``sweep``: that costs a listing of the
+    folder, which a caller that sweeps the folder itself, such as the Hub server at its start,
+    skips).
 
     Raises:
         FileNotFound: the folder of ``path`` does not exist.
@@ -133,7 +136,8 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
             raise IOFailure(f"cannot write {dest}: {e.strerror or e}", path=str(dest)) from None
         raise
     shutil.rmtree(folder, ignore_errors=True)  # empty unless ``write`` left files of its own
-    remove_stale_temp_files(dest)
+    if sweep:
+        remove_stale_temp_files(dest)
     try:
         dfd = os.open(parent, os.O_RDONLY)
         try:
@@ -144,9 +148,9 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
         pass  # some file systems cannot sync a folder; the rename has happened
 
 
-def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int | None = None) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int | None = None, sweep: bool = True) -> None:
     """Write ``data`` to ``path`` with ``atomic_write``."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode=mode)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode=mode, sweep=sweep)
 
 
 def sha256_of_file(f: IO[bytes], size: int | None = None, chunk: int = 1 << 20) -> str:

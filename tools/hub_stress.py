@@ -4,6 +4,7 @@
     python tools/hub_stress.py load   [--clients 200] [--seconds 60]      # requests/s, p50/p99, errors
     python tools/hub_stress.py memory [--clients 20] [--size-mib 256]    # server RSS serving one large file
     python tools/hub_stress.py crash  [--trials 50]                      # SIGKILL during commits
+    python tools/hub_stress.py commit [--files 2000]                     # a large commit and one beside it
 
 ``load``: clients on keep-alive connections, spread over worker processes, each looping over a
 repository-info request, a 64 KiB download and a Range request; any status other than 200/206 or
@@ -311,6 +312,43 @@ def cmd_crash(a: argparse.Namespace) -> dict:
             "temp_files_after_restart": leftovers_after_restart}
 
 
+# --- commit ------------------------------------------------------------------------------------
+def cmd_commit(a: argparse.Namespace) -> dict:
+    """One commit of ``--files`` small inline files through the real client, and, while it is being
+    stored, a one-file commit and a repository-info request to the same repository: how long the
+    large commit holds the repository."""
+    from huggingface_hub import CommitOperationAdd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(Path(tmp) / "hub")
+        try:
+            hf = api(server)
+            hf.create_repo(REPO)
+            ops = [CommitOperationAdd(f"d{i // 100:03d}/f{i:05d}.txt", f"file {i}\n".encode()) for i in range(a.files)]
+            other: dict[str, float] = {}
+
+            def meanwhile() -> None:
+                time.sleep(a.delay)
+                t = time.perf_counter()
+                hf.model_info(REPO)
+                other["info_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                hf.create_commit(REPO, [CommitOperationAdd("other.txt", b"other")], commit_message="other")
+                other["small_commit_s"] = time.perf_counter() - t
+            th = threading.Thread(target=meanwhile)
+            t0 = time.perf_counter()
+            th.start()
+            hf.create_commit(REPO, operations=ops, commit_message=f"{a.files} files")
+            big = time.perf_counter() - t0
+            th.join()
+            files = len(hf.list_repo_files(REPO))
+        finally:
+            server.stop()
+    return {"files": a.files, "commit_s": round(big, 2), "started_meanwhile_after_s": a.delay,
+            "repo_info_meanwhile_s": round(other["info_s"], 3),
+            "small_commit_meanwhile_s": round(other["small_commit_s"], 3), "files_in_repo": files}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/hub-stress")
@@ -326,8 +364,11 @@ def main() -> int:
     cr.add_argument("--trials", type=int, default=50)
     cr.add_argument("--max-delay", type=float, default=2.0, help="latest kill, seconds after the commits start")
     cr.add_argument("--seed", type=int, default=0)
+    co = sub.add_parser("commit")
+    co.add_argument("--files", type=int, default=2000)
+    co.add_argument("--delay", type=float, default=0.3, help="seconds after the large commit starts")
     a = p.parse_args()
-    result = {"load": cmd_load, "memory": cmd_memory, "crash": cmd_crash}[a.mode](a)
+    result = {"load": cmd_load, "memory": cmd_memory, "crash": cmd_crash, "commit": cmd_commit}[a.mode](a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.mode}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -272,9 +272,10 @@ def _make_folders(folder: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write a file of the store whole or not at all, durably, creating its folders; readable by
-    the server's user only (private repositories live here too)."""
+    the server's user only (private repositories live here too). What a killed server was writing
+    is removed by ``Store.sweep`` at the next start, not by each write."""
     _make_folders(path.parent)
-    atomic_write_bytes(path, data, mode=0o600)
+    atomic_write_bytes(path, data, mode=0o600, sweep=False)
 
 
 @dataclass
@@ -368,11 +369,19 @@ class Store:
         return any(f.get("sha256") == sha256 for c in (d / "commits").glob("*.json")
                    for f in json.loads(c.read_text()).get("files", {}).values())
 
-    def add_owned(self, rtype: str, repo_id: str, sha256: str) -> None:
-        """Record that the bytes of blob ``sha256`` were uploaded to ``repo_id``."""
-        marker = self.repo_dir(rtype, repo_id) / "objects" / sha256
-        if not marker.is_file():
-            _atomic_write(marker, b"")
+    def add_owned(self, rtype: str, repo_id: str, *sha256s: str) -> None:
+        """Record that the bytes of the blobs ``sha256s`` were uploaded to ``repo_id``: an empty
+        marker file each (created whole by one ``open``), made durable by one sync of their folder."""
+        folder = self.repo_dir(rtype, repo_id) / "objects"
+        _make_folders(folder)
+        created = False
+        for sha256 in sha256s:
+            marker = folder / sha256
+            if not marker.is_file():
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+                created = True
+        if created:
+            _fsync_folder(folder)
 
     # -- repositories ------------------------------------------------------------------------
     def repo_dir(self, rtype: str, repo_id: str) -> Path:
@@ -432,9 +441,35 @@ class Store:
         _atomic_write(self.repo_dir(rtype, repo_id) / "commits" / f"{oid}.json", json.dumps(body).encode())
         return oid
 
+    @staticmethod
+    def _op_path(value: dict[str, Any]) -> str:
+        """The repository path of a commit operation, checked (``valid_repo_path``)."""
+        raw_path = value.get("path", "")
+        path = raw_path.lstrip("/") if isinstance(raw_path, str) else raw_path
+        if not valid_repo_path(path):
+            raise ApiError(400, f"invalid path {str(raw_path)[:200]!r}")
+        return cast(str, path)
+
     def apply_commit(self, rtype: str, repo_id: str, branch: str, header: dict[str, Any],
                      ops: list[tuple[str, dict[str, Any]]]) -> str:
-        """Write a commit on ``branch`` and move the branch to it, or refuse it whole."""
+        """Write a commit on ``branch`` and move the branch to it, or refuse it whole.
+
+        Inline files are checked and stored as blobs before the repository is locked (blobs are
+        content-addressed, and one a refused commit leaves is named by no repository), so a commit
+        of many files holds the lock only to record them."""
+        inline: dict[int, dict[str, Any]] = {}  # op index -> the file entry of an inline file
+        for i, (key, value) in enumerate(ops):
+            if key == "file" and isinstance(value, dict):
+                path = self._op_path(value)
+                content = value.get("content", "")
+                if value.get("encoding", "base64") != "base64" or not isinstance(content, str):
+                    raise ApiError(400, "file content must be base64")
+                try:
+                    data = base64.b64decode(content, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ApiError(400, f"file content of {path!r} is not valid base64") from None
+                inline[i] = {"sha256": self.put_blob(data), "size": len(data), "lfs": False,
+                             "oid": _git_blob_oid(data)}
         with self.lock(rtype, repo_id):
             refs = self.refs(rtype, repo_id)
             if branch not in refs["branches"]:
@@ -445,24 +480,12 @@ class Store:
                 raise ApiError(412, f"A commit has happened since {parent}; the head of {branch} is {head}. "
                                     "Pull the latest changes and commit again.")
             files = dict(self.commit(rtype, repo_id, head)["files"])
-            for key, value in ops:
+            for i, (key, value) in enumerate(ops):
                 if not isinstance(value, dict):
                     raise ApiError(400, f"commit operation {key!r} must be an object")
-                raw_path = value.get("path", "")
-                path = raw_path.lstrip("/") if isinstance(raw_path, str) else raw_path
-                if not valid_repo_path(path):
-                    raise ApiError(400, f"invalid path {str(raw_path)[:200]!r}")
+                path = self._op_path(value)
                 if key == "file":
-                    content = value.get("content", "")
-                    if value.get("encoding", "base64") != "base64" or not isinstance(content, str):
-                        raise ApiError(400, "file content must be base64")
-                    try:
-                        data = base64.b64decode(content, validate=True)
-                    except (binascii.Error, ValueError):
-                        raise ApiError(400, f"file content of {path!r} is not valid base64") from None
-                    digest = self.put_blob(data)
-                    self.add_owned(rtype, repo_id, digest)
-                    files[path] = {"sha256": digest, "size": len(data), "lfs": False, "oid": _git_blob_oid(data)}
+                    files[path] = inline[i]
                 elif key == "lfsFile":
                     oid, size = value.get("oid"), value.get("size")
                     if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not HEX64.fullmatch(oid):
@@ -486,6 +509,7 @@ class Store:
             clash = _folder_clash(files)
             if clash is not None:
                 raise ApiError(400, f"{clash!r} would be both a file and a folder")
+            self.add_owned(rtype, repo_id, *sorted({f["sha256"] for f in inline.values()}))
             oid = self._write_commit(rtype, repo_id, [head], files, header.get("summary") or "update",
                                      header.get("description") or "")
             refs["branches"][branch] = oid
