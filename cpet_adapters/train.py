@@ -1,0 +1,632 @@
+"""CPET / CA-LoRA training on a compressed base model.
+
+The student is the compressed base with a task LoRA (optionally inherited from a LoRA trained on
+the original model, ``inherit``) and, optionally, recovery modules beside its linear layers
+(``compeft_format.recovery``). The teacher is the original model with the inherited LoRA, frozen.
+The loss of one optimizer step is
+
+    CE(student) + distill * MSE(student hidden states, teacher hidden states)
+                + distill_kl * T^2 * KL(teacher logits / T || student logits / T)
+
+with the cross-entropy normalised by the number of learned tokens of the whole accumulation
+window (so accumulating k micro-batches equals one batch k times larger) and the hidden-state
+and logit terms averaged over the window's micro-batches.
+
+The step is plain torch wrapped by ``accelerate``, so one command runs unchanged on a CPU, one GPU
+or several (``accelerate launch`` / ``torchrun``). A run folder holds its config, a JSON Lines log,
+checkpoints (safetensors and JSON only: trainable weights, optimizer moments, scheduler and RNG
+state, data position) from which a run resumes bit-identically, and the final adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compeft_format.errors import ConfigMismatch, FileNotFound, InputError, InvalidArgument
+
+from .data import IGNORE, Example, collate, micro_batches, read_jsonl, tokenize
+from .inherit import Inheritance, inherit_lora, read_lora
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+#: the final folder's PEFT adapter (``save_pretrained``) and recovery weights
+ADAPTER_DIR = "adapter"
+RECOVERY_WEIGHTS = "recovery.safetensors"
+RECOVERY_CONFIG = "recovery.json"
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; ``compeft cpet train`` has one flag per field, and a config
+    file (``--config``, JSON) holds the same names."""
+
+    base: str = _help("the compressed base model: a transformers folder (``compeft cpet compress-base``)")
+    data: str = _help("training data, JSON Lines: {\"text\"} or {\"prompt\", \"completion\"} per line")
+    output: str = _help("the run folder: config, log, checkpoints, final adapter")
+    teacher: str | None = _help("the original (uncompressed) model folder; needed for distillation", None)
+    inherit: str | None = _help("a LoRA trained on the original model (compeft file or PEFT folder) to start from",
+                                None)
+    eval: str | None = _help("evaluation data, same format as data", None)
+    task_lora: bool = _help("train a task LoRA (off: recovery modules only, the task-agnostic recovery)", True)
+    lora_r: int = _help("LoRA rank (ignored when inheriting: the source's config is used)", 8)
+    lora_alpha: int = _help("LoRA alpha (ignored when inheriting)", 16)
+    lora_dropout: float = _help("LoRA dropout", 0.0)
+    target_modules: tuple[str, ...] = _help("LoRA target modules (ignored when inheriting)", ("q_proj", "v_proj"))
+    recovery: bool = _help("add recovery modules beside the linear layers", False)
+    recovery_r: int = _help("recovery module rank", 16)
+    recovery_alpha: float = _help("recovery module alpha (output scaled by alpha / r)", 16.0)
+    recovery_targets: tuple[str, ...] = _help("module names or name suffixes for recovery modules (default: "
+                                              "every linear layer but the output head)", ())
+    distill: float = _help("weight of the hidden-state MSE against the teacher (0: none)", 0.0)
+    distill_layers: tuple[int, ...] = _help("hidden states compared (indices into hidden_states; -1 the last)", (-1,))
+    distill_kl: float = _help("weight of the logit KL divergence against the teacher (0: none)", 0.0)
+    temperature: float = _help("temperature of the logit KL", 1.0)
+    lr: float = _help("peak learning rate", 1e-4)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    warmup_steps: int = _help("linear warmup steps, then linear decay to 0 at max_steps", 0)
+    max_steps: int = _help("optimizer steps", 100)
+    batch_size: int = _help("examples per micro-batch (per process)", 4)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    max_grad_norm: float = _help("gradient clipping norm (0: none)", 1.0)
+    max_len: int = _help("tokens per example, longer ones are cut", 256)
+    seed: int = _help("seed of initialisation, data order and dropout", 0)
+    eval_every: int = _help("evaluate every N steps (0: at the end only)", 0)
+    save_every: int = _help("checkpoint every N steps (0: at the end only)", 50)
+    keep_checkpoints: int = _help("checkpoints kept", 2)
+    eval_batch_size: int = _help("examples per evaluation batch", 8)
+
+    #: fields that may change between a run and its resumption
+    RESUMABLE = frozenset({"eval", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "output"})
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "recovery_targets", "distill_layers"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = [x.strip() for x in v.split(",") if x.strip()]
+            setattr(self, name, tuple(int(x) for x in v) if name == "distill_layers" else tuple(str(x) for x in v))
+        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "max_len": self.max_len, "eval_batch_size": self.eval_batch_size,
+                    "lora_r": self.lora_r, "recovery_r": self.recovery_r, "keep_checkpoints": self.keep_checkpoints}
+        for name, v in positive.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidArgument(f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidArgument(f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("lr", "weight_decay", "distill", "distill_kl", "max_grad_norm", "lora_dropout", "lora_alpha",
+                     "recovery_alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise InvalidArgument(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise InvalidArgument(f"temperature must be positive, got {self.temperature!r}")
+        if not self.task_lora and not self.recovery:
+            raise InvalidArgument("nothing to train: enable the task LoRA or recovery modules")
+        if not self.task_lora and self.inherit:
+            raise InvalidArgument("inherit needs the task LoRA")
+        if (self.distill or self.distill_kl) and not self.teacher:
+            raise InvalidArgument("distillation needs the teacher (the original model folder)")
+        if not self.distill_layers:
+            raise InvalidArgument("distill_layers must name at least one hidden state")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "config") -> TrainConfig:
+        """A config from its JSON form; unknown names are refused (a misspelt setting would be lost).
+
+        Raises:
+            InvalidArgument: not an object, unknown names, missing required names, bad values.
+        """
+        if not isinstance(obj, dict):
+            raise InvalidArgument(f"{where}: a training config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise InvalidArgument(f"{where}: unknown setting(s) {unknown}")
+        try:
+            return cls(**obj)
+        except TypeError as e:
+            raise InvalidArgument(f"{where}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
+        """A config read from a JSON file, with ``overrides`` (None values ignored) on top."""
+        p = Path(path)
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFound(f"no such config file: {p}", path=str(p)) from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise InputError(f"{p} is not a JSON object", path=str(p)) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{p} is not a JSON object", path=str(p))
+        obj.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_json(obj, str(p))
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did."""
+
+    output: Path
+    #: optimizer steps done in all (including those of earlier calls, when resumed)
+    steps: int
+    #: the step this call started from (0, or the checkpoint it resumed)
+    resumed_from: int
+    #: the last evaluation: ``loss`` (mean cross-entropy per learned token) and ``accuracy``
+    #: (share of learned tokens predicted exactly); empty without evaluation data
+    eval: dict[str, float]
+    #: whether the run reached ``max_steps`` (False: stopped by ``stop_after``)
+    finished: bool
+    #: trainable parameters of the student
+    trainable: int
+
+
+# --- models -------------------------------------------------------------------------------------
+def load_causal_lm(path: str | os.PathLike[str]) -> nn.Module:
+    """A transformers causal LM from a local folder, float32, in eval mode; nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFound(f"no such model folder: {p}", path=str(p))
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+    model.eval()
+    return model
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of the linear layers of ``model`` except its output head (recovery's default targets)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    out_head = get_head() if callable(get_head) else None
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out_head]
+
+
+def _select(names: list[str], patterns: tuple[str, ...]) -> list[str]:
+    if not patterns:
+        return names
+    chosen = [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
+    if not chosen:
+        raise InvalidArgument(f"no linear layer matches recovery_targets {list(patterns)}")
+    return chosen
+
+
+@dataclass
+class Student:
+    """The model being trained and what was added to it."""
+
+    model: nn.Module
+    recovery: Any | None
+    inheritance: Inheritance | None
+    lora_config: dict[str, Any] | None
+
+
+def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
+    """Wrap ``base`` (frozen) with the task LoRA (inherited or fresh) and recovery modules."""
+    from peft import LoraConfig, get_peft_model
+
+    from compeft_format.peft_layout import peft_config
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = base
+    inheritance = None
+    lora_json = None
+    if cfg.task_lora:
+        if cfg.inherit:
+            tensors, lora_json, inheritance = read_lora(cfg.inherit)
+            model = get_peft_model(base, peft_config(lora_json, inference_mode=False))
+            inherit_lora(model, tensors)
+        else:
+            lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+            model = get_peft_model(base, lc)
+            lora_json = model.peft_config["default"].to_dict()
+    handle = None
+    if cfg.recovery:
+        from compeft_format.recovery import RecoveryConfig, add_recovery
+
+        targets = _select(linear_layers(base), cfg.recovery_targets)
+        handle = add_recovery(model, RecoveryConfig(r=cfg.recovery_r, alpha=cfg.recovery_alpha,
+                                                    target_modules=tuple(targets)), seed=cfg.seed)
+        for p in handle.modules.parameters():
+            p.requires_grad_(True)
+    return Student(model, handle, inheritance, lora_json)
+
+
+def build_teacher(cfg: TrainConfig, student_lora: dict[str, Any] | None) -> nn.Module | None:
+    """The original model with the inherited LoRA (when there is one), frozen; None without
+    distillation."""
+    if not (cfg.distill or cfg.distill_kl):
+        return None
+    assert cfg.teacher is not None
+    teacher = load_causal_lm(cfg.teacher)
+    if cfg.inherit:
+        from peft import get_peft_model
+
+        from compeft_format.peft_layout import peft_config
+
+        tensors, lora_json, _ = read_lora(cfg.inherit)
+        teacher = get_peft_model(teacher, peft_config(lora_json, inference_mode=True))
+        inherit_lora(teacher, tensors)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+# --- the loss -----------------------------------------------------------------------------------
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the learned tokens, and their number."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    return loss, int((shift_labels != IGNORE).sum())
+
+
+def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: tuple[int, ...],
+               mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the chosen hidden states over real (non-padding) positions,
+    averaged over the layers."""
+    m = mask.unsqueeze(-1).to(student[0].dtype)
+    total = student[0].new_zeros(())
+    for layer in layers:
+        s, t = student[layer], teacher[layer].to(student[layer].dtype)
+        total = total + (((s - t) ** 2) * m).sum() / (m.sum() * s.shape[-1]).clamp_min(1)
+    return total / len(layers)
+
+
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` of the softened next-token distributions, mean over real
+    positions."""
+    t = temperature
+    log_s = F.log_softmax(student.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher.float() / t, dim=-1)
+    per_pos = (log_t.exp() * (log_t - log_s)).sum(-1)
+    m = mask.to(per_pos.dtype)
+    return (per_pos * m).sum() / m.sum().clamp_min(1) * t * t
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _atomic_folder(dest: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temporary folder beside ``dest``, then rename it to ``dest`` (replacing an old one)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        fill(tmp)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def save_checkpoint(folder: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, config: TrainConfig) -> None:
+    """Everything a run needs to go on from ``step``, as safetensors and JSON (no pickle)."""
+    params = _trainable(model)
+    opt = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(params.values())}
+    by_index = {i: n for n, i in ((n, index[id(p)]) for n, p in params.items())}
+    moments: dict[str, torch.Tensor] = {}
+    for i, state in opt["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                moments[f"{by_index[i]}::{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for d, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{d}"] = s
+
+    def fill(tmp: Path) -> None:
+        save_file(_contiguous(dict(params)), str(tmp / "trainable.safetensors"))
+        save_file(_contiguous(moments), str(tmp / "optimizer.safetensors"))
+        save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
+        state = {"step": step, "config": config.to_json(), "param_groups": groups,
+                 "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+                 "param_order": list(params)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+    _atomic_folder(folder, fill)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The checkpoint of the highest step that is complete, or None."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Restore what ``save_checkpoint`` wrote; returns its step."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(folder / "trainable.safetensors"))
+        moments = load_file(str(folder / "optimizer.safetensors"))
+        rng = load_file(str(folder / "rng.safetensors"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"checkpoint {folder} cannot be read: {e}", path=str(folder)) from None
+    params = _trainable(model)
+    if list(params) != state["param_order"]:
+        raise ConfigMismatch(f"checkpoint {folder} holds other trainable parameters than this model")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for i, n in enumerate(params):
+        entry = {key.split("::", 1)[1]: v for key, v in moments.items() if key.split("::", 1)[0] == n}
+        if entry:
+            opt_state[i] = entry
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(groups)})
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        for d in range(torch.cuda.device_count()):
+            if f"cuda{d}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda{d}"], d)
+    return int(state["step"])
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    now = cfg.to_json()
+    diff = [k for k in now if k not in TrainConfig.RESUMABLE and saved.get(k) != now[k]]
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in diff[:4])
+        raise InvalidArgument(f"{where} holds a run with other settings ({shown}); use another output folder")
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy per learned token and the share of learned tokens predicted exactly."""
+    was_training = model.training
+    model.eval()
+    total, count, right = 0.0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, n = token_cross_entropy(logits, batch["labels"])
+        labels = batch["labels"][:, 1:]
+        pred = logits[:, :-1].argmax(-1)
+        right += int(((pred == labels) & (labels != IGNORE)).sum())
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return {"loss": total / max(count, 1), "accuracy": right / max(count, 1), "tokens": float(count)}
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+    return factor
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = False,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or resume) the run of ``cfg`` in ``cfg.output``.
+
+    Args:
+        cfg: the run's settings.
+        stop_after: stop after this many optimizer steps of this call, with a checkpoint written,
+            as an interrupted run would (resume by calling ``train`` again with the same ``cfg``).
+        progress: show a progress bar (main process only).
+        log: receives one line per logged step and per evaluation.
+
+    Returns:
+        A ``TrainResult``; the final adapter is in ``<output>/final`` once ``max_steps`` is reached.
+
+    Raises:
+        InvalidArgument: settings that do not fit the data or the models, or an output folder
+            holding a run with other settings.
+        FileNotFound, InputError: missing or malformed models, data or checkpoints.
+        ModelMismatch, ConfigMismatch, UnsupportedAdapter: an inherited LoRA that does not fit.
+    """
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+    from transformers import AutoTokenizer
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = Accelerator()
+    say = log if (log is not None and acc.is_main_process) else (lambda _line: None)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
+    train_ex = tokenize(read_jsonl(cfg.data), tokenizer, cfg.max_len)
+    eval_ex = tokenize(read_jsonl(cfg.eval), tokenizer, cfg.max_len) if cfg.eval else []
+
+    base = load_causal_lm(cfg.base)
+    student = build_student(cfg, base)
+    teacher = build_teacher(cfg, student.lora_config)
+    model = student.model
+    params = list(_trainable(model).values())
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+
+    start = 0
+    ckpt = latest_checkpoint(out)
+    saved_cfg = out / CONFIG_FILE
+    if saved_cfg.is_file():
+        _check_resumable(json.loads(saved_cfg.read_text(encoding="utf-8")), cfg, out)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        say(f"resumed from {ckpt} (step {start})")
+    elif acc.is_main_process:
+        saved_cfg.write_text(json.dumps(cfg.to_json(), indent=1) + "\n", encoding="utf-8")
+        (out / LOG_FILE).unlink(missing_ok=True)
+
+    model.train()
+    model, optimizer = acc.prepare(model, optimizer)
+    if teacher is not None:
+        teacher.to(acc.device)
+    world, rank = acc.num_processes, acc.process_index
+    batches: Iterator[list[int]] = micro_batches(len(train_ex), cfg.batch_size * world, seed=cfg.seed,
+                                                 start=start * cfg.grad_accum)
+    need_hidden = cfg.distill > 0
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="cpet train", unit="step")
+
+    step = start
+    last_eval: dict[str, float] = {}
+    end = cfg.max_steps if stop_after is None else min(cfg.max_steps, start + stop_after)
+    while step < end:
+        t0 = time.perf_counter()
+        window = [[train_ex[i] for i in next(batches)[rank::world]] for _ in range(cfg.grad_accum)]
+        window = [w for w in window if w]
+        tokens = sum(e.tokens for w in window for e in w)
+        parts = {"ce": 0.0, "mse": 0.0, "kl": 0.0}
+        for j, examples in enumerate(window):
+            batch = {k: v.to(acc.device) for k, v in collate(examples, pad_id).items()}
+            sync = acc.no_sync(model) if j < len(window) - 1 and world > 1 else _null()
+            with sync:
+                out_s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=need_hidden)
+                ce, _ = token_cross_entropy(out_s.logits, batch["labels"])
+                loss = ce / max(tokens, 1)
+                parts["ce"] += float(loss.detach())
+                if teacher is not None:
+                    with torch.no_grad():
+                        out_t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        output_hidden_states=need_hidden)
+                    if cfg.distill:
+                        mse = hidden_mse(out_s.hidden_states, out_t.hidden_states, cfg.distill_layers,
+                                         batch["attention_mask"]) / len(window)
+                        loss = loss + cfg.distill * mse
+                        parts["mse"] += float(mse.detach())
+                    if cfg.distill_kl:
+                        kl = logit_kl(out_s.logits, out_t.logits, batch["attention_mask"], cfg.temperature) / len(window)
+                        loss = loss + cfg.distill_kl * kl
+                        parts["kl"] += float(kl.detach())
+                acc.backward(loss)
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record: dict[str, Any] = {"step": step, **{k: round(v, 6) for k, v in parts.items()},
+                                  "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                                  "grad_norm": grad_norm, "seconds": round(time.perf_counter() - t0, 3)}
+        if eval_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            last_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=acc.device)
+            record["eval"] = last_eval
+            say(f"step {step}: eval loss {last_eval['loss']:.4f}, token accuracy {last_eval['accuracy']:.3f}")
+        if acc.is_main_process:
+            _log(out / LOG_FILE, record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(ce=f"{parts['ce']:.3f}", mse=f"{parts['mse']:.4f}")
+        if acc.is_main_process and ((cfg.save_every and step % cfg.save_every == 0) or step == end):
+            save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step=step, model=acc.unwrap_model(model),
+                            optimizer=optimizer, scheduler=scheduler, config=cfg)
+            _prune_checkpoints(out, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+    if bar is not None:
+        bar.close()
+    finished = step >= cfg.max_steps
+    if finished:
+        if eval_ex:
+            last_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=acc.device)
+            say(f"final eval loss {last_eval['loss']:.4f}, token accuracy {last_eval['accuracy']:.3f}")
+        if acc.is_main_process:
+            _write_final(out, cfg, acc.unwrap_model(model), student, step, last_eval, n_trainable)
+    acc.wait_for_everyone()
+    return TrainResult(output=out, steps=step, resumed_from=start, eval=last_eval, finished=finished,
+                       trainable=n_trainable)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _prune_checkpoints(out: Path, keep: int) -> None:
+    root = out / CHECKPOINTS
+    done = sorted((p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student, step: int,
+                 last_eval: dict[str, float], n_trainable: int) -> None:
+    def fill(tmp: Path) -> None:
+        if cfg.task_lora:
+            model.save_pretrained(str(tmp / ADAPTER_DIR))  # type: ignore[operator]
+        if student.recovery is not None:
+            save_file(_contiguous(student.recovery.state_dict()), str(tmp / RECOVERY_WEIGHTS))
+            rc = student.recovery.config
+            (tmp / RECOVERY_CONFIG).write_text(json.dumps(
+                {"r": rc.r, "alpha": rc.alpha, "activation": rc.activation,
+                 "target_modules": list(rc.target_modules)}, indent=1) + "\n", encoding="utf-8")
+
+    _atomic_folder(out / FINAL, fill)
+    run = {"format": "cpet-run", "version": 1, "steps": step, "config": cfg.to_json(),
+           "inheritance": student.inheritance.to_json() if student.inheritance else None,
+           "eval": last_eval, "trainable_parameters": n_trainable}
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / RUN_FILE)
