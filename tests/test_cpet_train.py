@@ -260,3 +260,39 @@ def test_an_inherited_lora_that_does_not_fit_is_refused(world, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(cf.UnsupportedAdapter):
         read_lora(bad)
+
+
+# --- the Trainer subclass -----------------------------------------------------------------------
+def test_the_trainer_subclass_computes_the_same_loss_and_learns(world, tmp_path):
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from cpet_adapters.train import evaluate, hidden_mse, token_cross_entropy
+    from cpet_adapters.trainer import CPETTrainer
+
+    tok = AutoTokenizer.from_pretrained(world["compressed"])
+    examples = D.tokenize(D.read_jsonl(world["train"]), tok, 32)
+    held_out = D.tokenize(D.read_jsonl(world["eval"]), tok, 32)
+    student = build_student(config(world, tmp_path / "s"), load_causal_lm(world["compressed"])).model
+    teacher = load_causal_lm(world["original"])
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=30, learning_rate=2e-2, lr_scheduler_type="constant", report_to=[],
+                             save_strategy="no", use_cpu=True, remove_unused_columns=False, logging_steps=5,
+                             warmup_steps=0, weight_decay=0.0)
+    trainer = CPETTrainer(model=student, args=args, train_dataset=examples, teacher=teacher, distill=0.5,
+                          data_collator=lambda items: D.collate(items, int(tok.pad_token_id)))
+
+    batch = D.collate(examples[:4], int(tok.pad_token_id))
+    trainer.current_gradient_accumulation_steps = 2
+    student.train()
+    got = trainer.compute_loss(student, dict(batch), num_items_in_batch=50)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        ce, _ = token_cross_entropy(s.logits, batch["labels"])
+        want = ce / 50 + 0.5 * hidden_mse(s.hidden_states, t.hidden_states, (-1,), batch["attention_mask"]) / 2
+    assert float(got) == pytest.approx(float(want), rel=1e-5) and trainer.last_parts["mse"] > 0
+
+    before = evaluate(student, held_out, pad_id=int(tok.pad_token_id), batch_size=8, device=torch.device("cpu"))
+    trainer.train()
+    after = evaluate(student, held_out, pad_id=int(tok.pad_token_id), batch_size=8, device=torch.device("cpu"))
+    assert after["loss"] < before["loss"] - 0.2 and after["accuracy"] > before["accuracy"] + 0.2, (before, after)
