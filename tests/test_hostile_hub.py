@@ -128,8 +128,29 @@ def test_a_wrong_digest_removes_only_the_download(hostile, tmp_path):
             cf.pull("me/repo", endpoint=hostile.endpoint, cache_dir=cache)
         assert e.value.code == C.E_ARTIFACT_DIGEST_MISMATCH
     assert victim.read_text() == "keep me"
-    assert not any(p.name.endswith(".part") for p in files_under(cache))
+    assert not any(p.name.endswith((".part", ".tmp")) for p in files_under(cache))
     assert not any(p.name == "adapter.cpeft.safetensors" for p in files_under(cache))
+
+
+def test_a_killed_pulls_temporary_file_is_removed_by_the_next_pull(hostile, tmp_path):
+    import subprocess
+    import sys
+
+    from compeft_format import fileio
+
+    data, index = artifact(tmp_path)
+    serve_repo(hostile, data, index)
+    cache = tmp_path / "cache"
+    first = cf.pull("me/repo", endpoint=hostile.endpoint, cache_dir=cache).paths[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    left = first.parent / f".{first.name}.{fileio._host_tag()}-{pid}.a1b2c3d4.tmp"
+    live = first.parent / f".{first.name}.{fileio._host_tag()}-{os.getpid()}.e5f6a7b8.tmp"
+    left.write_bytes(data[:100])
+    live.write_bytes(data[:100])
+    first.unlink()
+    again = cf.pull("me/repo", endpoint=hostile.endpoint, cache_dir=cache).paths[0]
+    assert again.read_bytes() == data and not left.exists() and live.exists()
 
 
 def test_more_bytes_than_declared_stop_the_download(hostile, tmp_path):
@@ -184,8 +205,13 @@ def test_hostile_indexes_are_refused(hostile, tmp_path):
     good = json.loads(index)
     entry = good["artifacts"][0]
     bad_paths = ["../x", "..\\x", "C:x", "\\\\host\\share", "a\0b", "./" + C.HUB_INDEX_FILE, C.HUB_INDEX_FILE,
-                 "/etc/passwd", "a//b"]
+                 "/etc/passwd", "a//b", "a\x9b2Jb", "a\u2028b", "evil\u202egnp.safetensors", "a\u200bb"]
     bodies = [json.dumps({**good, "artifacts": [{**entry, "path": p}]}).encode() for p in bad_paths]
+    text = json.dumps(good)
+    bodies += [text.replace('"format": "compeft"', '"format": "compeft", "format": "compeft"').encode(),
+               text.replace('"size": ', '"size": 1, "size": ').encode(),
+               json.dumps({**good, "artifacts": [{**entry, "note": float("nan")}]}).encode(),
+               json.dumps({**good, "artifacts": [{**entry, "note": "\ud800"}]}).encode()]
     bodies += [json.dumps({**good, "artifacts": [{**entry, "size": True}]}).encode(),
                b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{}", b"{" + b" " * (17 << 20) + b"}"]
     for body in bodies:

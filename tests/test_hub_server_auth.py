@@ -456,3 +456,19 @@ def test_two_servers_cannot_share_a_root(tmp_path):
             make_server(root, port=0)
     with serving(root, token=ADMIN) as endpoint:  # the lock went with the first server
         assert HfApi(endpoint=endpoint, token=ADMIN).whoami()["name"] == "local"
+
+
+def test_if_range_with_another_version_gets_the_whole_file(hub):
+    endpoint, _ = hub
+    alice = HfApi(endpoint=endpoint, token=ALICE)
+    alice.create_repo("alice/ranges")
+    data = bytes(range(256)) * 8
+    alice.create_commit("alice/ranges", [CommitOperationAdd("f.txt", data)], commit_message="m")
+    url = "/alice/ranges/resolve/main/f.txt"
+    status, h, _ = request(endpoint, "HEAD", url, token=ALICE)
+    etag = h["etag"]
+    status, h, body = request(endpoint, "GET", url, token=ALICE, headers={"Range": "bytes=0-9", "If-Range": etag})
+    assert status == 206 and body == data[:10]
+    for other in ('"0000"', f"W/{etag}", "Sun, 06 Dec 2026 00:00:00 GMT"):
+        status, h, body = request(endpoint, "GET", url, token=ALICE, headers={"Range": "bytes=0-9", "If-Range": other})
+        assert status == 200 and body == data and "content-range" not in h, other

@@ -22,13 +22,14 @@ import contextlib
 import hashlib
 import os
 import re
-import uuid
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .. import fileio
 from ..errors import (
     ArtifactDigestMismatch,
     HubAuthError,
@@ -145,7 +146,10 @@ def cached_file(path: Path, sha256: str, size: int) -> bool:
 
 
 def _temp_name(dest: Path) -> Path:
-    return dest.parent / f".{dest.name[:64]}.{uuid.uuid4().hex}.part"
+    """A download's temporary file beside ``dest``, named as ``fileio.atomic_write`` names its
+    folders (``.<name>.<host>-<pid>.<random>.tmp``), so that the next download of ``dest`` removes
+    what a killed one left (``fileio.remove_stale_temp_files``)."""
+    return dest.parent / f".{dest.name[:64]}.{fileio._host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def discard(tmp: Path) -> None:
@@ -196,6 +200,7 @@ def fetch(url: str, dest: Path, *, max_bytes: int, token: str | None, what: str,
     tmp = _temp_name(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temp_files(dest)
         fh = open(tmp, "xb")  # noqa: SIM115 - closed below, removed on any failure
     except OSError as e:
         raise IOFailure(f"{dest.parent}: cannot write the cache: {e.strerror or e}") from None

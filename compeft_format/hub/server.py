@@ -851,6 +851,9 @@ class HubHandler(BaseHTTPRequestHandler):
             size = os.fstat(fh.fileno()).st_size
             start, end, status = 0, size - 1, 200
             rng = self.headers.get("Range")
+            if_range = self.headers.get("If-Range")
+            if if_range is not None and if_range.strip() != headers["ETag"]:
+                rng = None  # RFC 9110 13.1.5: the client's copy is another version; send the whole file
             if rng is not None and "," not in rng and (m := re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", rng)):
                 first, last = m.groups()
                 if first:
