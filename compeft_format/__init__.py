@@ -12,9 +12,18 @@ Example:
     >>> tensors = cf.load("adapter.cpeft.safetensors", dtype="float16")
     >>> ca = cf.read("adapter.cpeft.safetensors")     # the compressed form back, as save wrote it
     >>> cf.signing.sign("adapter.cpeft.safetensors", "me.key")  # writes adapter.cpeft.safetensors.sig
+
+Recovery modules (CPET / CA-LoRA) and an adapter that requires them (spec 3.6):
+
+    >>> handle = cf.recovery.add_recovery(model, cf.recovery.RecoveryConfig(r=16, target_modules=("q_proj",)))
+    >>> cf.save(cf.compress(handle.state_dict(), recovery=handle.config, base=binding), "recovery.cpeft.safetensors")
+    >>> cf.save(cf.compress(peft_model, base=binding, training={"steps": 1000},
+    ...                     requires=[cf.requirements.requirement("recovery.cpeft.safetensors")]), "task.cpeft.safetensors")
+    >>> model = cf.load_adapter(base_model, "task.cpeft.safetensors")  # the recovery artifact first
+    >>> cf.recovery.get_recovery(model).remove()                        # the recovery modules out again
 """
 
-from . import binding, calibrate, codecs, constants, errors, peft_layout, signing
+from . import binding, calibrate, codecs, constants, errors, peft_layout, recovery, requirements, signing
 from ._version import __version__
 from .apply import MergedAdapter, load_adapter, merge_adapter
 from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
@@ -25,7 +34,7 @@ from .errors import *  # noqa: F403  (the typed errors are part of the public AP
 from .fidelity import Fidelity, ModuleFidelity, measure_fidelity
 from .hub import Index, IndexEntry, PullResult, PushResult, pull, push
 from .integrity import tensor_sha256
-from .manifest import Manifest, TensorDescription, TensorInfo
+from .manifest import Manifest, Requirement, TensorDescription, TensorInfo
 from .peft_io import compress_peft, decompress_to_peft, read_source, write_peft_folder
 from .reader import CompeftFile, load, open_file, read, verify
 from .report import inspect, ternary_bound_bits
@@ -40,6 +49,8 @@ __all__ = [
     "constants",
     "errors",
     "peft_layout",
+    "recovery",
+    "requirements",
     "signing",
     # compress and write
     "CompeftConfig",
@@ -77,6 +88,7 @@ __all__ = [
     "load_adapter",
     "merge_adapter",
     "MergedAdapter",
+    "Requirement",
     "decompress_to_peft",
     "read_source",
     "write_peft_folder",

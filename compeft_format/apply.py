@@ -9,28 +9,46 @@ a full fine-tuning delta) and returns a handle whose ``unmerge`` restores the or
 exactly; it refuses weights that are not plain float arrays (quantised layers) instead of merging
 into them wrongly.
 
+A recovery artifact (spec 3.6) is loaded as recovery modules (``recovery``): hooks beside the
+model's linear layers, which ``recovery.get_recovery(model).remove()`` takes out again. They are
+non-linear, so ``merge_adapter`` refuses them. An artifact that requires others (its ``requires``)
+is applied after them: ``load_adapter`` finds each by its manifest digest among the paths given or
+beside the artifact, and applies it unless the model holds it already.
+
 Everything is checked before the model is touched: the modules the adapter targets exist, sizes
 agree, the PEFT config agrees with the tensors, and, when the file records one, the base model's
-fingerprint matches. A failed call leaves the model as it was.
+fingerprint matches. A failed call leaves the model as it was, required artifacts it applied
+taken out again.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import binding
+from . import binding, requirements
 from . import constants as C
-from .errors import ConfigMismatch, InvalidArgument, ModelMismatch, UnsupportedAdapter, UnsupportedModel
-from .manifest import Manifest
+from .dtypes import to_torch
+from .errors import (
+    ConfigMismatch,
+    InvalidArgument,
+    ModelMismatch,
+    RequirementMissing,
+    UnsupportedAdapter,
+    UnsupportedModel,
+)
+from .manifest import Manifest, Requirement
 from .peft_layout import AdapterLayout, base_model_of, lora_scaling, peft_config, peft_type
 from .reader import CompeftFile
+from .recovery import RecoveryHandle, add_recovery, get_recovery
 
 PathLike = str | os.PathLike[str]
 
@@ -142,49 +160,177 @@ def _check_base(model: nn.Module, manifest: Manifest) -> None:
         binding.check(manifest.base_model, model, subject="the adapter")
 
 
+class _BaseCheck:
+    """The base check of one ``load_adapter`` call: the model's weights are fingerprinted once
+    for the artifact and every artifact it requires (recovery modules and adapters are not base
+    weights, so applying one does not change the fingerprint)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._weights: binding.BaseWeights | None = None
+
+    def __call__(self, manifest: Manifest, subject: str) -> None:
+        if manifest.base_model.fingerprint is None:
+            return
+        if self._weights is None:
+            self._weights = binding.BaseWeights(self.model)
+        binding.check(manifest.base_model, self._weights, subject=subject)
+
+
+def _unchecked_warning(path: PathLike) -> None:
+    warnings.warn(f"check_base=False: {path} is applied without checking that the model is the base it was made "
+                  "for", stacklevel=3)
+
+
+def _holds(model: nn.Module, req: Requirement) -> bool:
+    """The model holds the artifact ``req`` names already (recovery modules loaded from it)."""
+    handle = get_recovery(model) if req.kind == C.ADAPTER_KIND_RECOVERY else None
+    return handle is not None and handle.source == req.manifest_sha256
+
+
+@dataclass(frozen=True)
+class _Options:
+    adapter_name: str
+    candidates: tuple[Path, ...]
+    device: str | torch.device | None
+    dtype: str | torch.dtype | None
+    activate: bool
+    is_trainable: bool
+    base_check: _BaseCheck | None
+
+
 # --- public -------------------------------------------------------------------------------------
-def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default",
+def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default", requires: Sequence[PathLike] = (),
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  activate: bool = True, is_trainable: bool = False, check_base: bool = True) -> Any:
-    """Load a compressed PEFT adapter into ``model`` as the adapter ``adapter_name``.
+    """Load a compressed artifact into ``model``: a PEFT adapter as the adapter
+    ``adapter_name``, a recovery artifact as recovery modules (spec 3.6); before it, every
+    artifact it requires.
 
     Args:
         model: a transformers model (its layers may be quantised ones peft supports), or a
             ``peft.PeftModel`` that already holds other adapters.
         path: the compressed file.
+        requires: files among which to find the artifacts ``path`` requires (spec 3.6); one not
+            among them is looked for beside ``path`` (``requirements.find``). An artifact the model
+            holds already is not applied again.
         device: where the packed streams are decoded (default: the model's device).
-        dtype: dtype of the decoded tensors (default: the file's target dtypes).
+        dtype: dtype of the decoded tensors (default: the file's target dtypes); recovery modules
+            get their parameters in it.
         activate: make it the active adapter.
-        check_base: compare the file's base fingerprint, when it has one, with the model.
+        is_trainable: the adapter's (or recovery modules') parameters are trainable.
+        check_base: compare the base fingerprint each file records, when it has one, with the
+            model; False skips that, with a warning.
 
     Returns:
-        The ``PeftModel`` (``model`` itself when it already was one).
+        The ``PeftModel`` (``model`` itself when it already was one); for a recovery artifact,
+        ``model`` as given (``recovery.get_recovery(model)`` has its modules).
 
     Raises:
-        UnsupportedAdapter, ModelMismatch, ConfigMismatch, BaseMismatch, InvalidArgument, and the
-        file errors of ``open_file``; the model is unchanged when any is raised.
+        UnsupportedAdapter, ModelMismatch, ConfigMismatch, BaseMismatch, InvalidArgument,
+        RequirementMissing (an artifact it requires is not found), and the file errors of
+        ``open_file``; the model is unchanged when any is raised.
     """
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    if not check_base:
+        _unchecked_warning(path)
+    opts = _Options(adapter_name=adapter_name, candidates=tuple(Path(p) for p in requires), device=device,
+                    dtype=dtype, activate=activate, is_trainable=is_trainable,
+                    base_check=_BaseCheck(model) if check_base else None)
+    result, _ = _load(model, Path(path), opts, chain=())
+    return result
 
+
+def _load(model: Any, path: Path, opts: _Options, *, chain: tuple[str, ...],
+          required: Requirement | None = None) -> tuple[Any, list[RecoveryHandle]]:
+    """Apply the artifact at ``path`` after what it requires; ``required`` is the requirement it
+    was found for. Returns the model and the recovery modules this call added."""
     with CompeftFile(path) as f:
         m = f.manifest
-        config = m.adapter.peft_config
-        ptype = peft_type(config)
-        if config is None or ptype is None or not ptype.loadable:
-            kind = None if config is None else config.get("peft_type")
-            raise UnsupportedAdapter(f"cannot load a {kind or 'non-PEFT'} adapter as a PEFT adapter"
-                                     + ("; use merge_adapter" if config is None else ""))
-        if isinstance(model, PeftModel) and adapter_name in model.peft_config:
-            raise InvalidArgument(f"the model already has an adapter named {adapter_name!r}")
-        base = base_model_of(model)
-        lay = _layout(m)
-        _check_model(base, lay, config)
-        if check_base:
-            _check_base(model, m)
-        peft_cfg = peft_config(config, inference_mode=not is_trainable)
-        _check_targets(peft_cfg, lay)
-        target = device if device is not None else next(base.parameters()).device
-        tensors = f.state_dict(dtype=dtype, device=target)
+        digest = f.metadata[C.META_MANIFEST_SHA256]
+        if required is not None:
+            if m.adapter.kind != required.kind:
+                raise RequirementMissing(f"{path} has the manifest sha256 of the required {required.kind} artifact "
+                                         f"but is a {m.adapter.kind} artifact", manifest_sha256=digest,
+                                         kind=required.kind, name=required.name, path=str(path))
+            if m.adapter.kind != C.ADAPTER_KIND_RECOVERY:
+                raise UnsupportedAdapter(f"{path} is required, and this library applies required artifacts of kind "
+                                         f"{C.ADAPTER_KIND_RECOVERY} only, not {m.adapter.kind}; apply it first")
+        if digest in chain:
+            raise InvalidArgument(f"{path}: the artifacts' requirements form a cycle")
+        plan = [(req, requirements.find(req, candidates=opts.candidates, folder=path.parent))
+                for req in m.requires if not _holds(model, req)]
+        added: list[RecoveryHandle] = []
+        try:
+            for req, found in plan:
+                if not _holds(model, req):  # an earlier requirement may have brought it
+                    _, more = _load(model, found, opts, chain=chain + (digest,), required=req)
+                    added += more
+            if m.adapter.kind == C.ADAPTER_KIND_RECOVERY:
+                added.append(_load_recovery(model, f, digest, opts))
+                return model, added
+            return _load_peft(model, f, opts), added
+        except BaseException:
+            for handle in reversed(added):
+                handle.remove()
+            raise
+
+
+def _load_recovery(model: Any, f: CompeftFile, digest: str, opts: _Options) -> RecoveryHandle:
+    """Recovery modules beside the layers a recovery artifact names, holding its tensors."""
+    m = f.manifest
+    config = m.adapter.recovery
+    assert config is not None  # a recovery artifact without it does not open
+    if config.activation not in C.RECOVERY_ACTIVATIONS:
+        raise UnsupportedAdapter(f"{f.path}: recovery activation {config.activation!r} is not one this library "
+                                 f"applies ({list(C.RECOVERY_ACTIVATIONS)})")
+    held = get_recovery(model)
+    if held is not None:
+        raise InvalidArgument("the model holds recovery modules already ("
+                              + (f"loaded from manifest sha256 {held.source}" if held.source else "made by add_recovery")
+                              + f"); {f.path} has manifest sha256 {digest}: remove them first "
+                              "(recovery.get_recovery(model).remove())")
+    if opts.base_check is not None:
+        opts.base_check(m, str(f.path))
+    base = base_model_of(model)
+    target = opts.device if opts.device is not None else next(base.parameters()).device
+    dtype = to_torch(opts.dtype) if opts.dtype is not None else to_torch(m.tensors[0].dtype) if m.tensors else None
+    handle = add_recovery(model, config, init=False, dtype=dtype)
+    try:
+        handle.load_state_dict(f.state_dict(dtype=opts.dtype, device=target))
+    except BaseException:
+        handle.remove()
+        raise
+    handle.modules.source = digest
+    handle.modules.requires_grad_(opts.is_trainable)
+    return handle
+
+
+def _load_peft(model: Any, f: CompeftFile, opts: _Options) -> Any:
+    """A PEFT adapter added to ``model`` as ``opts.adapter_name``."""
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+    adapter_name = opts.adapter_name
+    m = f.manifest
+    config = m.adapter.peft_config
+    ptype = peft_type(config)
+    if config is None or ptype is None or not ptype.loadable:
+        kind = None if config is None else config.get("peft_type")
+        raise UnsupportedAdapter(f"cannot load a {kind or 'non-PEFT'} adapter as a PEFT adapter"
+                                 + ("; use merge_adapter" if config is None else ""))
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise InvalidArgument(f"the model already has an adapter named {adapter_name!r}")
+    base = base_model_of(model)
+    lay = _layout(m)
+    _check_model(base, lay, config)
+    if opts.base_check is not None:
+        opts.base_check(m, str(f.path))
+    peft_cfg = peft_config(config, inference_mode=not opts.is_trainable)
+    _check_targets(peft_cfg, lay)
+    target = opts.device if opts.device is not None else next(base.parameters()).device
+    tensors = f.state_dict(dtype=opts.dtype, device=target)
+    # peft freezes every parameter that is not its own; recovery modules keep their setting
+    held = get_recovery(model)
+    trainable = [(p, p.requires_grad) for p in held.modules.parameters()] if held is not None else []
     was_peft = isinstance(model, PeftModel)
     wrapped: Any
     if was_peft:
@@ -203,7 +349,10 @@ def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default",
         else:
             wrapped.unload()
         raise
-    if activate:
+    finally:
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+    if opts.activate:
         wrapped.set_adapter(adapter_name)
     return wrapped
 
@@ -230,19 +379,34 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
     rank_pattern / alpha_pattern honoured), then DoRA's per-row renormalisation to the stored
     magnitudes; (IA)3: ``W *= l``; a full fine-tuning delta: ``W += scale * delta``;
     ``modules_to_save`` weights replace the model's. All new weights are computed before any is
-    written.
+    written. An artifact that requires others (spec 3.6) merges into a model that holds them
+    (``load_adapter`` applies them); ``check_base=False`` skips the base check, with a warning.
 
     Raises:
         UnsupportedModel: a weight to merge into is not a plain float array (a quantised layer).
-        UnsupportedAdapter, ModelMismatch, ConfigMismatch, BaseMismatch, InvalidArgument, and the
-        file errors of ``open_file``; the model is unchanged when any is raised.
+        UnsupportedAdapter: a recovery artifact (non-linear: it cannot be merged), or an adapter
+            type that cannot be merged.
+        RequirementMissing: the model does not hold an artifact the file requires.
+        ModelMismatch, ConfigMismatch, BaseMismatch, InvalidArgument, and the file errors of
+        ``open_file``; the model is unchanged when any is raised.
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise InvalidArgument(f"scale must be a finite number, got {scale!r}")
+    if not check_base:
+        _unchecked_warning(path)
     with CompeftFile(path) as f:
         m = f.manifest
         config = m.adapter.peft_config
         ptype = peft_type(config)
+        if m.adapter.kind == C.ADAPTER_KIND_RECOVERY:
+            raise UnsupportedAdapter(f"{path} is a recovery artifact: its modules are non-linear and cannot be merged "
+                                     "into weights; apply it with load_adapter")
+        missing = [req for req in m.requires if not _holds(model, req)]
+        if missing:
+            req = missing[0]
+            raise RequirementMissing(f"{path} requires the {req.kind} artifact {req.name or ''} (manifest sha256 "
+                                     f"{req.manifest_sha256}), which the model does not hold; apply it first with "
+                                     "load_adapter", manifest_sha256=req.manifest_sha256, kind=req.kind, name=req.name)
         if m.adapter.representation == C.REPRESENTATION_DELTA:
             lay = _layout(m, deltas=True)
         elif ptype is not None and ptype.loadable:

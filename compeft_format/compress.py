@@ -43,8 +43,10 @@ from .compressed import CompressedAdapter, CompressedTensor
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES, name_of
 from .errors import InvalidArgument, NonFiniteInput, UnsupportedDtype
 from .fidelity import compare_task_vectors
-from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo
+from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo, Requirement
 from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, lora_matrices, lora_pairs, peft_type, sparsifiable
+from .recovery import RecoveryConfig
+from .recovery import layout as recovery_layout
 
 
 def _number(x: Any) -> bool:
@@ -235,6 +237,9 @@ def compress(
     base: BaseBinding | None = None,
     base_weights: Mapping[str, torch.Tensor] | None = None,
     adapter_kind: str | None = None,
+    recovery: RecoveryConfig | None = None,
+    requires: Sequence[Requirement] = (),
+    training: Mapping[str, Any] | None = None,
     source: str | None = None,
     created_at: str | None = None,
     **parameters: Any,
@@ -253,8 +258,17 @@ def compress(
             reference defaults from the type.
         base: the base model the adapter belongs to (``binding.BaseBinding``), recorded as is.
         base_weights: the pretrained weights, for ``reference="base"``: the file then stores deltas.
-        adapter_kind: ``lora``, ``ia3``, ``full`` or ``other``; by default from the PEFT type
-            (``full`` for deltas without one).
+        adapter_kind: ``lora``, ``ia3``, ``full``, ``recovery`` or ``other``; by default from the
+            PEFT type (``full`` for deltas without one, ``recovery`` with ``recovery``).
+        recovery: makes a recovery artifact (spec 3.6): the configuration of its modules
+            (``recovery.RecoveryConfig``, e.g. ``RecoveryHandle.config``), whose ``r``, ``alpha``
+            and ``activation`` the file records. ``adapter`` is then the modules' factors by the
+            names a file gives them (``RecoveryHandle.state_dict()``), checked against it; their
+            reference is zero. ``density=1, dense_patterns=("*",)`` keeps them as they are.
+        requires: artifacts to apply before this one (``Requirement``; ``requirements.requirement``
+            makes one of a file), recorded in the file (spec 3.6).
+        training: how the adapter was trained (any JSON object; informative), recorded as
+            ``provenance.training``.
         source, created_at: provenance (``created_at`` defaults to now, UTC).
 
     Returns:
@@ -262,7 +276,9 @@ def compress(
 
     Raises:
         InvalidArgument: a parameter out of range, or a PEFT type without a known reference and
-            no reference given.
+            no reference given; a recovery artifact whose tensors are not the modules' factors
+            (spec 3.6), or with a PEFT config or base weights; ``requires`` that are not
+            ``Requirement`` objects, ``training`` that JSON cannot hold.
         UnsupportedDtype: a tensor is not a float tensor.
         NonFiniteInput: a tensor holds NaN or Inf.
 
@@ -308,7 +324,14 @@ def compress(
     if ptype is not None:  # a known PEFT type: only its factors are task vectors
         patterns += tuple(glob.escape(n) for n in sorted(state_dict) if not sparsifiable(n))
     if adapter_kind is None:
-        adapter_kind = ptype.kind if ptype else ("full" if base_weights is not None else "other")
+        adapter_kind = (C.ADAPTER_KIND_RECOVERY if recovery is not None else ptype.kind if ptype
+                        else ("full" if base_weights is not None else C.ADAPTER_KIND_OTHER))
+    recovery = _recovery_config(recovery, adapter_kind, state_dict, cfg_json, base_weights)
+    requirements = list(requires)
+    if not all(isinstance(r, Requirement) for r in requirements):
+        raise InvalidArgument("requires must be a sequence of Requirement objects "
+                              "(compeft_format.requirements.requirement(path) makes one of a file)")
+    training_json = None if training is None else config_dict(training)
 
     target = cfg.dtype
     names = sorted(state_dict)
@@ -388,6 +411,8 @@ def compress(
             sparse[n] = CompressedTensor.sparse(n, shapes[n], tdtype, keep[n], kept, offsets[n])
         if cfg.balance != C.BALANCE_NONE:
             options = {"balance": cfg.balance}
+    if not sparse_names:  # every tensor kept as it is: nothing was refined or lost
+        options = None
     fidelity = None
     if options is not None:  # what the decoded tensors (in their target dtypes) give
         approx = {n: sparse[n].to_dense().float().numpy() - np.float32(offsets[n]) for n in sparse_names}
@@ -397,9 +422,10 @@ def compress(
     return CompressedAdapter(
         tensors=tensors,
         adapter=AdapterInfo(
-            kind=adapter_kind if adapter_kind in C.ADAPTER_KINDS else "other",
+            kind=adapter_kind if adapter_kind in C.ADAPTER_KINDS else C.ADAPTER_KIND_OTHER,
             representation=C.REPRESENTATION_DELTA if base_weights is not None else C.REPRESENTATION_WEIGHTS,
             peft_config=cfg_json,
+            recovery=recovery,
         ),
         base_model=base or BaseBinding(),
         compression=CompressionInfo(
@@ -419,8 +445,33 @@ def compress(
             tool=f"compeft {__version__}",
             created_at=created_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             source=source,
+            training=training_json,
         ),
+        requires=requirements,
     )
+
+
+def _recovery_config(recovery: RecoveryConfig | None, kind: str, state_dict: Mapping[str, torch.Tensor],
+                     peft_config: Mapping[str, Any] | None,
+                     base_weights: Mapping[str, torch.Tensor] | None) -> RecoveryConfig | None:
+    """The ``adapter.recovery`` of a recovery artifact, its ``target_modules`` the modules its
+    tensors name; None for other artifacts."""
+    if recovery is None:
+        if kind == C.ADAPTER_KIND_RECOVERY:
+            raise InvalidArgument("a recovery artifact needs its configuration: pass recovery=RecoveryConfig(...)")
+        return None
+    if not isinstance(recovery, RecoveryConfig):
+        raise InvalidArgument(f"recovery must be a RecoveryConfig, not a {type(recovery).__name__}")
+    if kind != C.ADAPTER_KIND_RECOVERY:
+        raise InvalidArgument(f"recovery= makes a recovery artifact, not one of kind {kind!r}")
+    if peft_config is not None or base_weights is not None:
+        raise InvalidArgument("a recovery artifact has no PEFT config and no base weights to subtract")
+    modules = recovery_layout(((n, tuple(t.shape)) for n, t in sorted(state_dict.items())), recovery.r,
+                              error=InvalidArgument)
+    if recovery.target_modules and set(recovery.target_modules) != set(modules):
+        raise InvalidArgument(f"the recovery config targets {len(recovery.target_modules)} module(s), the tensors "
+                              f"are for {len(modules)}: they must be the same")
+    return replace(recovery, target_modules=tuple(modules))
 
 
 def _balance(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from .binding import BaseBinding
 from .codecs import Payload, get_codec
 from .dtypes import name_of
 from .errors import InvalidArgument
-from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo, TensorDescription
+from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo, Requirement, TensorDescription
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -91,6 +91,8 @@ class CompressedAdapter:
     base_model: BaseBinding = field(default_factory=BaseBinding)
     compression: CompressionInfo = field(default_factory=CompressionInfo)
     provenance: ProvenanceInfo = field(default_factory=ProvenanceInfo)
+    #: artifacts to apply before this one (spec 3.6), by their manifest digests
+    requires: list[Requirement] = field(default_factory=list)
 
     def state_dict(self, dtype: str | torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

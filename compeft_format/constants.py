@@ -11,8 +11,15 @@ from __future__ import annotations
 # --- identification (spec section 2) ----------------------------------------------------------
 FORMAT_NAME = "compeft"
 FORMAT_VERSION_MAJOR = 1
-FORMAT_VERSION_MINOR = 3
+FORMAT_VERSION_MINOR = 4
 FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
+#: The minor version that added recovery artifacts, ``requires`` and ``provenance.training``
+#: (spec 3.6). Files of an earlier minor version hold no such members: a reader ignores members of
+#: those names there, as unknown members (spec 8.1).
+MINOR_RECOVERY = 4
+#: What a writer of this version writes for a manifest that uses none of the members of
+#: ``MINOR_RECOVERY`` (spec 8.1): such a file is byte for byte what a 1.3 writer wrote.
+FORMAT_VERSION_WITHOUT_RECOVERY = f"{FORMAT_VERSION_MAJOR}.{MINOR_RECOVERY - 1}"
 
 #: The safetensors header member that holds the metadata; no stream can have this name.
 SAFETENSORS_METADATA = "__metadata__"
@@ -74,7 +81,18 @@ FLOAT_DTYPES = (DTYPE_F32, DTYPE_F16, DTYPE_BF16)
 DTYPE_ITEMSIZE = {DTYPE_F32: 4, DTYPE_F16: 2, DTYPE_BF16: 2}
 
 # --- manifest vocabularies (spec section 3) ---------------------------------------------------
-ADAPTER_KINDS = ("lora", "ia3", "full", "other")
+ADAPTER_KIND_OTHER = "other"
+#: (1.4) an artifact of recovery modules (spec 3.6)
+ADAPTER_KIND_RECOVERY = "recovery"
+ADAPTER_KINDS = ("lora", "ia3", "full", ADAPTER_KIND_OTHER, ADAPTER_KIND_RECOVERY)
+#: The factors of a recovery module (spec 3.6): its tensors are ``<module>.recovery_A1.weight``
+#: ``[r, in_features]`` and ``<module>.recovery_A2.weight`` ``[out_features, r]``.
+RECOVERY_A1 = "recovery_A1"
+RECOVERY_A2 = "recovery_A2"
+RECOVERY_TENSOR_SUFFIX = ".weight"
+#: The activation of a recovery module's bypass: GELU, the erf form (spec 3.6).
+ACTIVATION_GELU = "gelu"
+RECOVERY_ACTIVATIONS = (ACTIVATION_GELU,)
 REPRESENTATION_WEIGHTS = "weights"
 REPRESENTATION_DELTA = "delta"
 REPRESENTATIONS = (REPRESENTATION_WEIGHTS, REPRESENTATION_DELTA)
@@ -151,6 +169,7 @@ E_SIGNATURE_MISSING = "SIGNATURE_MISSING"
 E_SIGNATURE_MALFORMED = "SIGNATURE_MALFORMED"
 E_SIGNATURE_INVALID = "SIGNATURE_INVALID"
 E_KEY_INVALID = "KEY_INVALID"
+E_REQUIREMENT_MISSING = "REQUIREMENT_MISSING"
 
 #: Codes a conforming reader returns for a file (spec section 9.1).
 READER_ERROR_CODES = (

@@ -234,6 +234,18 @@ class UnsupportedModel(ApplyError):
     modules: list[str] | None = None
 
 
+class RequirementMissing(CompeftError, LookupError):
+    """An artifact requires another (its ``requires``, spec 3.6) that cannot be found: not among
+    the paths given, not beside it, not in the model already, or (``push``) neither in the same
+    push nor in the repository. ``manifest_sha256``, ``kind`` and ``name`` are the requirement's."""
+
+    code = C.E_REQUIREMENT_MISSING
+    manifest_sha256: str | None = None
+    kind: str | None = None
+    name: str | None = None
+    path: str | None = None
+
+
 # --- the Hub ------------------------------------------------------------------------------------
 class HubError(CompeftError, OSError):
     """A Hub request failed for a reason none of the subclasses names."""
@@ -341,6 +353,7 @@ __all__ = [
     "BaseMismatch",
     "UnsupportedAdapter",
     "UnsupportedModel",
+    "RequirementMissing",
     "HubError",
     "HubRepoNotFound",
     "HubRevisionNotFound",

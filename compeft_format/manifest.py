@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +39,9 @@ from .errors import (
 from .framing import frame, unframe
 from .integrity import sha256_hex
 from .jsonfields import (
+    HEX64,
     as_f32,
+    as_finite,
     as_hex64,
     as_int,
     as_list,
@@ -50,6 +52,8 @@ from .jsonfields import (
     loads,
     utf8_len,
 )
+from .recovery import RecoveryConfig
+from .recovery import layout as recovery_layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,9 +169,19 @@ Encodings = Mapping[str, EncodingRules]
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class AdapterInfo:
-    kind: str = "other"
+    kind: str = C.ADAPTER_KIND_OTHER
     representation: str = C.REPRESENTATION_WEIGHTS
     peft_config: dict[str, Any] | None = None
+    #: (1.4) the configuration of a recovery artifact's modules (spec 3.6), written when not None;
+    #: read from a file, its ``target_modules`` are the modules the tensors name
+    recovery: RecoveryConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "representation": self.representation,
+                             "peft_config": self.peft_config}
+        if self.recovery is not None:
+            d["recovery"] = self.recovery.to_json()
+        return d
 
 
 @dataclass
@@ -201,6 +215,49 @@ class ProvenanceInfo:
     tool: str = ""
     created_at: str | None = None
     source: str | None = None
+    #: (1.4) how the artifact was trained (informative, any members; written when not None)
+    training: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"tool": self.tool, "created_at": self.created_at, "source": self.source}
+        if self.training is not None:
+            d["training"] = self.training
+        return d
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """(1.4) An artifact that must be applied before the one that lists it (``requires``, spec
+    3.6), named by its ``compeft.manifest_sha256``. ``kind`` is its ``adapter.kind``; ``name``
+    (its file name, as a rule) helps find it and is not trusted: the digest decides.
+
+    Raises:
+        InvalidArgument: ``kind`` not a string, ``manifest_sha256`` not 64 lowercase hex digits,
+            ``name`` neither a string nor None.
+    """
+
+    kind: str
+    manifest_sha256: str
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str):
+            raise InvalidArgument(f"a requirement's kind must be a string, got {self.kind!r}")
+        if not isinstance(self.manifest_sha256, str) or HEX64.fullmatch(self.manifest_sha256) is None:
+            raise InvalidArgument(f"a requirement's manifest_sha256 must be 64 lowercase hex digits, got "
+                                  f"{self.manifest_sha256!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise InvalidArgument(f"a requirement's name must be a string or None, got {self.name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "manifest_sha256": self.manifest_sha256, "name": self.name}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> Requirement:
+        o = as_object(obj, where)
+        return cls(kind=as_str(o.get("kind"), f"{where}.kind"),
+                   manifest_sha256=as_hex64(o.get("manifest_sha256"), f"{where}.manifest_sha256"),
+                   name=as_opt_str(o.get("name"), f"{where}.name"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,28 +273,45 @@ class Manifest:
     provenance: ProvenanceInfo = field(default_factory=ProvenanceInfo)
     library_version: str = ""
     required_features: list[str] = field(default_factory=list)
+    #: (1.4) artifacts to apply before this one (spec 3.6), written when not empty
+    requires: list[Requirement] = field(default_factory=list)
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "tensors": [t.to_dict() for t in self.tensors],
             "groups": [g.to_dict() for g in self.groups],
-            "adapter": vars(self.adapter).copy(),
+            "adapter": self.adapter.to_dict(),
             "base_model": self.base_model.to_json(),
             "compression": self.compression.to_dict(),
-            "provenance": vars(self.provenance).copy(),
+            "provenance": self.provenance.to_dict(),
             "library_version": self.library_version,
             "required_features": list(self.required_features),
         }
+        if self.requires:
+            d["requires"] = [r.to_json() for r in self.requires]
+        return d
+
+    @property
+    def format_version(self) -> str:
+        """The version a writer gives a file of this manifest (spec 8.1): this library's when the
+        manifest uses a member 1.4 added (a recovery artifact, ``requires``,
+        ``provenance.training``), else 1.3."""
+        uses = (self.adapter.kind == C.ADAPTER_KIND_RECOVERY or self.adapter.recovery is not None
+                or bool(self.requires) or self.provenance.training is not None)
+        return C.FORMAT_VERSION if uses else C.FORMAT_VERSION_WITHOUT_RECOVERY
 
     def to_json(self) -> str:
         """The manifest text (spec 6.5: compact, UTF-8, no NaN)."""
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, obj: Any, encodings: Encodings, budget: Budget | None = None) -> Manifest:
+    def from_dict(cls, obj: Any, encodings: Encodings, budget: Budget | None = None,
+                  minor: int = C.FORMAT_VERSION_MINOR) -> Manifest:
         """Validate a parsed manifest (spec 3, in the order of 9.1 step 6); with ``budget``, its
-        entry count is checked first (spec 8.5)."""
+        entry count is checked first (spec 8.5). ``minor`` is the file's minor version: below
+        ``MINOR_RECOVERY`` the members 1.4 added are unknown members, ignored (spec 8.1)."""
+        cpet = minor >= C.MINOR_RECOVERY
         o = as_object(obj, "manifest")
         raw_tensors = as_list(o.get("tensors"), "tensors")
         raw_groups = as_list(o.get("groups"), "groups")
@@ -253,14 +327,17 @@ class Manifest:
         m = cls(
             tensors=tensors,
             groups=groups,
-            adapter=_parse_adapter(o.get("adapter", {})),
+            adapter=_parse_adapter(o.get("adapter", {}), cpet),
             base_model=BaseBinding.from_json(o.get("base_model", {})),
             compression=_parse_compression(o.get("compression", {})),
-            provenance=_parse_provenance(o.get("provenance", {})),
+            provenance=_parse_provenance(o.get("provenance", {}), cpet),
             library_version=as_opt_str(o.get("library_version", ""), "library_version") or "",
             required_features=list(req),
+            requires=_parse_requires(o.get("requires", []), cpet),
         )
-        m.check_consistency(encodings)
+        modules = m.check_consistency(encodings)
+        if m.adapter.recovery is not None and modules is not None:
+            m.adapter.recovery = replace(m.adapter.recovery, target_modules=tuple(modules))
         return m
 
     # -- structure -------------------------------------------------------------------------
@@ -280,9 +357,13 @@ class Manifest:
         members = [self.tensors[i] for i in (member_index or self.group_members())[gi]]
         return encodings[g.encoding].raw_sizes(g.params, members)
 
-    def check_consistency(self, encodings: Encodings) -> None:
+    def check_consistency(self, encodings: Encodings) -> list[str] | None:
         """Cross-field rules: unique names, every group used, group sizes within limits, raw
-        sizes equal to what the shapes imply."""
+        sizes equal to what the shapes imply; for a recovery artifact, the tensors of 3.6.
+
+        Returns:
+            The modules of a recovery artifact, in name order; None for other artifacts.
+        """
         names = set()
         for t in self.tensors:
             if t.name in names:
@@ -311,6 +392,11 @@ class Manifest:
                     )
                 if info.compression == C.COMP_NONE and info.size != info.raw_size:
                     raise ManifestError(f"uncompressed stream {info.name!r} has size != raw_size")
+        if self.adapter.kind != C.ADAPTER_KIND_RECOVERY:
+            return None
+        if self.adapter.recovery is None:
+            raise ManifestError("adapter.recovery is required for an adapter of kind recovery")
+        return list(recovery_layout(((t.name, t.shape) for t in self.tensors), self.adapter.recovery.r))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +443,7 @@ def parse_metadata(meta: Mapping[str, str], encodings: Encodings, budget: Budget
             unknown = [f for f in req if not isinstance(f, str) or f not in C.SUPPORTED_FEATURES]
             if unknown:
                 raise UnsupportedFeature(f"file requires features this reader lacks: {unknown}", features=unknown)
-    return Manifest.from_dict(obj, encodings, budget)
+    return Manifest.from_dict(obj, encodings, budget, minor=int(m.group(2)))
 
 
 def metadata(manifest: Manifest, encoding: str = "auto") -> dict[str, str]:
@@ -373,7 +459,7 @@ def metadata(manifest: Manifest, encoding: str = "auto") -> dict[str, str]:
         raise InvalidArgument(f"manifest_encoding must be 'auto' or one of {list(C.MANIFEST_ENCODINGS)}")
     return {
         C.META_FORMAT: C.FORMAT_NAME,
-        C.META_VERSION: C.FORMAT_VERSION,
+        C.META_VERSION: manifest.format_version,
         C.META_MANIFEST_ENCODING: encoding,
         C.META_MANIFEST: stored,
         C.META_MANIFEST_SHA256: sha256_hex(text.encode("utf-8")),
@@ -499,18 +585,37 @@ def _parse_tensor(t: Any, i: int, groups: list[GroupInfo], encodings: Encodings)
                       sha256=None if sha is None else as_hex64(sha, f"tensor {name!r} sha256"))
 
 
-def _parse_adapter(a: Any) -> AdapterInfo:
+def _parse_adapter(a: Any, cpet: bool) -> AdapterInfo:
     a = as_object(a, "adapter")
-    kind = a.get("kind", "other")
-    if kind not in C.ADAPTER_KINDS:
-        kind = "other"
+    kind = a.get("kind", C.ADAPTER_KIND_OTHER)
+    if kind not in C.ADAPTER_KINDS or (kind == C.ADAPTER_KIND_RECOVERY and not cpet):
+        kind = C.ADAPTER_KIND_OTHER
     rep = a.get("representation", C.REPRESENTATION_WEIGHTS)
     if rep not in C.REPRESENTATIONS:
         raise ManifestError(f"adapter.representation must be one of {list(C.REPRESENTATIONS)}")
     cfg = a.get("peft_config")
     if cfg is not None:
         cfg = as_object(cfg, "adapter.peft_config")
-    return AdapterInfo(kind=kind, representation=rep, peft_config=cfg)
+    recovery = None
+    if cpet and a.get("recovery") is not None:
+        recovery = _parse_recovery(a["recovery"])
+    if kind == C.ADAPTER_KIND_RECOVERY and rep != C.REPRESENTATION_WEIGHTS:
+        raise ManifestError("an adapter of kind recovery must have representation weights")
+    return AdapterInfo(kind=kind, representation=rep, peft_config=cfg, recovery=recovery)
+
+
+def _parse_recovery(x: Any) -> RecoveryConfig:
+    o = as_object(x, "adapter.recovery")
+    r = as_int(o.get("r"), "adapter.recovery.r", lo=1)
+    alpha = as_finite(o.get("alpha"), "adapter.recovery.alpha")
+    activation = as_str(o.get("activation"), "adapter.recovery.activation")
+    return RecoveryConfig(r=r, alpha=alpha, activation=activation)
+
+
+def _parse_requires(x: Any, cpet: bool) -> list[Requirement]:
+    if not cpet:
+        return []
+    return [Requirement.from_json(e, f"requires[{i}]") for i, e in enumerate(as_list(x, "requires"))]
 
 
 def _parse_compression(c: Any) -> CompressionInfo:
@@ -535,15 +640,16 @@ def _informative(x: Any) -> dict[str, Any] | None:
     return x if isinstance(x, dict) else None
 
 
-def _parse_provenance(p: Any) -> ProvenanceInfo:
+def _parse_provenance(p: Any, cpet: bool) -> ProvenanceInfo:
     p = as_object(p, "provenance")
     return ProvenanceInfo(
         tool=as_str(p.get("tool", ""), "provenance.tool"),
         created_at=as_opt_str(p.get("created_at"), "provenance.created_at"),
         source=as_opt_str(p.get("source"), "provenance.source"),
+        training=_informative(p.get("training")) if cpet else None,
     )
 
 
 __all__ = ["TensorDescription", "TensorInfo", "StreamInfo", "GroupInfo", "AdapterInfo", "CompressionInfo",
-           "ProvenanceInfo", "Manifest", "EncodingRules", "Encodings", "parse_metadata", "metadata",
+           "ProvenanceInfo", "Requirement", "Manifest", "EncodingRules", "Encodings", "parse_metadata", "metadata",
            "decode_manifest_text", "encode_manifest_text", "manifest_dictionary"]

@@ -127,17 +127,21 @@ def base_model_of(model: Any) -> Any:
     return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
 
 
-def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The base model's own tensors, under their original names, of a model that may hold peft
-    adapters of any kind: the tensors each peft tuner layer declares as its own
-    (``adapter_layer_names``, ``other_param_names``), ``modules_to_save`` copies and trainable-token
-    deltas are left out, and wrapped weights (``base_layer``, ``original_module``, ``token_adapter``)
-    are named as before wrapping."""
-    base = base_model_of(model)
+#: A module whose class sets this attribute true holds weights added beside the base model (the
+#: recovery modules of ``recovery``): neither its parameters nor its submodules are the base model's.
+ADDED_MODULE = "compeft_added_module"
+
+
+def _wrapping(base: Any) -> tuple[list[str], list[tuple[str, str]]]:
+    """The names the adapters of ``base`` added (peft's adapter layers, ``modules_to_save`` copies,
+    modules marked ``ADDED_MODULE``), and the (wrapped prefix, original prefix) pairs of the layers
+    peft wrapped, the innermost wrapper first."""
     added: list[str] = []
     unwrap: list[tuple[str, str]] = []
     for path, module in base.named_modules():
         at = f"{path}." if path else ""
+        if getattr(module, ADDED_MODULE, False):
+            added.append(path)
         if hasattr(module, "adapter_layer_names") and hasattr(module, "base_layer"):  # a peft tuner layer
             added += [at + n for n in (*module.adapter_layer_names, *getattr(module, "other_param_names", ()))]
             unwrap.append((at + "base_layer.", at))
@@ -147,18 +151,53 @@ def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
         if hasattr(module, "token_adapter"):  # TrainableTokensWrapper
             unwrap.append((at + "token_adapter.", at))
     unwrap.sort(key=lambda u: -len(u[0]))  # the innermost wrapper first
+    return added, unwrap
+
+
+def _original_name(name: str, added: list[str], unwrap: list[tuple[str, str]]) -> str | None:
+    """``name`` (a state-dict key, or a module path followed by ".") as before wrapping; None for
+    the names adapters added."""
+    if any(name == a or name.startswith(a + ".") for a in added):
+        return None
+    renamed = True
+    while renamed:
+        renamed = False
+        for old, new in unwrap:
+            if name.startswith(old):
+                name, renamed = new + name[len(old):], True
+                break
+    return name
+
+
+def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The base model's own tensors, under their original names, of a model that may hold peft
+    adapters of any kind: the tensors each peft tuner layer declares as its own
+    (``adapter_layer_names``, ``other_param_names``), ``modules_to_save`` copies, trainable-token
+    deltas and the modules marked ``ADDED_MODULE`` (recovery modules) are left out, and wrapped
+    weights (``base_layer``, ``original_module``, ``token_adapter``) are named as before wrapping."""
+    base = base_model_of(model)
+    added, unwrap = _wrapping(base)
     out: dict[str, torch.Tensor] = {}
     for key, t in base.state_dict().items():
-        if any(key == a or key.startswith(a + ".") for a in added):
+        original = _original_name(key, added, unwrap)
+        if original is not None:
+            out[original] = t
+    return out
+
+
+def base_modules(model: Any) -> dict[str, Any]:
+    """The base model's own modules by their original names, of a model that may hold adapters: a
+    layer peft wrapped is its innermost ``base_layer`` (``original_module``), and the modules
+    adapters added are left out. The root module is not listed."""
+    base = base_model_of(model)
+    added, unwrap = _wrapping(base)
+    out: dict[str, Any] = {}
+    for path, module in base.named_modules():  # a wrapper before the layer it wraps: the layer wins
+        if not path or any(path == a or path.startswith(a + ".") for a in added):
             continue
-        renamed = True
-        while renamed:
-            renamed = False
-            for old, new in unwrap:
-                if key.startswith(old):
-                    key, renamed = new + key[len(old):], True
-                    break
-        out[key] = t
+        original = _original_name(path + ".", [], unwrap)
+        if original is not None and original != ".":
+            out[original[:-1]] = module
     return out
 
 
@@ -233,34 +272,86 @@ def _jsonable(x: Any, where: str) -> Any:
 MAX_PATTERN = 512
 #: Most unbounded repetitions (``*``, ``+``, ``{n,}``) in one of them.
 MAX_REPEATS = 2
-_REPEAT = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
-_GROUP_REPEAT = re.compile(r"(?<!\\)\)[*+?{]")
+
+_SRE: Any = getattr(re, "_parser", None)
+if _SRE is None:  # Python 3.10
+    import sre_parse as _SRE
+#: what a repetition may repeat: one character, a class of them, or a group of such
+_SIMPLE = {_SRE.LITERAL, _SRE.NOT_LITERAL, _SRE.ANY, _SRE.IN, _SRE.CATEGORY}
+_REPEATS = {_SRE.MAX_REPEAT, _SRE.MIN_REPEAT} | ({_SRE.POSSESSIVE_REPEAT} if hasattr(_SRE, "POSSESSIVE_REPEAT") else set())
+
+
+class _Explosive(Exception):
+    """A construct whose matching time can grow exponentially."""
+
+
+def _simple(items: Any) -> bool:
+    return all(op in _SIMPLE or (op == _SRE.SUBPATTERN and _simple(av[-1])) for op, av in items)
+
+
+def _unbounded_repeats(items: Any) -> int:
+    """The unbounded repetitions of a parsed expression; ``_Explosive`` for a repetition of
+    anything but single characters (``(a+)+``, ``(a|b\\)*``, ``(ab|cd){2,}``) and for
+    backreferences."""
+    count = 0
+    for op, av in items:
+        if op in _REPEATS:
+            _low, high, sub = av
+            if high > 1 and not _simple(sub):
+                raise _Explosive("repeats a group holding an alternation or a repetition")
+            count += (high == _SRE.MAXREPEAT) + _unbounded_repeats(sub)
+        elif op == _SRE.SUBPATTERN:
+            count += _unbounded_repeats(av[-1])
+        elif op == _SRE.BRANCH:
+            count += sum(_unbounded_repeats(alt) for alt in av[1])
+        elif op in (_SRE.ASSERT, _SRE.ASSERT_NOT):
+            count += _unbounded_repeats(av[1])
+        elif op == getattr(_SRE, "ATOMIC_GROUP", None):
+            count += _unbounded_repeats(av)
+        elif op in (_SRE.GROUPREF, _SRE.GROUPREF_EXISTS):
+            raise _Explosive("refers back to a group")
+    return count
 
 
 def check_pattern(pattern: Any, where: str) -> str:
     """A regular expression from a PEFT config that can be run on module names without risk: a
-    string of at most ``MAX_PATTERN`` characters that compiles, with no repeated group (``(a+)+``,
-    ``(a|a)*``) and at most ``MAX_REPEATS`` unbounded repetitions, so matching stays polynomial
-    and small. peft runs these expressions too (``rank_pattern``, ``alpha_pattern`` and a string
-    ``target_modules``), so a config from a file is checked before it reaches peft.
+    string of at most ``MAX_PATTERN`` characters that parses, in which every repetition repeats
+    single characters (or a group of them: no repeated alternation, no nested repetition, no
+    backreference), with at most ``MAX_REPEATS`` unbounded repetitions, so matching stays
+    polynomial and small. The expression is judged from its parse tree, not its text, so no
+    escaping hides a construct. peft runs these expressions (``rank_pattern`` and
+    ``alpha_pattern`` keys, a string ``target_modules`` or ``exclude_modules``,
+    ``modules_to_save``, ``layers_pattern``), so a config from a file is checked before it
+    reaches peft.
 
     Raises:
         ConfigMismatch: anything else.
     """
     if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_PATTERN:
         raise ConfigMismatch(f"{where}: a pattern must be a string of 1 to {MAX_PATTERN} characters")
-    if _GROUP_REPEAT.search(pattern) or len(_REPEAT.findall(pattern)) > MAX_REPEATS:
-        raise ConfigMismatch(f"{where}: pattern {pattern[:80]!r} repeats a group or has more than {MAX_REPEATS} "
-                             "unbounded repetitions; its matching time could explode")
     try:
+        parsed = _SRE.parse(pattern)
+        repeats = _unbounded_repeats(parsed)
         re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as e:
+    except _Explosive as e:
+        raise ConfigMismatch(f"{where}: pattern {pattern[:80]!r} {e}; its matching time could explode") from None
+    except (re.error, RecursionError, OverflowError, ValueError, TypeError) as e:
         raise ConfigMismatch(f"{where}: pattern {pattern[:80]!r} is not a regular expression ({e})") from None
+    if repeats > MAX_REPEATS:
+        raise ConfigMismatch(f"{where}: pattern {pattern[:80]!r} has more than {MAX_REPEATS} unbounded "
+                             "repetitions; its matching time could explode")
     return pattern
 
 
 def check_config_patterns(config: Mapping[str, Any]) -> None:
-    """Every regular expression of a PEFT config (``check_pattern``)."""
+    """Every value of a PEFT config that peft runs as a regular expression (``check_pattern``):
+    ``rank_pattern`` and ``alpha_pattern`` keys, ``target_modules`` and ``exclude_modules`` when
+    they are strings, every name of ``modules_to_save`` (peft embeds them in an expression) and
+    ``layers_pattern`` (a string or a list of them).
+
+    Raises:
+        ConfigMismatch: a value of the wrong type or a pattern ``check_pattern`` refuses.
+    """
     for name in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(name)
         if patterns is None:
@@ -272,6 +363,15 @@ def check_config_patterns(config: Mapping[str, Any]) -> None:
     for name in ("target_modules", "exclude_modules"):
         if isinstance(config.get(name), str):
             check_pattern(config[name], name)
+    for name in ("modules_to_save", "layers_pattern"):
+        value = config.get(name)
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)):
+            raise ConfigMismatch(f"{name} must be a string or a list of strings")
+        for v in values:
+            check_pattern(v, name)
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -369,6 +469,6 @@ class AdapterLayout:
 
 
 __all__ = ["PEFT_PREFIX", "DEFAULT_DENSE_PATTERNS", "Role", "ROLES", "KeyRole", "parse_key", "sparsifiable", "lora_pairs", "lora_matrices",
-           "base_model_of", "base_state_dict", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "check_pattern",
+           "base_model_of", "base_state_dict", "base_modules", "ADDED_MODULE", "PeftType", "PEFT_TYPES", "peft_type", "config_dict", "pattern_value", "check_pattern",
            "check_config_patterns", "lora_scaling",
            "peft_config", "AdapterLayout"]

@@ -263,7 +263,7 @@ class CompeftFile:
         self._cache = None
         return CompressedAdapter(tensors={m.tensors[i].name: tensors[i] for i in range(len(m.tensors))},
                                  adapter=m.adapter, base_model=m.base_model, compression=m.compression,
-                                 provenance=m.provenance)
+                                 provenance=m.provenance, requires=list(m.requires))
 
 
 def open_file(path: PathLike, *, budget: Budget | None = None) -> CompeftFile:

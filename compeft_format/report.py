@@ -71,6 +71,7 @@ def report(f: CompeftFile) -> dict[str, Any]:
     nnz = {t.name: t.nnz if m.groups[t.group].encoding != C.ENC_DENSE else t.numel for t in m.tensors}
     # a LoRA module with a factor that keeps nothing (and no offset) adds nothing to the model
     inert = [module for module, a, b in lora_pairs(shapes) if nnz[a] == 0 or nnz[b] == 0]
+    rec = m.adapter.recovery
     fp16 = dense_safetensors_size(shapes, 2)
     fp32 = dense_safetensors_size(shapes, 4)
     return {
@@ -78,7 +79,10 @@ def report(f: CompeftFile) -> dict[str, Any]:
         "format_version": f.metadata.get(C.META_VERSION),
         "library_version": m.library_version,
         "adapter": {"kind": m.adapter.kind, "representation": m.adapter.representation,
-                    "peft_type": (m.adapter.peft_config or {}).get("peft_type")},
+                    "peft_type": (m.adapter.peft_config or {}).get("peft_type"),
+                    "recovery": None if rec is None else {**rec.to_json(), "modules": list(rec.target_modules)}},
+        "requires": [r.to_json() for r in m.requires],
+        "training": m.provenance.training,
         "base_model": m.base_model.to_json(),
         "compression": m.compression.to_dict(),
         "params": params,
@@ -131,6 +135,16 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
         f"  vs fp16 safetensors ({r['fp16_safetensors_bytes']:,} B): {r['ratio_vs_fp16']:.2f}x smaller; "
         f"vs fp32 ({r['fp32_safetensors_bytes']:,} B): {r['ratio_vs_fp32']:.2f}x smaller",
     ]
+    rec = r["adapter"].get("recovery")
+    if rec is not None:
+        lines.insert(3, f"  recovery modules: {len(rec['modules'])}, r={rec['r']} alpha={rec['alpha']} "
+                        f"activation={rec['activation']} (output scaled by alpha/r = {rec['alpha'] / rec['r']:g})")
+    for req in r.get("requires", []):
+        lines.append(f"  requires: {req['kind']} artifact {req['name'] or '(no name)'}, manifest sha256 "
+                     f"{req['manifest_sha256']}")
+    if isinstance(r.get("training"), dict):
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in list(r["training"].items())[:8])
+        lines.append(f"  training: {shown}" + (" ..." if len(r["training"]) > 8 else ""))
     if c.get("options"):
         lines.append("  options: " + " ".join(f"{k}={v}" for k, v in c["options"].items()))
     fid = c.get("fidelity")
@@ -156,6 +170,12 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
     if len(r["tensors"]) > max_tensors:
         lines.append(f"    ... {len(r['tensors']) - max_tensors} more (use --json for all)")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value of an informative member on one line, cut at ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["inspect", "report", "format_report", "ternary_bound_bits", "dense_safetensors_size"]

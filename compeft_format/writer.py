@@ -22,7 +22,7 @@ from . import constants as C
 from ._version import __version__
 from .codecs import CODINGS, REGISTRY, get_codec
 from .compressed import CompressedAdapter, CompressedTensor
-from .errors import InvalidArgument, IOFailure, LimitExceeded
+from .errors import InvalidArgument, IOFailure, LimitExceeded, ManifestError
 from .fileio import atomic_write
 from .framing import smallest_frame
 from .integrity import group_sha256, sha256_hex, tensor_sha256
@@ -154,8 +154,11 @@ def build(adapter: CompressedAdapter, options: WriterOptions | None = None,
     ]
     manifest = Manifest(tensors=infos_t, groups=groups, adapter=adapter.adapter, base_model=adapter.base_model,
                         compression=adapter.compression, provenance=adapter.provenance, library_version=__version__,
-                        required_features=[])
-    manifest.check_consistency(REGISTRY)
+                        required_features=[], requires=list(adapter.requires))
+    try:
+        manifest.check_consistency(REGISTRY)
+    except ManifestError as e:  # a recovery artifact whose tensors break spec 3.6
+        raise InvalidArgument(f"the adapter cannot be written: {e}") from None
     return manifest, streams, metadata(manifest, opts.manifest_encoding)
 
 

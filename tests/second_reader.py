@@ -1,6 +1,7 @@
-"""Independent reader of the compeft 1.3 format, written from spec/FORMAT.md alone (without the
+"""Independent reader of the compeft 1.4 format, written from spec/FORMAT.md alone (without the
 reference implementation) so that the conformance vectors can be checked against the spec text.
-It also computes the base-model fingerprints of spec 3.4 (`fingerprint`)."""
+It also computes the base-model fingerprints of spec 3.4 (`fingerprint`). `read_manifest` returns a
+valid file's manifest as the spec says to interpret it (the members of 3.6 only from version 1.4)."""
 import base64
 import hashlib
 import json
@@ -265,13 +266,25 @@ def _check_base(bm, where):
                         and isinstance(fp.get("value"), str)), MI, f"{where}.fingerprint")
 
 
-def _check_descriptive(m):
+def _check_recovery_config(rc):
+    """`adapter.recovery` (3.6): `r` integer >= 1, `alpha` number, `activation` string."""
+    _req(isinstance(rc, dict), MI, "adapter.recovery")
+    _req(_nat(rc.get("r")) and rc["r"] >= 1, MI, "adapter.recovery.r")
+    _req(_number(rc.get("alpha")), MI, "adapter.recovery.alpha")
+    _req(isinstance(rc.get("activation"), str), MI, "adapter.recovery.activation")
+
+
+def _check_descriptive(m, v14):
     _req(isinstance(m.get("required_features", []), list), MI, "required_features")
     ad, bm = m.get("adapter", {}), m.get("base_model", {})
     co, pr = m.get("compression", {}), m.get("provenance", {})
     _req(all(isinstance(x, dict) for x in (ad, bm, co, pr)), MI, "descriptive member not an object")
     _req(_one_of(ad.get("representation", "weights"), ("weights", "delta")), MI, "representation")
     _req(ad.get("peft_config") is None or isinstance(ad["peft_config"], dict), MI, "peft_config")
+    if v14 and ad.get("recovery") is not None:
+        _check_recovery_config(ad["recovery"])
+    if _kind(m, v14) == "recovery":
+        _req(ad.get("representation", "weights") == "weights", MI, "a recovery artifact's representation")
     _check_base(bm, "base_model")
     df = bm.get("derived_from")
     _req(df is None or isinstance(df, dict), MI, "base_model.derived_from")
@@ -285,17 +298,53 @@ def _check_descriptive(m):
     _req(_nat(co.get("candidates", 0)) and _nat(co.get("kept", 0)), MI, "candidates/kept")
     _req(isinstance(pr.get("tool", ""), str), MI, "provenance.tool")
     _req(_str_or_null(pr.get("created_at")) and _str_or_null(pr.get("source")), MI, "provenance")
+    # provenance.training (1.4) is informative: any value is accepted
     _req(_str_or_null(m.get("library_version", "")), MI, "library_version")
+    if v14:
+        reqs = m.get("requires", [])
+        _req(isinstance(reqs, list), MI, "requires")
+        for r in reqs:
+            _req(isinstance(r, dict) and isinstance(r.get("kind"), str), MI, "requires[].kind")
+            _req(isinstance(r.get("manifest_sha256"), str) and HEX.fullmatch(r["manifest_sha256"]), MI,
+                 "requires[].manifest_sha256")
+            _req(_str_or_null(r.get("name")), MI, "requires[].name")
 
 
-def _check_manifest(m):
+def _kind(m, v14):
+    """`adapter.kind` as a reader treats it (3.5): unknown values, and `recovery` before 1.4, are `other`."""
+    kind = m.get("adapter", {}).get("kind", "other") if isinstance(m.get("adapter", {}), dict) else "other"
+    kinds = ("lora", "ia3", "full", "other") + (("recovery",) if v14 else ())
+    return kind if _one_of(kind, kinds) else "other"
+
+
+A1, A2 = ".recovery_A1.weight", ".recovery_A2.weight"
+
+
+def _check_recovery_tensors(m, tensors):
+    """The tensors of a recovery artifact (3.6)."""
+    rc = m["adapter"].get("recovery")
+    _req(rc is not None, MI, "adapter.recovery missing")
+    have = {}
+    for t in tensors:
+        name, shape = t["name"], t["shape"]
+        suffix = A1 if name.endswith(A1) else A2 if name.endswith(A2) else None
+        _req(suffix is not None and len(name) > len(suffix), MI, f"recovery tensor name {name!r}")
+        _req(len(shape) == 2, MI, f"recovery tensor {name!r} is not 2-dimensional")
+        _req(shape[0 if suffix == A1 else 1] == rc["r"], MI, f"rank of {name!r}")
+        _req(min(shape) > 0, MI, f"empty dimension in {name!r}")
+        have.setdefault(name[:-len(suffix)], set()).add(suffix)
+    for module in sorted(have):
+        _req(have[module] == {A1, A2}, MI, f"recovery module {module!r} lacks a factor")
+
+
+def _check_manifest(m, v14=True):
     _req(isinstance(m, dict), MI, "manifest not an object")
     T, G = m.get("tensors"), m.get("groups")
     _req(isinstance(T, list) and isinstance(G, list), MI, "tensors/groups")
     _req(len(T) <= MAXTENSORS, LE, "too many tensors")
     groups = _check_groups(G)
     tensors = [_check_tensor(t, groups) for t in T]
-    _check_descriptive(m)
+    _check_descriptive(m, v14)
     _req(len({t["name"] for t in tensors}) == len(tensors), MI, "duplicate tensor names")
     snames = [s["name"] for g in groups for s in g["streams"]]
     _req(len(set(snames)) == len(snames), MI, "duplicate stream names")
@@ -314,6 +363,8 @@ def _check_manifest(m):
             _req(s["raw_size"] <= want if at_most else s["raw_size"] == want, MI, f"raw_size of {s['name']!r}")
         for s in g["streams"]:
             _req(s["compression"] != "none" or s["size"] == s["raw_size"], MI, f"size of {s['name']!r}")
+    if _kind(m, v14) == "recovery":
+        _check_recovery_tensors(m, tensors)
     return groups, tensors
 
 
@@ -441,6 +492,24 @@ def _decode_group(g, raw):
 
 
 def read(path):
+    """Decode every tensor of a valid file: name -> (dtype, shape, bytes); SpecError otherwise."""
+    return _read(path)[0]
+
+
+def read_manifest(path):
+    """A valid file's version and manifest as a reader interprets them: `adapter.kind` as 3.5 says;
+    `adapter.recovery`, `requires` and `provenance.training` dropped from files before 1.4 (3.6)."""
+    _, version, m = _read(path)
+    v14 = tuple(int(x) for x in version.split(".")) >= (1, 4)
+    ad = dict(m.get("adapter", {}), kind=_kind(m, v14))
+    pr = dict(m.get("provenance", {}))
+    if not v14:
+        ad.pop("recovery", None)
+        pr.pop("training", None)
+    return version, dict(m, adapter=ad, provenance=pr, requires=m.get("requires", []) if v14 else [])
+
+
+def _read(path):
     try:
         with open(path, "rb") as f:
             buf = f.read()
@@ -455,7 +524,8 @@ def read(path):
     manifest = _json(_manifest_text(meta), MI)
     if isinstance(manifest, dict) and isinstance(manifest.get("required_features"), list):
         _req(not manifest["required_features"], "UNSUPPORTED_FEATURE", str(manifest["required_features"]))
-    groups, tensors = _check_manifest(manifest)
+    v14 = (int(version.split(".")[0]), int(version.split(".")[1])) >= (1, 4)
+    groups, tensors = _check_manifest(manifest, v14)
     streams = [s for g in groups for s in g["streams"]]
     names = {s["name"] for s in streams}
     _req(set(table) <= names, MM, "safetensors tensor not in manifest")
@@ -478,7 +548,7 @@ def read(path):
             _req(t["sha256"] is None or hashlib.sha256(data).hexdigest() == t["sha256"],
                  "TENSOR_DIGEST_MISMATCH", t["name"])
             result[t["name"]] = (t["dtype"], t["shape"], data)
-    return result
+    return result, version, manifest
 
 
 # Base-model fingerprints (spec 3.4).

@@ -74,12 +74,22 @@ def seeds():
 
 def test_manifest_mutations_keep_digests_valid(seeds):
     """Changed files pass the manifest digest check, and changed streams their stream digest, so
-    that the fuzzer reaches the manifest rules and the decoders."""
-    m = fuzz.Mutator(seeds)
-    rng = random.Random(5)
+    that the fuzzer reaches the manifest rules and the decoders (from seeds whose digests hold:
+    the vectors of digest defects fail those checks before any change)."""
     codes = []
     with mutate.scratch_dir() as tmp:
         path = Path(tmp) / "m.safetensors"
+
+        def digests_hold(data: bytes) -> bool:
+            path.write_bytes(data)
+            try:
+                cf.verify(path)
+            except cf.CompeftError as e:
+                return e.code not in ("MANIFEST_DIGEST_MISMATCH", "STREAM_DIGEST_MISMATCH")
+            return True
+
+        m = fuzz.Mutator([s for s in seeds if digests_hold(s)])
+        rng = random.Random(5)
         for _ in range(300):
             data = m.manifest_input(rng.choice(m.parsed), rng)
             path.write_bytes(data)

@@ -447,7 +447,7 @@ def test_push_opens_each_file_once_and_indexes_it_typed(hub, tmp_path, monkeypat
     entry = res.index.artifacts[0]
     assert isinstance(entry, cf.IndexEntry) and entry.kind == "adapter" and entry.requires == ()
     assert entry.base_model == cf.BaseBinding(id="org/tiny-llama") and entry.peft_type == "LORA"
-    assert entry.sha256 == cf.hub.file_sha256(files[0]) and entry.format_version == C.FORMAT_VERSION
+    assert entry.sha256 == cf.hub.file_sha256(files[0]) and entry.format_version == C.FORMAT_VERSION_WITHOUT_RECOVERY
 
 
 @pytest.mark.parametrize("path", ["..\\x.safetensors", "C:x.safetensors", "\\\\host\\share", "a\x00b",
@@ -469,6 +469,7 @@ def test_index_paths_that_could_leave_the_folder_are_refused(hub, tmp_path, path
     {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": True},
     {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": -1},
     {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": 1, "requires": ["../b"]},
+    {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": 1, "requires": ["b.cpeft.safetensors"]},
     {"path": "a.cpeft.safetensors", "sha256": "0" * 64, "size": 1, "base_model": {"fingerprint": "x"}},
 ])
 def test_malformed_index_entries_are_no_index(entry):
@@ -671,3 +672,96 @@ def test_server_bounds_its_connections_and_drops_idle_ones(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- recovery artifacts and the artifacts that require them (spec 3.6) -------------------------------
+def cpet_files(folder: Path, base: dict[str, torch.Tensor], seed: int = 0) -> tuple[Path, Path]:
+    """A recovery artifact and a task LoRA that requires it, both bound to the compressed base
+    ``base`` (weights)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    binding = cf.binding.compute(base, id="org/tiny-int4", derived_from=cf.ModelRef(id="org/tiny"),
+                                 recipe={"name": "int4:g32", "library": "cpet", "params": {"bits": 4}})
+    rec_sd = {}
+    for i in range(2):
+        a1, a2 = cf.recovery.tensor_names(f"model.layers.{i}.self_attn.q_proj")
+        rec_sd[a1], rec_sd[a2] = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    rec = folder / "recovery.cpeft.safetensors"
+    cf.save(cf.compress(rec_sd, recovery=cf.recovery.RecoveryConfig(r=4, alpha=8.0), base=binding, density=0.5), rec)
+    lora = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
+            torch.randn((4, 64) if ab == "A" else (64, 4), generator=g) for i in range(2) for ab in "AB"}
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    task = folder / "task.cpeft.safetensors"
+    cf.save(cf.compress(lora, peft_config=cfg, base=binding, density=0.3, training={"steps": 5},
+                        requires=[cf.requirements.requirement(rec)]), task)
+    return rec, task
+
+
+def test_push_pull_keeps_kinds_and_requirements(hub, tmp_path):
+    endpoint, _ = hub
+    base = {"model.w": torch.randn(8, 8)}
+    rec, task = cpet_files(tmp_path / "run", base)
+    cf.push([task, rec], "me/cpet", endpoint=endpoint, token=TOKEN)
+    out = tmp_path / "pulled"
+    res = cf.pull("me/cpet", local_dir=out, base=base, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "c")
+    entries = {a.path: a for a in res.index.artifacts}
+    assert entries["recovery.cpeft.safetensors"].kind == "recovery"
+    assert entries["recovery.cpeft.safetensors"].adapter_kind == "recovery"
+    assert entries["recovery.cpeft.safetensors"].format_version == "1.4"
+    assert entries["task.cpeft.safetensors"].kind == "adapter"
+    assert entries["task.cpeft.safetensors"].requires == ("recovery.cpeft.safetensors",)
+    index = json.loads((out / C.HUB_INDEX_FILE).read_text())
+    assert [a.get("requires") for a in index["artifacts"]] == [None, ["recovery.cpeft.safetensors"]]
+    # the pulled task finds its recovery artifact beside it
+    (req,) = cf.verify(out / "task.cpeft.safetensors").requires
+    assert cf.requirements.find(req, folder=out) == out / "recovery.cpeft.safetensors"
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    card = Path(api.hf_hub_download("me/cpet", "README.md", cache_dir=tmp_path / "c2")).read_text()
+    assert "- recovery" in card.split("---")[1] and "**recovery**: recovery modules" in card
+    assert "## task.cpeft.safetensors needs" in card and "`recovery.cpeft.safetensors` applied first" in card
+    fp = cf.fingerprint(base)
+    assert f"fingerprint ({fp.algorithm}): `{fp.value}`" in card
+    assert "- derived from: org/tiny" in card and '- recipe: int4:g32 `{"bits": 4}`' in card
+    assert 'files.paths[0].parent / "task.cpeft.safetensors"' in card
+
+    # pull --base of another base refuses both artifacts, and writes nothing
+    from safetensors.torch import save_file
+
+    save_file({"model.w": torch.zeros(8, 8)}, str(tmp_path / "other.safetensors"))
+    p = cli("pull", "me/cpet", "--base", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "c"), env={"HF_ENDPOINT": endpoint, "HF_TOKEN": TOKEN})
+    assert p.returncode == 1 and "BASE_MISMATCH" in p.stderr and "recovery.cpeft.safetensors" in p.stderr, p.stderr
+    assert not (tmp_path / "o").exists()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    p = cli("pull", "me/cpet", "--base", str(tmp_path / "base.safetensors"), "-o", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "c"), env={"HF_ENDPOINT": endpoint, "HF_TOKEN": TOKEN})
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "o").glob("*.cpeft.safetensors")) == [
+        "recovery.cpeft.safetensors", "task.cpeft.safetensors"]
+
+
+def test_push_refuses_an_artifact_whose_requirement_is_missing(hub, tmp_path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    base = {"model.w": torch.randn(8, 8)}
+    rec, task = cpet_files(tmp_path / "run", base)
+    with pytest.raises(cf.RequirementMissing, match="neither in this push nor in the repository") as e:
+        cf.push(task, "me/alone", endpoint=endpoint, token=TOKEN)
+    assert e.value.code == "REQUIREMENT_MISSING" and e.value.manifest_sha256 == cf.requirements.manifest_digest(rec)
+    assert not api.repo_exists("me/alone")  # refused before the repository was created
+    p = cli("push", str(task), "me/alone", "--endpoint", endpoint, "--token", TOKEN)
+    assert p.returncode == 1 and "REQUIREMENT_MISSING: " in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    # pushed one after the other: the task's requirement is found in the repository's index
+    cf.push(rec, "me/alone", endpoint=endpoint, token=TOKEN)
+    cf.push(task, "me/alone", endpoint=endpoint, token=TOKEN)
+    res = cf.pull("me/alone", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "c")
+    assert {a.path: a.requires for a in res.index.artifacts} == {
+        "recovery.cpeft.safetensors": (), "task.cpeft.safetensors": ("recovery.cpeft.safetensors",)}
+    # another branch starts from main, which holds the recovery artifact
+    cf.push(task, "me/alone", revision="dev", endpoint=endpoint, token=TOKEN)
+    # replacing the required artifact with other content would leave the task without it
+    other_rec, _ = cpet_files(tmp_path / "other", base, seed=3)
+    head = api.model_info("me/alone").sha
+    with pytest.raises(cf.RequirementMissing, match="would replace"):
+        cf.push(other_rec, "me/alone", endpoint=endpoint, token=TOKEN)
+    assert api.model_info("me/alone").sha == head

@@ -60,7 +60,7 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
     full_base = {"w": _randn(rng, (9, 11), torch.float32), "b": _randn(rng, (11,), torch.float32)}
     full_ft = {k: v + _randn(rng, tuple(v.shape), torch.float32) * 0.02 for k, v in full_base.items()}
     common = dict(min_sparse_numel=0, created_at=CREATED_AT)
-    return {
+    out = {
         "v1_ternary_global": cf.compress(lora, method="paper", density=0.3, alpha=1.5, adapter_kind="lora",
                                          base=cf.BaseBinding(id="example/tiny-llama", revision="main"), **common),
         "v1_ternary_tensor": cf.compress(lora, method="paper", density=0.5, alpha=1.0, scope="tensor", dtype="float32", **common),
@@ -77,6 +77,33 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
         # 1.3: the fit method, which records compression.options and compression.fidelity
         "v1_3_fit": cf.compress(lora, method="fit", density=0.3, adapter_kind="lora", **common),
     }
+    out.update(cpet_adapters(rng, lora, common))
+    return out
+
+
+def cpet_adapters(rng: np.random.Generator, lora: dict[str, torch.Tensor],
+                  common: dict[str, Any]) -> dict[str, cf.CompressedAdapter]:
+    """1.4: recovery artifacts (dense and ternary) for a compressed base, and a task LoRA bound to
+    the same base that requires the dense one (spec 3.6)."""
+    base = compressed_base_binding(rng)
+    config = cf.recovery.RecoveryConfig(r=3, alpha=6.0)
+    recovery = {}
+    for module, (n_in, n_out) in {"model.layers.0.self_attn.q_proj": (37, 37),
+                                  "model.layers.0.mlp.down_proj": (50, 21)}.items():
+        a1, a2 = cf.recovery.tensor_names(module)
+        recovery[a1] = _randn(rng, (3, n_in), torch.float32) / np.sqrt(n_in)
+        recovery[a2] = _randn(rng, (n_out, 3), torch.float16) * 0.01
+    training = {"method": "cpet", "steps": 200, "lr": 0.0002, "distill": {"lambda": 1.0, "layer": "last"},
+                "data_sha256": "ab" * 32}
+    dense = cf.compress(recovery, method="paper", density=1.0, dense_patterns=("*",), recovery=config, base=base,
+                        training=training, **common)
+    ternary = cf.compress(recovery, method="paper", density=0.25, alpha=1.0, recovery=config, base=base, **common)
+    digest = sha256_hex(build(dense)[0].to_json().encode("utf-8"))
+    required = cf.Requirement(kind=C.ADAPTER_KIND_RECOVERY, manifest_sha256=digest,
+                              name="v1_4_recovery_dense.cpeft.safetensors")
+    task = cf.compress(lora, method="paper", density=0.3, alpha=1.0, adapter_kind="lora", base=base,
+                       requires=[required], training=training, **common)
+    return {"v1_4_recovery_dense": dense, "v1_4_recovery_ternary": ternary, "v1_4_task_requires": task}
 
 
 def compressed_base_binding(rng: np.random.Generator) -> cf.BaseBinding:
@@ -299,6 +326,38 @@ def d_manifest_dict_id(p: Parts):
     p.meta[C.META_MANIFEST_ENCODING] = C.MANIFEST_ZSTD_DICT1_BASE64
 
 
+def d_recovery_rank(p: Parts):
+    # adapter.recovery.r no longer the tensors' rank
+    p.manifest["adapter"]["recovery"]["r"] += 1
+    p.seal()
+
+
+def d_recovery_r_type(p: Parts):
+    p.manifest["adapter"]["recovery"]["r"] = "3"
+    p.seal()
+
+
+def d_recovery_missing_config(p: Parts):
+    del p.manifest["adapter"]["recovery"]
+    p.seal()
+
+
+def d_recovery_tensor_name(p: Parts):
+    t = next(t for t in p.manifest["tensors"] if t["name"].endswith(".recovery_A1.weight"))
+    t["name"] = t["name"].replace(".recovery_A1.", ".recovery_A3.")
+    p.seal()
+
+
+def d_requires_digest(p: Parts):
+    p.manifest["requires"][0]["manifest_sha256"] = p.manifest["requires"][0]["manifest_sha256"].upper()
+    p.seal()
+
+
+def d_requires_type(p: Parts):
+    p.manifest["requires"] = p.manifest["requires"][0]
+    p.seal()
+
+
 def _golomb_stream(p: Parts, role: str, edit: Callable[[bytearray], bytes | bytearray]) -> None:
     gi = _group_of(p, C.ENC_TERNARY, C.POSITIONS_GOLOMB)
     raw = edit(bytearray(_raw_stream(p, gi, role)))
@@ -337,6 +396,8 @@ def _raw_stream(p: Parts, gi: int, role: str) -> bytes:
 BITMAP_DEFECTS = {"zstd_bomb", "padding_bits", "popcount", "unknown_compression"}
 GOLOMB_DEFECTS = {"golomb_missing_code", "golomb_trailing_byte", "golomb_overrun"}
 BINDING_DEFECTS = {"derived_from_type", "derived_fingerprint_type", "recipe_type"}
+RECOVERY_DEFECTS = {"recovery_rank", "recovery_r_type", "recovery_missing_config", "recovery_tensor_name"}
+REQUIRES_DEFECTS = {"requires_digest", "requires_type"}
 
 DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "unknown_major": (d_unknown_major, C.E_UNSUPPORTED_VERSION),
@@ -368,6 +429,12 @@ DEFECTS: dict[str, tuple[Callable[[Parts], None], str]] = {
     "derived_from_type": (d_derived_from_type, C.E_MANIFEST_INVALID),
     "derived_fingerprint_type": (d_derived_fingerprint_type, C.E_MANIFEST_INVALID),
     "recipe_type": (d_recipe_type, C.E_MANIFEST_INVALID),
+    "recovery_rank": (d_recovery_rank, C.E_MANIFEST_INVALID),
+    "recovery_r_type": (d_recovery_r_type, C.E_MANIFEST_INVALID),
+    "recovery_missing_config": (d_recovery_missing_config, C.E_MANIFEST_INVALID),
+    "recovery_tensor_name": (d_recovery_tensor_name, C.E_MANIFEST_INVALID),
+    "requires_digest": (d_requires_digest, C.E_MANIFEST_INVALID),
+    "requires_type": (d_requires_type, C.E_MANIFEST_INVALID),
 }
 
 
@@ -402,7 +469,9 @@ def generate(out: Path) -> dict[str, Any]:
     for name, (mutate, code) in DEFECTS.items():
         base = ("v1_ternary_bitmap" if name in BITMAP_DEFECTS else
                 "v1_ternary_golomb" if name in GOLOMB_DEFECTS else
-                "v1_2_compressed_base" if name in BINDING_DEFECTS else "v1_ternary_global")
+                "v1_2_compressed_base" if name in BINDING_DEFECTS else
+                "v1_4_recovery_dense" if name in RECOVERY_DEFECTS else
+                "v1_4_task_requires" if name in REQUIRES_DEFECTS else "v1_ternary_global")
         parts = Parts(*built[base])
         mutate(parts)
         path = out / f"bad_{name}.cpeft.safetensors"

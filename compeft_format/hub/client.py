@@ -20,10 +20,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import binding, signing
 from .. import constants as C
@@ -39,21 +39,25 @@ from ..errors import (
     HubRevisionNotFound,
     HubUnreachable,
     InvalidArgument,
+    IOFailure,
     SignatureMalformed,
     SignatureMissing,
 )
 from ..fileio import atomic_write, atomic_write_bytes
+from ..manifest import Requirement
 from ..peft_io import ADAPTER_CONFIG, write_peft_folder
 from ..reader import CompeftFile
 from ..report import report
 from . import download as dl
 from .card import model_card
 from .index import Index, IndexEntry
+from .paths import printable
 
 PathLike = str | os.PathLike[str]
 
 #: Commits a push tries when other pushes keep moving the branch head.
 PUSH_ATTEMPTS = 5
+_R = TypeVar("_R")
 
 
 @contextlib.contextmanager
@@ -78,7 +82,8 @@ def hub_errors(what: str, repo_id: str | None = None, revision: str | None = Non
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
             raise HubAuthError(f"{what}: the Hub refused the token (HTTP {status})", status=status, **ctx) from None
-        raise HubError(f"{what}: HTTP {status}: {str(e).splitlines()[0]}", status=status, **ctx) from None
+        first = (str(e).splitlines() or [""])[0]  # the server's words: one printable line, cut short
+        raise HubError(f"{what}: HTTP {status}: {printable(first, dl.MAX_MESSAGE)}", status=status, **ctx) from None
     except OSError as e:  # connection refused, DNS, ...
         raise HubUnreachable(f"{what}: {e.strerror or e}", **ctx) from None
     except Exception as e:  # the transport library's own connection errors
@@ -106,6 +111,8 @@ class _Artifact:
     peft_config: dict[str, Any] | None
     #: the file's detached signature (``<file>.sig``), when it has one
     signature: signing.Signature | None
+    #: the artifacts the file requires (spec 3.6), found by ``Index.link``
+    requires: list[Requirement]
 
 
 def _prepare(path: Path) -> _Artifact:
@@ -119,7 +126,44 @@ def _prepare(path: Path) -> _Artifact:
             sig.check_subject(sha256=sha, size=f.size, manifest_sha256=f.metadata[C.META_MANIFEST_SHA256],
                               what=str(sig_path))
         entry = IndexEntry.of(f, path.name, sha256=sha, signature=None if sig is None else path.name + C.SIGNATURE_SUFFIX)
-        return _Artifact(path, entry, report(f), f.manifest.adapter.peft_config, sig)
+        return _Artifact(path, entry, report(f), f.manifest.adapter.peft_config, sig, list(f.manifest.requires))
+
+
+def _head_index(api: Any, endpoint: str | None, repo_id: str, revision: str | None, token: str | None,
+                what: str) -> tuple[str, Index]:
+    """The head commit of ``revision`` (default ``main``) and the index it holds (an empty one
+    when it holds none). An index that is not valid is refused, not replaced: it lists artifacts
+    of others."""
+    head = dl.checked_commit(api.model_info(repo_id, revision=revision or "main").sha, what, repo_id, revision)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            got = dl.fetch(dl.resolve_url(dl.endpoint_url(endpoint), repo_id, head, C.HUB_INDEX_FILE),
+                           Path(tmp) / C.HUB_INDEX_FILE, max_bytes=dl.MAX_INDEX_BYTES, token=token,
+                           what=f"{what}: {C.HUB_INDEX_FILE}", repo_id=repo_id, revision=revision)
+        except HubEntryNotFound:  # no index yet: the usual case for a new repository
+            return head, Index()
+        return head, Index.parse(got.path.read_bytes(), f"{what}: the repository's index")
+
+
+def _check_requirements(arts: list[_Artifact], api: Any, endpoint: str | None, repo_id: str, revision: str | None,
+                        token: str | None, what: str) -> None:
+    """Refuse, before the repository is created or anything is sent, a push of an artifact whose
+    requirements are neither in the push nor in the repository (a new branch starts from main)."""
+    pushed = {a.entry.manifest_sha256 for a in arts}
+    if all(r.manifest_sha256 in pushed for a in arts for r in a.requires):
+        Index().link([(a.entry, a.requires) for a in arts])
+        return
+    old = Index()
+    for rev in dict.fromkeys([revision or "main", "main"]):
+        try:
+            with hub_errors(what, repo_id, rev):
+                old = _head_index(api, endpoint, repo_id, rev, token, what)[1]
+            break
+        except HubRevisionNotFound:
+            continue
+        except HubRepoNotFound:
+            break
+    old.link([(a.entry, a.requires) for a in arts])
 
 
 def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | None = None,
@@ -145,6 +189,8 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     api = HfApi(endpoint=dl.endpoint_url(endpoint), token=token)
     what = f"push to {repo_id}"
     with hub_errors(what, repo_id, revision):
+        if any(a.requires for a in arts):
+            _check_requirements(arts, api, endpoint, repo_id, revision, token, what)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
         except HfUriError:
@@ -158,25 +204,14 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
             # The index is merged with the one at the branch head, and the commit names that head
             # as its parent: a push that lands in between makes the server refuse this commit
             # (412), and the merge is done again on the new head.
-            head = dl.checked_commit(api.model_info(repo_id, revision=revision or "main").sha, what, repo_id,
-                                     revision)
-            old = Index()
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    got = dl.fetch(dl.resolve_url(dl.endpoint_url(endpoint), repo_id, head, C.HUB_INDEX_FILE),
-                                   Path(tmp) / C.HUB_INDEX_FILE, max_bytes=dl.MAX_INDEX_BYTES, token=token,
-                                   what=f"{what}: {C.HUB_INDEX_FILE}", repo_id=repo_id, revision=revision)
-                except HubEntryNotFound:  # no index yet: the usual case for a new repository
-                    pass
-                else:  # an index that is not valid is refused, not replaced: it lists artifacts of others
-                    old = Index.parse(got.path.read_bytes(), f"{what}: the repository's index")
-            index = old.merged([a.entry for a in arts])
+            head, old = _head_index(api, endpoint, repo_id, revision, token, what)
+            index = old.link([(a.entry, a.requires) for a in arts])
+            entries = [next(e for e in index.artifacts if e.path == a.entry.path) for a in arts]
             ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
             ops += [CommitOperationAdd(path_in_repo=a.entry.signature, path_or_fileobj=a.signature.to_bytes())
                     for a in arts if a.signature is not None and a.entry.signature is not None]
             ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
-            ops.append(CommitOperationAdd("README.md", model_card(repo_id, [a.entry for a in arts],
-                                                                  [a.report for a in arts]).encode()))
+            ops.append(CommitOperationAdd("README.md", model_card(repo_id, entries, [a.report for a in arts]).encode()))
             if len(arts) == 1 and arts[0].peft_config is not None:
                 ops.append(CommitOperationAdd(ADAPTER_CONFIG,
                                               json.dumps(arts[0].peft_config, indent=2, sort_keys=True).encode()))
@@ -218,6 +253,22 @@ def peft_folder(path: str) -> str:
     return path + ".peft"
 
 
+def _local_errors(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """Errors of this machine's file system (the cache, the output folder) as ``IOFailure``, for
+    those no step of ``fn`` names already."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except CompeftError:
+            raise
+        except OSError as e:
+            raise IOFailure(f"{e.filename or 'the cache'}: {e.strerror or e}",
+                            path=None if e.filename is None else str(e.filename)) from None
+    return wrapper
+
+
+@_local_errors
 def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None = None, to_peft: bool = False,
          base: ModelRef | binding.BaseWeights | binding.Weights | None = None, base_model: str | None = None,
          require_signature: signing.PublicKeys | None = None, endpoint: str | None = None, token: str | None = None,
