@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=float, default=30.0,
                     help="seconds a connection may stay idle or stall before it is closed (default 30)")
     sv.add_argument("--verbose", action="store_true", help="log every request")
+
+    from cpet_adapters.cli import add_parser as add_cpet_parser  # training: cpet_adapters builds on this package
+
+    add_cpet_parser(sub)
     return p
 
 
@@ -365,6 +369,15 @@ def cmd_hub(a: argparse.Namespace) -> int:
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect,
             "check-base": cmd_check_base, "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub,
             "verify": cmd_validate, "keygen": cmd_keygen, "sign": cmd_sign}
+
+
+def cmd_cpet(a: argparse.Namespace) -> int:
+    from cpet_adapters.cli import run
+
+    return run(a)
+
+
+COMMANDS["cpet"] = cmd_cpet
 
 
 def main(argv: Sequence[str] | None = None) -> int:

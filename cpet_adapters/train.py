@@ -237,6 +237,8 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
 
     for p in base.parameters():
         p.requires_grad_(False)
+    # the linear layers of the base itself, before peft wraps some of them
+    recovery_targets = _select(linear_layers(base), cfg.recovery_targets) if cfg.recovery else []
     torch.manual_seed(cfg.seed)
     model: nn.Module = base
     inheritance = None
@@ -255,9 +257,8 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
     if cfg.recovery:
         from compeft_format.recovery import RecoveryConfig, add_recovery
 
-        targets = _select(linear_layers(base), cfg.recovery_targets)
         handle = add_recovery(model, RecoveryConfig(r=cfg.recovery_r, alpha=cfg.recovery_alpha,
-                                                    target_modules=tuple(targets)), seed=cfg.seed)
+                                                    target_modules=tuple(recovery_targets)), seed=cfg.seed)
         for p in handle.modules.parameters():
             p.requires_grad_(True)
     return Student(model, handle, inheritance, lora_json)

@@ -174,8 +174,13 @@ def test_config_that_disagrees_with_tensors(tmp_path):
 
 @pytest.mark.parametrize("hostile", [{"rank_pattern": {"(a+)+b": 4}}, {"alpha_pattern": {"(": 3}},
                                      {"rank_pattern": {".*.*.*q_proj": 4}}, {"target_modules": "(.*)*x"},
-                                     {"alpha_pattern": {"q" * 600: 3}}],
-                         ids=["nested", "invalid", "repeats", "target_modules", "long"])
+                                     {"alpha_pattern": {"q" * 600: 3}},
+                                     {"rank_pattern": {"([a-z_.0-9]*|b\\\\)*Z": 4}},
+                                     {"rank_pattern": {"(a)\\1": 4}},
+                                     {"modules_to_save": ["(.|.)*Q"]},
+                                     {"layers_pattern": "(.|.)*Q", "layers_to_transform": [0]}],
+                         ids=["nested", "invalid", "repeats", "target_modules", "long", "escaped-backslash",
+                              "backreference", "modules_to_save", "layers_pattern"])
 def test_config_patterns_that_could_hang_or_crash_are_refused(tmp_path, hostile):
     """rank_pattern / alpha_pattern keys and a string target_modules are regular expressions that
     peft and this library run on module names: a file's are checked before anything runs them."""
