@@ -50,7 +50,7 @@ from compeft_format.errors import (
 from compeft_format.fileio import _host_tag, _temp_prefix, remove_stale_temp_files
 
 from .prune import step_mask
-from .quantize import check_rtn, library_version, quantise
+from .quantize import check_rtn, library_version, quantise, quiet_imports
 from .recipe import Recipe
 
 #: the descriptor's file name in a compressed base's folder, its ``format`` and its version
@@ -164,7 +164,8 @@ def _check_fits(recipe: Recipe, targets: Mapping[str, nn.Linear]) -> None:
             elif "m" in step.params and cols % step.params["m"]:
                 raise InvalidArgument(f"{step.text} needs in_features divisible by {step.params['m']}; "
                                       f"{name!r} has {cols}")
-        if not bool(torch.isfinite(layer.weight.detach()).all()):
+        lo, hi = torch.aminmax(layer.weight.detach())  # NaN propagates: one pass instead of isfinite's several
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             raise NonFiniteInput(f"the weight of {name!r} holds NaN or infinity", tensor=f"{name}.weight")
 
 
@@ -187,9 +188,10 @@ def _compress_layer(layer: nn.Linear, recipe: Recipe, input_norm: torch.Tensor |
                 if mask is not None:  # the quantisers map zero to zero; the mask stays exact regardless
                     effective = torch.where(mask, effective, torch.zeros((), dtype=effective.dtype))
         layer.weight.copy_(effective.to(layer.weight.dtype))
-        diff = (layer.weight.detach().to(torch.float64) - original.to(torch.float64)).pow(2).sum().item()
-        norm = original.to(torch.float64).pow(2).sum().item()
-        zeros = int((layer.weight == 0).sum().item())
+        written = layer.weight.detach()
+        diff = torch.linalg.vector_norm(written.to(torch.float32) - original, dtype=torch.float64).item() ** 2
+        norm = torch.linalg.vector_norm(original, dtype=torch.float64).item() ** 2
+        zeros = written.numel() - int(torch.count_nonzero(written))
     return {"weights": original.numel(), "zeros": zeros, "sum_sq_diff": diff, "sum_sq": norm, "bits": bits}
 
 
@@ -249,22 +251,27 @@ class _BlockCall:
 
 
 def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor]) -> list[list[_BlockCall]]:
-    """For each batch, how the model calls each decoder block (the model's own masks and position
-    embeddings, which may differ between blocks); the forward pass stops at the last block."""
+    """For each batch, how the model calls each decoder block: the hidden states entering the first
+    and the other arguments of each (the model's own masks and position embeddings, which may
+    differ between blocks). While recording, each block returns its input unchanged instead of
+    computing (the arguments do not depend on the hidden states), and the pass stops at the last."""
     calls: list[list[_BlockCall]] = []
     current: list[_BlockCall] = []
 
-    def record(index: int) -> Callable[..., None]:
-        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def stand_in(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             kw = dict(kwargs)
             positional = bool(args)
             hidden = args[0] if positional else kw.pop("hidden_states")
             current.append(_BlockCall(hidden, tuple(args[1:]), kw, positional))
             if index == len(blocks) - 1:
                 raise _Stop
-        return pre
+            return hidden
+        return forward
 
-    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    own = [b.__dict__.get("forward") for b in blocks]  # a forward set on the instance (e.g. by accelerate)
+    for i, b in enumerate(blocks):
+        b.forward = stand_in(i)
     try:
         for ids in batches:
             current = []
@@ -275,8 +282,11 @@ def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: Sequen
                                        "once per forward pass; Wanda calibration needs that")
             calls.append(current)
     finally:
-        for h in handles:
-            h.remove()
+        for b, f in zip(blocks, own, strict=True):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
     return calls
 
 
@@ -487,15 +497,35 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             os.close(fd)
 
 
+#: ``quant_method`` of a source config whose safetensors weights are plain floats all the same: a
+#: GGUF model converted with ``from_pretrained(gguf_file=...)`` and saved keeps it in its config
+FLOAT_QUANT_METHODS = ("gguf",)
+
+
 def _load_causal_lm(src: Path) -> Any:
-    from transformers import AutoModelForCausalLM
+    """The source model in float32. A ``quantization_config`` left in the config of a checkpoint of
+    float weights (``FLOAT_QUANT_METHODS``) is dropped; a checkpoint of quantised weights is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def short(e: Exception) -> str:
+        return " ".join(str(e).split())[:500]
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True,
-                                                                use_safetensors=True)
+        config = AutoConfig.from_pretrained(src, local_files_only=True)
+        qc = getattr(config, "quantization_config", None)
+        if qc is not None:
+            method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+            if str(getattr(method, "value", method)) not in FLOAT_QUANT_METHODS:
+                raise InputError(f"{src} is already quantised ({method}); compress the model it was made from",
+                                 path=str(src))
+            delattr(config, "quantization_config")
+        with quiet_imports():
+            model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32,
+                                                         local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise InputError(f"cannot load {src} as a causal language model: {' '.join(str(e).split())[:500]}",
-                         path=str(src)) from None
+        if isinstance(e, CompeftError):
+            raise
+        raise InputError(f"cannot load {src} as a causal language model: {short(e)}", path=str(src)) from None
     return model
 
 
@@ -570,7 +600,11 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     remove_stale_temp_files(out)
     tmp = _temp_beside(out)
     try:
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise UnsupportedModel(f"transformers cannot save the compressed {type(model).__name__}: "
+                                   f"{' '.join(str(e).split())[:300]}") from None
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)

@@ -47,11 +47,16 @@ class Quantised:
     bits_per_weight: float
 
 
+#: loggers of the quantisation libraries that warn at import about CUDA extensions a CPU run does not use
+IMPORT_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
 @contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    """Raise the named loggers to ERROR for the duration: torchao and bitsandbytes log warnings at
-    import about optional CUDA extensions and kernels that a CPU run does not use."""
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+def quiet_imports(*loggers: str) -> Iterator[None]:
+    """Raise the named loggers (default ``IMPORT_LOGGERS``) to ERROR for the duration: torchao and
+    bitsandbytes log warnings when imported (also by transformers, when it loads a model) about
+    optional CUDA extensions and kernels that a CPU run does not use."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers or IMPORT_LOGGERS]
     for logger, _ in saved:
         logger.setLevel(logging.ERROR)
     try:
@@ -68,7 +73,7 @@ def _import(module: str) -> ModuleType:
         UnsupportedModel: it is not installed (the ``train`` extra installs both).
     """
     try:
-        with _quiet("torchao", "bitsandbytes", "torch.utils._pytree"):
+        with quiet_imports():
             return importlib.import_module(module)
     except ImportError as e:
         dist = module.split(".")[0]
@@ -195,4 +200,5 @@ def quantise(kind: str, params: Mapping[str, Any], weight: torch.Tensor) -> Quan
     return QUANTISERS[kind](weight, **params)
 
 
-__all__ = ["Quantised", "rtn", "nf4", "nf4_code", "quantise", "check_rtn", "library_version", "LIBRARIES"]
+__all__ = ["Quantised", "rtn", "nf4", "nf4_code", "quantise", "check_rtn", "library_version", "quiet_imports",
+           "LIBRARIES"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import compeft_format as cf
 from compeft_format.binding import FLOAT32
-from compeft_format.errors import BaseMismatch, FileNotFound, InvalidArgument
+from compeft_format.errors import BaseMismatch, FileNotFound, InputError, InvalidArgument
 from conftest import ROOT, save_tiny_causal_lm
 from cpet_adapters import base as B
 from cpet_adapters import quantize as Q
@@ -292,6 +293,16 @@ def test_wanda_masks_follow_activation_norms_block_by_block(source, recipe):
     assert (after[Q_PROJ] == 0).float().mean().item() == 0.5
 
 
+def test_wanda_leaves_the_blocks_as_they_were_and_the_model_runs(source):
+    model = load(source)
+    ids = torch.arange(30).reshape(1, 30)
+    B.compress_model_(model, "wanda:0.5", calibration_batches=batches(source))
+    assert all("forward" not in block.__dict__ for block in model.model.layers)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.shape == (1, 30, 256) and bool(torch.isfinite(out).all())
+
+
 def test_wanda_needs_calibration(source, tmp_path):
     with pytest.raises(InvalidArgument, match="calibration"):
         B.compress_model_(load(source), "wanda:0.5")
@@ -437,6 +448,24 @@ def test_missing_source_existing_output_and_bad_recipe_are_typed_errors(source, 
     empty.mkdir()
     B.compress_base(source, empty, "2:4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"]
+
+
+def test_a_float_copy_of_a_gguf_model_is_compressed_and_a_quantised_checkpoint_refused(source, tmp_path):
+    """A GGUF model converted by transformers and saved keeps ``quantization_config`` in its config
+    although its safetensors hold floats; a checkpoint of quantised weights is no source."""
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    config = json.loads((src / "config.json").read_text())
+    gguf = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False}
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": gguf}))
+    made = B.compress_base(src, tmp_path / "out", "int8")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert made.binding.derived_from is not None
+    assert made.binding.derived_from.fingerprint == cf.fingerprint(source, FLOAT32)
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(InputError, match="already quantised"):
+        B.compress_base(src, tmp_path / "again", "int8")
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_failed_compression_leaves_no_output(source, tmp_path, monkeypatch):
