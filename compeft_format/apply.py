@@ -163,23 +163,29 @@ def _check_base(model: nn.Module, manifest: Manifest) -> None:
 class _BaseCheck:
     """The base check of one ``load_adapter`` call: the model's weights are fingerprinted once
     for the artifact and every artifact it requires (recovery modules and adapters are not base
-    weights, so applying one does not change the fingerprint)."""
+    weights, so applying one does not change the fingerprint). Disabled, it notes the artifacts
+    whose recorded fingerprint it did not check."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
         self.model = model
+        self.enabled = enabled
+        self.unchecked: list[str] = []
         self._weights: binding.BaseWeights | None = None
 
     def __call__(self, manifest: Manifest, subject: str) -> None:
         if manifest.base_model.fingerprint is None:
+            return
+        if not self.enabled:
+            self.unchecked.append(subject)
             return
         if self._weights is None:
             self._weights = binding.BaseWeights(self.model)
         binding.check(manifest.base_model, self._weights, subject=subject)
 
 
-def _unchecked_warning(path: PathLike) -> None:
-    warnings.warn(f"check_base=False: {path} is applied without checking that the model is the base it was made "
-                  "for", stacklevel=3)
+def _unchecked_warning(paths: Sequence[str]) -> None:
+    warnings.warn(f"check_base=False: {', '.join(paths)} applied without checking that the model is the base "
+                  f"{'it was' if len(paths) == 1 else 'they were'} made for", stacklevel=3)
 
 
 def _holds(model: nn.Module, req: Requirement) -> bool:
@@ -196,7 +202,7 @@ class _Options:
     dtype: str | torch.dtype | None
     activate: bool
     is_trainable: bool
-    base_check: _BaseCheck | None
+    base_check: _BaseCheck
 
 
 # --- public -------------------------------------------------------------------------------------
@@ -220,7 +226,8 @@ def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default", r
         activate: make it the active adapter.
         is_trainable: the adapter's (or recovery modules') parameters are trainable.
         check_base: compare the base fingerprint each file records, when it has one, with the
-            model; False skips that, with a warning.
+            model; False skips that, with a warning naming the files whose fingerprint was not
+            checked.
 
     Returns:
         The ``PeftModel`` (``model`` itself when it already was one); for a recovery artifact,
@@ -231,12 +238,11 @@ def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default", r
         RequirementMissing (an artifact it requires is not found), and the file errors of
         ``open_file``; the model is unchanged when any is raised.
     """
-    if not check_base:
-        _unchecked_warning(path)
     opts = _Options(adapter_name=adapter_name, candidates=tuple(Path(p) for p in requires), device=device,
-                    dtype=dtype, activate=activate, is_trainable=is_trainable,
-                    base_check=_BaseCheck(model) if check_base else None)
+                    dtype=dtype, activate=activate, is_trainable=is_trainable, base_check=_BaseCheck(model, check_base))
     result, _ = _load(model, Path(path), opts, chain=())
+    if opts.base_check.unchecked:
+        _unchecked_warning(opts.base_check.unchecked)
     return result
 
 
@@ -289,8 +295,7 @@ def _load_recovery(model: Any, f: CompeftFile, digest: str, opts: _Options) -> R
                               + (f"loaded from manifest sha256 {held.source}" if held.source else "made by add_recovery")
                               + f"); {f.path} has manifest sha256 {digest}: remove them first "
                               "(recovery.get_recovery(model).remove())")
-    if opts.base_check is not None:
-        opts.base_check(m, str(f.path))
+    opts.base_check(m, str(f.path))
     base = base_model_of(model)
     target = opts.device if opts.device is not None else next(base.parameters()).device
     dtype = to_torch(opts.dtype) if opts.dtype is not None else to_torch(m.tensors[0].dtype) if m.tensors else None
@@ -322,8 +327,7 @@ def _load_peft(model: Any, f: CompeftFile, opts: _Options) -> Any:
     base = base_model_of(model)
     lay = _layout(m)
     _check_model(base, lay, config)
-    if opts.base_check is not None:
-        opts.base_check(m, str(f.path))
+    opts.base_check(m, str(f.path))
     peft_cfg = peft_config(config, inference_mode=not opts.is_trainable)
     _check_targets(peft_cfg, lay)
     target = opts.device if opts.device is not None else next(base.parameters()).device
@@ -380,7 +384,8 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
     magnitudes; (IA)3: ``W *= l``; a full fine-tuning delta: ``W += scale * delta``;
     ``modules_to_save`` weights replace the model's. All new weights are computed before any is
     written. An artifact that requires others (spec 3.6) merges into a model that holds them
-    (``load_adapter`` applies them); ``check_base=False`` skips the base check, with a warning.
+    (``load_adapter`` applies them); ``check_base=False`` skips the base check, with a warning
+    when the file records a fingerprint.
 
     Raises:
         UnsupportedModel: a weight to merge into is not a plain float array (a quantised layer).
@@ -392,8 +397,6 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise InvalidArgument(f"scale must be a finite number, got {scale!r}")
-    if not check_base:
-        _unchecked_warning(path)
     with CompeftFile(path) as f:
         m = f.manifest
         config = m.adapter.peft_config
@@ -435,6 +438,8 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
                                    "use load_adapter to apply the adapter beside them", modules=quantised)
         if check_base:
             _check_base(model, m)
+        elif m.base_model.fingerprint is not None:
+            _unchecked_warning([str(path)])
         device = next(model.parameters()).device
         tensors = f.state_dict(dtype=torch.float32, device=device)
 

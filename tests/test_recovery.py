@@ -8,6 +8,7 @@ import math
 import shutil
 import struct
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -463,9 +464,17 @@ def test_wrong_base_is_refused_naming_both_fingerprints(tmp_path):
         # the task's requirement was applied first and is taken out again
         assert get_recovery(other) is None and not isinstance(other, PeftModel)
         assert list(other.state_dict()) == list(before) and bits_equal(logits(other), reference)
-    with pytest.warns(UserWarning, match="check_base=False"):
+    with pytest.warns(UserWarning, match="check_base=False") as caught:
         pm = cf.load_adapter(other, task, check_base=False)
     assert get_recovery(pm) is not None
+    (w,) = [w for w in caught if "check_base" in str(w.message)]
+    assert str(rec) in str(w.message) and str(task) in str(w.message) and w.filename == __file__
+    # a file that records no fingerprint has nothing to skip: no warning
+    unbound = tmp_path / "unbound.cpeft.safetensors"
+    cf.save(cf.compress(cf.load(rec), recovery=cf.verify(rec).adapter.recovery), unbound)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cf.load_adapter(base_model(), unbound, check_base=False)
 
 
 def test_inspect_and_validate_show_recovery_and_requirements(tmp_path, capsys):
