@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import compeft_format as cf
 from compeft_format.binding import FLOAT32
-from compeft_format.errors import BaseMismatch, FileNotFound, InputError, InvalidArgument
+from compeft_format.errors import BaseMismatch, FileNotFound, InputError, InvalidArgument, VersionError
 from conftest import ROOT, save_tiny_causal_lm
 from cpet_adapters import base as B
 from cpet_adapters import quantize as Q
@@ -425,6 +425,22 @@ def test_load_refuses_a_folder_whose_weights_were_edited(source, tmp_path):
     assert made.binding.fingerprint.value in str(e.value) and actual.value in str(e.value)
     assert e.value.expected == made.binding and e.value.actual.fingerprint == actual
     assert B.load_compressed_base(out, verify=False).binding == made.binding
+
+
+@pytest.mark.parametrize("edit, error, words", [
+    (lambda d: {**d, "format": "something-else"}, InputError, "not a cpet-compressed-base descriptor"),
+    (lambda d: {**d, "version": 2}, VersionError, "version 2"),
+    (lambda d: {**d, "recipe": {**d["recipe"], "name": "int4:g32"}}, InputError, "disagree"),
+    (lambda d: {**d, "binding": {**d["binding"], "fingerprint": None}}, InputError, "lacks the fingerprint"),
+    (lambda d: [d], InputError, "not a cpet-compressed-base descriptor"),
+], ids=["format", "version", "recipe", "fingerprint", "not-an-object"])
+def test_load_refuses_a_descriptor_it_did_not_write(source, tmp_path, edit, error, words):
+    out = tmp_path / "int8"
+    B.compress_base(source, out, "int8")
+    desc = json.loads((out / B.DESCRIPTOR).read_text())
+    (out / B.DESCRIPTOR).write_text(json.dumps(edit(desc)))
+    with pytest.raises(error, match=words):
+        B.load_compressed_base(out)
 
 
 def test_missing_source_existing_output_and_bad_recipe_are_typed_errors(source, tmp_path):
