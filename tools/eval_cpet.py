@@ -14,6 +14,7 @@ likely after the prompt. For each recipe (``cpet_adapters.base``) and seed:
 - ``original``: a LoRA trained on the original model (the reference, and the inheritance source);
 - ``inherited, no training``: that LoRA copied onto the compressed base;
 - ``vanilla``: a fresh LoRA trained on the compressed base;
+- ``vanilla, 2x steps``: the same, trained as many steps as the inherited variants in all;
 - ``+ inheritance``: the inherited LoRA trained on, on the compressed base;
 - ``+ recovery``: and recovery modules beside every linear layer;
 - ``CPET``: and distillation of the last hidden state from the original with the inherited LoRA;
@@ -51,7 +52,8 @@ from cpet_adapters.export import export  # noqa: E402
 from cpet_adapters.train import ADAPTER_DIR, FINAL, RECOVERY_CONFIG, RECOVERY_WEIGHTS, TrainConfig, train  # noqa: E402
 
 CACHE = Q.CACHE.parent / "cpet"
-VARIANTS = ("original", "inherited, no training", "vanilla", "+ inheritance", "+ recovery", "CPET", "CPET, exported")
+VARIANTS = ("original", "inherited, no training", "vanilla", "vanilla, 2x steps", "+ inheritance", "+ recovery", "CPET",
+            "CPET, exported")
 
 
 def log(msg: str) -> None:
@@ -139,6 +141,8 @@ def run(out: Path, recipes: Sequence[str], seeds: Sequence[int], per_class: int,
                 record(recipe, seed, "inherited, no training", base_with(cbase, orig_run))
             plans = {
                 "vanilla": {},
+                # the inherited variants have trained 2 x steps in all (on the original, then here)
+                "vanilla, 2x steps": {"max_steps": 2 * steps, "warmup_steps": (2 * steps) // 10},
                 "+ inheritance": {"inherit": str(inherited)},
                 "+ recovery": {"inherit": str(inherited), "recovery": True},
                 "CPET": {"inherit": str(inherited), "recovery": True, "teacher": str(original), "distill": 1.0},
@@ -146,7 +150,7 @@ def run(out: Path, recipes: Sequence[str], seeds: Sequence[int], per_class: int,
             for variant, kw in plans.items():
                 if (recipe, seed, variant) in done:
                     continue
-                path, secs = trained(f"{tag}-{variant.strip('+ ').replace(' ', '-')}-s{seed}", base=str(cbase),
+                path, secs = trained(f"{tag}-{variant.strip('+ ').replace(', ', '-').replace(' ', '-')}-s{seed}", base=str(cbase),
                                      seed=seed, **kw)
                 record(recipe, seed, variant, base_with(cbase, path), train_seconds=round(secs, 1))
             if (recipe, seed, "CPET, exported") not in done:
