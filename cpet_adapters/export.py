@@ -11,7 +11,6 @@ the task artifact brings the recovery artifact from the same folder and refuses 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 import compeft_format as cf
 from compeft_format import binding as B
 from compeft_format.errors import FileNotFound, InputError, InvalidArgument
+from compeft_format.fileio import file_sha256
 from compeft_format.recovery import RecoveryConfig
 from compeft_format.requirements import requirement
 
@@ -77,18 +77,11 @@ def _read_run(run: Path) -> dict[str, Any]:
     return info
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _artifact(path: Path, binding: B.BaseBinding) -> Artifact:
     req = requirement(path)
     fp = binding.fingerprint.value if binding.fingerprint else ""
-    return Artifact(path=path, kind=req.kind, size=path.stat().st_size, sha256=_sha256(path),
+    return Artifact(path=path, kind=req.kind, size=path.stat().st_size, sha256=file_sha256(path),
                     manifest_sha256=req.manifest_sha256, base_fingerprint=fp)
 
 

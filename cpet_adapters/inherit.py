@@ -18,6 +18,7 @@ import torch
 
 import compeft_format as cf
 from compeft_format.errors import ConfigMismatch, FileNotFound, ModelMismatch, UnsupportedAdapter
+from compeft_format.fileio import file_sha256
 from compeft_format.peft_io import read_source
 
 
@@ -42,13 +43,6 @@ class Inheritance:
         return asdict(self)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def read_lora(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any], Inheritance]:
     """The LoRA tensors (PEFT names, float32), the PEFT config and the provenance of ``source``.
@@ -72,7 +66,7 @@ def read_lora(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
         raw, config = read_source(p)
         tensors = {k: v.float() for k, v in raw.items()}
         weights = p / "adapter_model.safetensors"
-        digest = _sha256(weights) if weights.is_file() else hashlib.sha256(b"").hexdigest()
+        digest = file_sha256(weights) if weights.is_file() else hashlib.sha256(b"").hexdigest()
         prov = Inheritance(source=str(p), format="peft", sha256=digest, manifest_sha256=None, base_model=None,
                            tensors=len(tensors))
     if config is None or str(config.get("peft_type", "")).upper() != "LORA":

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,21 @@ def save_tiny_causal_lm(path: Path, seed: int = 0) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+#: the label words of ``write_task``
+TASK_WORDS = ["alpha", "beta", "gamma", "delta"]
+
+
+def write_task(path: Path, n: int, seed: int = 0) -> Path:
+    """A learnable JSON Lines task of ``n`` prompt/completion pairs: the completion is the word the
+    prompt's last letter points to."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            k = rng.randrange(len(TASK_WORDS))
+            f.write(json.dumps({"prompt": f"{rng.randrange(1000)} {'abcd'[k]}:", "completion": f" {TASK_WORDS[k]}"}) + "\n")
     return path
 
 

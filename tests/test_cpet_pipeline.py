@@ -6,12 +6,10 @@ the compressed base, and refuse any other base."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,22 +17,12 @@ from safetensors.torch import load_file
 
 import compeft_format as cf
 from compeft_format.hub.server import make_server
-from conftest import ROOT, save_tiny_causal_lm
+from conftest import ROOT, save_tiny_causal_lm, write_task
 from cpet_adapters.base import compress_base
 from cpet_adapters.export import RECOVERY_FILE, TASK_FILE, export, load_into
 from cpet_adapters.train import ADAPTER_DIR, FINAL, RECOVERY_WEIGHTS, TrainConfig, load_causal_lm, train
 
-WORDS = ["alpha", "beta", "gamma", "delta"]
 TOKEN = "cpet-token"
-
-
-def write_task(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            k = rng.randrange(len(WORDS))
-            f.write(json.dumps({"prompt": f"{rng.randrange(1000)} {'abcd'[k]}:", "completion": f" {WORDS[k]}"}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

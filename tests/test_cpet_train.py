@@ -5,7 +5,6 @@ their source, accumulation equals a larger batch, and a resumed run is bit-ident
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import compeft_format as cf
-from conftest import save_tiny_causal_lm
+from conftest import save_tiny_causal_lm, write_task
 from cpet_adapters import data as D
 from cpet_adapters.inherit import inherit_lora, read_lora
 from cpet_adapters.train import (
@@ -26,18 +25,6 @@ from cpet_adapters.train import (
     load_causal_lm,
     train,
 )
-
-WORDS = ["alpha", "beta", "gamma", "delta"]
-
-
-def write_task(path: Path, n: int, seed: int = 0) -> Path:
-    """A learnable task: the completion is the word the prompt's last letter points to."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            k = rng.randrange(len(WORDS))
-            f.write(json.dumps({"prompt": f"{rng.randrange(1000)} {'abcd'[k]}:", "completion": f" {WORDS[k]}"}) + "\n")
-    return path
 
 
 def perturbed_copy(src: Path, dst: Path, scale: float = 0.02, seed: int = 1) -> Path:
