@@ -20,6 +20,7 @@ state, data position) from which a run resumes bit-identically, and the final ad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -537,7 +538,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
         parts = {"ce": 0.0, "mse": 0.0, "kl": 0.0}
         for j, examples in enumerate(window):
             batch = {k: v.to(acc.device) for k, v in collate(examples, pad_id).items()}
-            sync = acc.no_sync(model) if j < len(window) - 1 and world > 1 else _null()
+            sync = acc.no_sync(model) if j < len(window) - 1 and world > 1 else contextlib.nullcontext()
             with sync:
                 out_s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=need_hidden)
@@ -594,14 +595,6 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     acc.wait_for_everyone()
     return TrainResult(output=out, steps=step, resumed_from=start, eval=last_eval, finished=finished,
                        trainable=n_trainable)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _prune_checkpoints(out: Path, keep: int) -> None:
