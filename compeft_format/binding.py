@@ -37,7 +37,7 @@ from .errors import (
 )
 from .integrity import tensor_bytes
 from .jsonfields import as_object, as_str
-from .peft_layout import base_state_dict
+from .peft_layout import base_model_of, base_state_dict
 
 #: The fingerprint of the weights as stored: names, dtypes, shapes and bytes.
 AS_STORED = C.FINGERPRINT_ALGORITHM
@@ -293,8 +293,10 @@ class BaseWeights:
     def __init__(self, weights: Weights) -> None:
         self._memory: Mapping[str, torch.Tensor] | None = None
         self._files: dict[str, Path] | None = None
+        self._backbone: str | None = None
         if isinstance(weights, nn.Module):
             self._memory = base_state_dict(weights)
+            self._backbone = _backbone_prefix(weights, self._memory)
         elif isinstance(weights, (str, os.PathLike)):
             self._files = checkpoint_files(weights)
         elif isinstance(weights, Mapping):
@@ -304,6 +306,20 @@ class BaseWeights:
                                   "a checkpoint path")
         self._cache: dict[str, list[Fingerprint]] = {}
         self._shard: tuple[Path, Any] | None = None  # the checkpoint file open now
+
+    def backbone_fingerprint(self, algorithm: str = AS_STORED) -> Fingerprint | None:
+        """For a model with a task head around a backbone (a transformers model whose
+        ``base_model_prefix`` sub-model holds all but the head: ``BertForSequenceClassification``'s
+        ``bert``), the fingerprint of the backbone's checkpoint (its tensors named without the
+        prefix), which a backbone-only base folder records; None for other weights."""
+        if self._backbone is None or self._memory is None:
+            return None
+        key = f"backbone:{algorithm}"
+        if key not in self._cache:
+            cut = len(self._backbone) + 1
+            once = untied({k[cut:]: v for k, v in self._memory.items() if k.startswith(self._backbone + ".")})
+            self._cache[key] = [_digest(once, once.__getitem__, algorithm)]
+        return self._cache[key][0]
 
     def fingerprints(self, algorithm: str = AS_STORED) -> list[Fingerprint]:
         """The values these weights may be recorded as: the spec's first; for weights in memory
@@ -331,6 +347,17 @@ class BaseWeights:
             return self._shard[1].get_tensor(name)
         except Exception as e:  # safetensors raises its own untyped errors
             raise NotSafetensors(f"cannot read tensor {name!r} from {f}: {e}", path=str(f)) from None
+
+
+def _backbone_prefix(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The ``base_model_prefix`` of a transformers model whose tensors lie partly under it (a
+    backbone with a head), else None."""
+    inner = base_model_of(model)
+    prefix = getattr(inner, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or not isinstance(getattr(inner, prefix, None), nn.Module):
+        return None
+    under = sum(1 for k in tensors if k.startswith(prefix + "."))
+    return prefix if 0 < under < len(tensors) else None
 
 
 def fingerprint(weights: Weights | BaseWeights, algorithm: str = AS_STORED) -> Fingerprint:
@@ -386,6 +413,9 @@ def check(recorded: ModelRef, candidate: ModelRef | BaseWeights | Weights, *, re
             problems.append(f"its fingerprint algorithm {fp.algorithm!r} is unknown to this library")
         else:
             values = weights.fingerprints(fp.algorithm)
+            if fp not in values:
+                backbone = weights.backbone_fingerprint(fp.algorithm)
+                values = values + ([backbone] if backbone is not None else [])
             given = ModelRef(fingerprint=fp if fp in values else values[0])
         shown = "the weights given" + (f" (fingerprint {given.fingerprint.short()})" if given.fingerprint else "")
     for f in fields(given):

@@ -2,8 +2,9 @@
 quantised by a recipe (``recipe.Recipe``), saved as an ordinary model folder of effective weights
 and bound, by fingerprint, to the model it was derived from.
 
-The folder ``compress_base`` writes loads with ``transformers.AutoModelForCausalLM.from_pretrained``
-anywhere: its weights are the effective (dequantised, masked) float32 values, which PEFT trains on
+The folder ``compress_base`` writes loads with ``transformers`` anywhere (a causal LM with
+``AutoModelForCausalLM``; an encoder checkpoint such as BERT's with ``AutoModel`` or into a head
+model, ``AutoModelForSequenceClassification``): its weights are the effective (dequantised, masked) float32 values, which PEFT trains on
 and which fingerprint identically on every machine. Beside them, ``compressed_base.json`` (the
 descriptor) records the binding (``compeft_format.BaseBinding``: this folder's fingerprint, the
 source model it was derived from and its fingerprint, the recipe), the target modules, per-layer
@@ -502,10 +503,16 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 FLOAT_QUANT_METHODS = ("gguf",)
 
 
-def _load_causal_lm(src: Path) -> Any:
-    """The source model in float32. A ``quantization_config`` left in the config of a checkpoint of
-    float weights (``FLOAT_QUANT_METHODS``) is dropped; a checkpoint of quantised weights is refused."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+#: endings of the ``architectures`` a causal language model's config names
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+
+
+def _load_source(src: Path) -> Any:
+    """The source model in float32: a causal LM when its config names one (``LlamaForCausalLM``),
+    else the bare model (an encoder such as ``BertModel``, whose checkpoint then loads into any
+    head model). A ``quantization_config`` left in the config of a checkpoint of float weights
+    (``FLOAT_QUANT_METHODS``) is dropped; a checkpoint of quantised weights is refused."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     def short(e: Exception) -> str:
         return " ".join(str(e).split())[:500]
@@ -519,13 +526,15 @@ def _load_causal_lm(src: Path) -> Any:
                 raise InputError(f"{src} is already quantised ({method}); compress the model it was made from",
                                  path=str(src))
             delattr(config, "quantization_config")
+        architectures = getattr(config, "architectures", None) or []
+        causal = any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in architectures)
         with quiet_imports():
-            model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32,
-                                                         local_files_only=True, use_safetensors=True)
+            model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(
+                src, config=config, dtype=torch.float32, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         if isinstance(e, CompeftError):
             raise
-        raise InputError(f"cannot load {src} as a causal language model: {short(e)}", path=str(src)) from None
+        raise InputError(f"cannot load {src} as a transformers model: {short(e)}", path=str(src)) from None
     return model
 
 
@@ -543,7 +552,8 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
                   calibration: Sequence[str] | None = None, calibration_samples: int = 64, seq_len: int = 128,
                   source_id: str | None = None, source_revision: str | None = None,
                   target_modules: Sequence[str] | None = None, overwrite: bool = False) -> CompressedBase:
-    """Compress a local transformers causal LM and save it as a model folder of effective weights.
+    """Compress a local transformers model (a causal LM, or an encoder such as BERT) and save it as a
+    model folder of effective weights.
 
     The source is loaded in float32 from its safetensors (nothing is downloaded), compressed by
     ``compress_model_``, and saved with ``save_pretrained`` (float32 safetensors, which keep the
@@ -583,7 +593,7 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     if recipe.needs_calibration:
         assert calibration is not None
         windows = calibration_windows(_load_tokenizer(src), calibration, calibration_samples, seq_len)
-    model = _load_causal_lm(src)
+    model = _load_source(src)
     batches = None if windows is None else list(torch.split(windows, CALIBRATION_BATCH))
     stats = compress_model_(model, recipe, calibration_batches=batches, target_modules=target_modules)
     targets = tuple(stats["layers"])

@@ -1,9 +1,10 @@
 """Training and evaluation text for CPET: JSON Lines files read as hostile input, tokenised once,
 batched in an order fixed by the seed and the epoch (so a resumed run sees the same batches).
 
-Each line of a file is one JSON object with either ``text`` (the model learns every token) or
-``prompt`` and ``completion`` (the model learns the completion's tokens only; the prompt is
-context). Blank lines are skipped.
+Each line of a file is one JSON object. For a language model (``causal-lm``): ``text`` (the model
+learns every token) or ``prompt`` and ``completion`` (the model learns the completion's tokens
+only; the prompt is context). For sequence classification (``classify``): ``text`` and ``label``
+(a string, or an integer taken as its decimal text). Blank lines are skipped.
 """
 
 from __future__ import annotations
@@ -28,19 +29,24 @@ MAX_FILE_BYTES = 1 << 30
 @dataclass(frozen=True)
 class Example:
     """One tokenised example: ``labels[i]`` is ``input_ids[i]`` where the loss counts it, else
-    ``IGNORE``."""
+    ``IGNORE``; a classification example has ``label``, its class index, instead."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    label: int | None = None
 
     @property
     def tokens(self) -> int:
-        """Tokens the loss counts (the first token is never predicted)."""
+        """Predictions the loss counts: learned tokens (the first token is never predicted), or 1
+        for a classification example."""
+        if self.label is not None:
+            return 1
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """The records of a JSON Lines file: each ``{"text": str}`` or ``{"prompt": str, "completion": str}``.
+    """The records of a JSON Lines file: each ``{"text": str}`` (with ``"label"`` when the line has
+    one) or ``{"prompt": str, "completion": str}``.
 
     Raises:
         FileNotFound: no such file.
@@ -67,7 +73,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         except (ValueError, RecursionError):
             raise InputError(f"{p}:{n}: not a JSON object", path=str(p)) from None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-            records.append({"text": obj["text"]})
+            label = obj.get("label")
+            if label is None:
+                records.append({"text": obj["text"]})
+            elif isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool)):
+                records.append({"text": obj["text"], "label": str(label)})
+            else:
+                raise InputError(f"{p}:{n}: \"label\" must be a string or an integer", path=str(p))
         elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
             records.append({"prompt": obj["prompt"], "completion": obj["completion"]})
         else:
@@ -109,6 +121,41 @@ def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_len: int) ->
     return out
 
 
+def label_names(records: Sequence[dict[str, str]]) -> tuple[str, ...]:
+    """The labels of classification records, sorted (numerically when all are integers).
+
+    Raises:
+        InvalidArgument: a record without a label, or fewer than two labels.
+    """
+    if any("label" not in r for r in records):
+        raise InvalidArgument("classification data needs a \"label\" on every line")
+    names = {r["label"] for r in records}
+    if len(names) < 2:
+        raise InvalidArgument(f"classification needs at least two labels, the data has {sorted(names)}")
+    numeric = all(x.lstrip("-").isdigit() for x in names)
+    return tuple(sorted(names, key=(lambda x: (int(x), x)) if numeric else None))
+
+
+def tokenize_classes(records: Sequence[dict[str, str]], tokenizer: Any, max_len: int,
+                     labels: Sequence[str]) -> list[Example]:
+    """Tokenise classification records with the tokenizer's special tokens (``[CLS] ... [SEP]``),
+    cut to ``max_len`` tokens; ``label`` is the index of the record's label in ``labels``.
+
+    Raises:
+        InvalidArgument: ``max_len`` under 2, a record without a label or with one not in ``labels``.
+    """
+    if max_len < 2:
+        raise InvalidArgument(f"max_len must be at least 2, got {max_len}")
+    index = {name: i for i, name in enumerate(labels)}
+    out: list[Example] = []
+    for n, r in enumerate(records, 1):
+        if r.get("label") not in index:
+            raise InvalidArgument(f"example {n}: label {r.get('label')!r} is not one of {list(labels)}")
+        ids = list(tokenizer(r["text"], truncation=True, max_length=max_len)["input_ids"])[:max_len]
+        out.append(Example(tuple(ids), (IGNORE,) * len(ids), index[r["label"]]))
+    return out
+
+
 def order(n: int, *, seed: int, epoch: int) -> list[int]:
     """The order of ``n`` examples in ``epoch``: a permutation fixed by ``seed`` and ``epoch``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -130,7 +177,8 @@ def micro_batches(n_examples: int, batch_size: int, *, seed: int, start: int = 0
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding)."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding), and
+    ``class_labels`` when the examples are classification examples."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -140,4 +188,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if examples[0].label is not None:
+        out["class_labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return out

@@ -32,7 +32,7 @@ from .train import ADAPTER_DIR, FINAL, RECOVERY_CONFIG, RECOVERY_WEIGHTS, RUN_FI
 RECOVERY_FILE = "recovery.cpeft.safetensors"
 TASK_FILE = "task.cpeft.safetensors"
 #: the training settings an artifact records (the rest are paths and bookkeeping)
-RECORDED = ("task_lora", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "recovery", "recovery_r",
+RECORDED = ("task", "task_lora", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "recovery", "recovery_r",
             "recovery_alpha", "distill", "distill_layers", "distill_kl", "temperature", "lr", "weight_decay",
             "warmup_steps", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "max_len", "seed")
 
@@ -112,6 +112,8 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
     binding = base_binding(cfg.base)
     training = {"method": "cpet", "settings": {k: info["config"].get(k) for k in RECORDED},
                 "steps": info.get("steps"), "inheritance": info.get("inheritance"), "eval": info.get("eval")}
+    if info.get("labels"):
+        training["labels"] = info["labels"]
     out.mkdir(parents=True, exist_ok=True)
     final = run_dir / FINAL
     arts: list[Artifact] = []
@@ -139,10 +141,34 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
     return arts
 
 
+def trained_for(artifact: str | os.PathLike[str]) -> tuple[str, tuple[str, ...]]:
+    """The task (``causal-lm`` or ``classify``) and the labels an exported artifact was trained
+    for, from its ``provenance.training``; ``causal-lm`` when it records none.
+
+    Raises:
+        InputError: recorded labels that are not a list of two or more distinct strings.
+        and the file errors of ``compeft_format.open_file``.
+    """
+    with cf.open_file(artifact) as f:
+        training = f.manifest.provenance.training or {}
+    settings = training.get("settings")
+    task = settings.get("task", "causal-lm") if isinstance(settings, dict) else "causal-lm"
+    if task != "classify":
+        return "causal-lm", ()
+    labels = training.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or len(set(labels)) != len(labels) \
+            or not all(isinstance(x, str) for x in labels):
+        raise InputError(f"{artifact} is a classifier but records no list of labels", path=str(artifact))
+    return task, tuple(labels)
+
+
 def load_into(model: Any, artifact: str | os.PathLike[str], *, adapter_name: str = "default",
               check_base: bool = True, requires: Any = None) -> Any:
     """Load an exported artifact into ``model`` (a model folder or a loaded model): a task
-    artifact brings the recovery artifact it requires, from ``requires`` or the same folder.
+    artifact brings the recovery artifact it requires, from ``requires`` or the same folder. A
+    folder is loaded as the model the artifact was trained for: a causal LM, or for a classifier
+    a sequence-classification model over the labels the artifact records (its head comes from the
+    artifact).
 
     Returns:
         The model with the adapter (a ``peft.PeftModel`` for a task artifact).
@@ -153,9 +179,10 @@ def load_into(model: Any, artifact: str | os.PathLike[str], *, adapter_name: str
         and the errors of ``compeft_format.load_adapter``.
     """
     if isinstance(model, (str, os.PathLike)):
-        from .train import load_causal_lm
+        from .train import load_model
 
-        model = load_causal_lm(model)
+        task, labels = trained_for(artifact)
+        model = load_model(model, task, labels)
     kwargs: dict[str, Any] = {"adapter_name": adapter_name, "check_base": check_base}
     if requires is not None:
         kwargs["requires"] = requires

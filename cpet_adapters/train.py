@@ -40,9 +40,11 @@ from torch import nn
 
 from compeft_format.errors import ConfigMismatch, FileNotFound, InputError, InvalidArgument
 
-from .data import IGNORE, Example, collate, micro_batches, read_jsonl, tokenize
+from .data import IGNORE, Example, collate, label_names, micro_batches, read_jsonl, tokenize, tokenize_classes
 from .inherit import Inheritance, inherit_lora, read_lora
 
+#: what a run trains the model for
+TASKS = ("causal-lm", "classify")
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
@@ -66,22 +68,28 @@ class TrainConfig:
     file (``--config``, JSON) holds the same names."""
 
     base: str = _help("the compressed base model: a transformers folder (``compeft cpet compress-base``)")
-    data: str = _help("training data, JSON Lines: {\"text\"} or {\"prompt\", \"completion\"} per line")
+    data: str = _help("training data, JSON Lines: {\"text\"} or {\"prompt\", \"completion\"} per line; "
+                      "{\"text\", \"label\"} to classify")
     output: str = _help("the run folder: config, log, checkpoints, final adapter")
     teacher: str | None = _help("the original (uncompressed) model folder; needed for distillation", None)
     inherit: str | None = _help("a LoRA trained on the original model (compeft file or PEFT folder) to start from",
                                 None)
     eval: str | None = _help("evaluation data, same format as data", None)
+    task: str = _help("causal-lm (learn the text's tokens) or classify (a new sequence-classification head "
+                      "trained with the LoRA, e.g. on an encoder such as BERT)", "causal-lm")
+    labels: tuple[str, ...] = _help("classify: the label names in the head's order (default: the labels of "
+                                    "the training data, sorted)", ())
     task_lora: bool = _help("train a task LoRA (off: recovery modules only, the task-agnostic recovery)", True)
     lora_r: int = _help("LoRA rank (ignored when inheriting: the source's config is used)", 8)
     lora_alpha: int = _help("LoRA alpha (ignored when inheriting)", 16)
     lora_dropout: float = _help("LoRA dropout", 0.0)
-    target_modules: tuple[str, ...] = _help("LoRA target modules (ignored when inheriting)", ("q_proj", "v_proj"))
+    target_modules: tuple[str, ...] = _help("LoRA target modules (ignored when inheriting; default: peft's for the "
+                                            "architecture, e.g. q_proj,v_proj for Llama, query,value for BERT)", ())
     recovery: bool = _help("add recovery modules beside the linear layers", False)
     recovery_r: int = _help("recovery module rank", 16)
     recovery_alpha: float = _help("recovery module alpha (output scaled by alpha / r)", 16.0)
     recovery_targets: tuple[str, ...] = _help("module names or name suffixes for recovery modules (default: "
-                                              "every linear layer but the output head)", ())
+                                              "every linear layer of the transformer blocks)", ())
     distill: float = _help("weight of the hidden-state MSE against the teacher (0: none)", 0.0)
     distill_layers: tuple[int, ...] = _help("hidden states compared (indices into hidden_states; -1 the last)", (-1,))
     distill_kl: float = _help("weight of the logit KL divergence against the teacher (0: none)", 0.0)
@@ -103,27 +111,35 @@ class TrainConfig:
     #: fields that may change between a run and its resumption
     RESUMABLE = frozenset({"eval", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "output"})
 
+    #: integer settings and their least value; number settings that must be finite and >= 0
+    _AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "max_len": 1, "eval_batch_size": 1, "lora_r": 1,
+                 "recovery_r": 1, "keep_checkpoints": 1, "warmup_steps": 0, "eval_every": 0, "save_every": 0,
+                 "seed": 0}
+    _NON_NEGATIVE = ("lr", "weight_decay", "distill", "distill_kl", "max_grad_norm", "lora_dropout", "lora_alpha",
+                     "recovery_alpha")
+
     def __post_init__(self) -> None:
-        for name in ("target_modules", "recovery_targets", "distill_layers"):
+        for name in ("target_modules", "recovery_targets", "distill_layers", "labels"):
             v = getattr(self, name)
             if isinstance(v, str):
                 v = [x.strip() for x in v.split(",") if x.strip()]
             setattr(self, name, tuple(int(x) for x in v) if name == "distill_layers" else tuple(str(x) for x in v))
-        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "max_len": self.max_len, "eval_batch_size": self.eval_batch_size,
-                    "lora_r": self.lora_r, "recovery_r": self.recovery_r, "keep_checkpoints": self.keep_checkpoints}
-        for name, v in positive.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InvalidArgument(f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name, least in self._AT_LEAST.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgument(f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "distill", "distill_kl", "max_grad_norm", "lora_dropout", "lora_alpha",
-                     "recovery_alpha"):
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise InvalidArgument(f"{name} must be an integer >= {least}, got {v!r}")
+        for name in self._NON_NEGATIVE:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise InvalidArgument(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.task not in TASKS:
+            raise InvalidArgument(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.labels and (self.task != "classify" or len(set(self.labels)) != len(self.labels)
+                            or len(self.labels) < 2):
+            raise InvalidArgument("labels are two or more distinct names, and only for task classify")
+        if self.task == "classify" and self.distill_kl and not self.inherit:
+            raise InvalidArgument("the logit KL of a classifier needs the inherited head (inherit): a new "
+                                  "teacher head is random")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise InvalidArgument(f"temperature must be positive, got {self.temperature!r}")
         if not self.task_lora and not self.recovery:
@@ -182,8 +198,8 @@ class TrainResult:
     steps: int
     #: the step this call started from (0, or the checkpoint it resumed)
     resumed_from: int
-    #: the last evaluation: ``loss`` (mean cross-entropy per learned token) and ``accuracy``
-    #: (share of learned tokens predicted exactly); empty without evaluation data
+    #: the last evaluation: ``loss`` (mean cross-entropy per learned token, or per example of a
+    #: classifier) and ``accuracy`` (share of those predicted exactly); empty without evaluation data
     eval: dict[str, float]
     #: whether the run reached ``max_steps`` (False: stopped by ``stop_after``)
     finished: bool
@@ -194,26 +210,60 @@ class TrainResult:
 # --- models -------------------------------------------------------------------------------------
 def load_causal_lm(path: str | os.PathLike[str]) -> nn.Module:
     """A transformers causal LM from a local folder, float32, in eval mode; nothing is downloaded."""
-    from transformers import AutoModelForCausalLM
+    return load_model(path)
+
+
+def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tuple[str, ...] = ()) -> nn.Module:
+    """The model a ``task`` trains, from a local folder, float32, in eval mode; nothing is
+    downloaded. ``classify`` gives a sequence-classification model over ``labels`` whose head (absent
+    from the folder) is initialised from torch's global generator."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     p = Path(path)
     if not p.is_dir():
         raise FileNotFound(f"no such model folder: {p}", path=str(p))
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+    try:
+        if task == "classify":
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the head is new by design: no "newly initialized" report
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(p), dtype=torch.float32, local_files_only=True, num_labels=len(labels),
+                    id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+            finally:
+                hf_logging.set_verbosity(level)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        what = "sequence classifier" if task == "classify" else "causal language model"
+        raise InputError(f"cannot load {p} as a {what}: {' '.join(str(e).split())[:300]}", path=str(p)) from None
     model.eval()
     return model
 
 
 def linear_layers(model: nn.Module) -> list[str]:
-    """Names of the linear layers of ``model`` except its output head (recovery's default targets)."""
+    """Names of the linear layers of ``model`` except its output head."""
     get_head = getattr(model, "get_output_embeddings", None)
     out_head = get_head() if callable(get_head) else None
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out_head]
 
 
-def _select(names: list[str], patterns: tuple[str, ...]) -> list[str]:
+def recovery_layers(model: nn.Module, patterns: tuple[str, ...] = ()) -> list[str]:
+    """The linear layers that get recovery modules: those whose name is one of ``patterns`` or ends
+    with ``.`` and one; without patterns every linear layer of the transformer blocks (the layers a
+    compressed base compresses; not embeddings, output heads or classifiers).
+
+    Raises:
+        InvalidArgument: no linear layer matches. UnsupportedModel: no patterns, and the model has no
+        list of transformer blocks.
+    """
     if not patterns:
-        return names
+        from .base import resolve_targets
+
+        return list(resolve_targets(model, None))
+    names = linear_layers(model)
     chosen = [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
     if not chosen:
         raise InvalidArgument(f"no linear layer matches recovery_targets {list(patterns)}")
@@ -239,7 +289,7 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
     for p in base.parameters():
         p.requires_grad_(False)
     # the linear layers of the base itself, before peft wraps some of them
-    recovery_targets = _select(linear_layers(base), cfg.recovery_targets) if cfg.recovery else []
+    recovery_targets = recovery_layers(base, cfg.recovery_targets) if cfg.recovery else []
     torch.manual_seed(cfg.seed)
     model: nn.Module = base
     inheritance = None
@@ -251,7 +301,8 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
             inherit_lora(model, tensors)
         else:
             lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                            target_modules=list(cfg.target_modules) or None,
+                            task_type="SEQ_CLS" if cfg.task == "classify" else "CAUSAL_LM")
             model = get_peft_model(base, lc)
             lora_json = model.peft_config["default"].to_dict()
     handle = None
@@ -265,13 +316,13 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
     return Student(model, handle, inheritance, lora_json)
 
 
-def build_teacher(cfg: TrainConfig, student_lora: dict[str, Any] | None) -> nn.Module | None:
+def build_teacher(cfg: TrainConfig, labels: tuple[str, ...] = ()) -> nn.Module | None:
     """The original model with the inherited LoRA (when there is one), frozen; None without
     distillation."""
     if not (cfg.distill or cfg.distill_kl):
         return None
     assert cfg.teacher is not None
-    teacher = load_causal_lm(cfg.teacher)
+    teacher = load_model(cfg.teacher, cfg.task, labels)
     if cfg.inherit:
         from peft import get_peft_model
 
@@ -287,6 +338,15 @@ def build_teacher(cfg: TrainConfig, student_lora: dict[str, Any] | None) -> nn.M
 
 
 # --- the loss -----------------------------------------------------------------------------------
+def task_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of a batch and the number of predictions it sums: per learned token of
+    a language model, per example of a classifier (``class_labels`` in the batch)."""
+    if "class_labels" in batch:
+        labels = batch["class_labels"]
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+    return token_cross_entropy(logits, batch["labels"])
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the learned tokens, and their number."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
@@ -308,13 +368,14 @@ def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, .
 
 
 def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` of the softened next-token distributions, mean over real
-    positions."""
+    """``T^2 * KL(teacher || student)`` of the softened distributions, mean over real positions of
+    next-token logits (batch, positions, vocabulary), or over the examples of class logits (batch,
+    classes)."""
     t = temperature
     log_s = F.log_softmax(student.float() / t, dim=-1)
     log_t = F.log_softmax(teacher.float() / t, dim=-1)
     per_pos = (log_t.exp() * (log_t - log_s)).sum(-1)
-    m = mask.to(per_pos.dtype)
+    m = mask.to(per_pos.dtype) if per_pos.dim() == mask.dim() else torch.ones_like(per_pos)
     return (per_pos * m).sum() / m.sum().clamp_min(1) * t * t
 
 
@@ -427,17 +488,21 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> No
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size: int,
              device: torch.device) -> dict[str, float]:
-    """Mean cross-entropy per learned token and the share of learned tokens predicted exactly."""
+    """Mean cross-entropy per prediction and the share of predictions that are exactly right:
+    of learned tokens for a language model, of examples for a classifier."""
     was_training = model.training
     model.eval()
     total, count, right = 0.0, 0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, n = token_cross_entropy(logits, batch["labels"])
-        labels = batch["labels"][:, 1:]
-        pred = logits[:, :-1].argmax(-1)
-        right += int(((pred == labels) & (labels != IGNORE)).sum())
+        loss, n = task_cross_entropy(logits, batch)
+        if "class_labels" in batch:
+            right += int((logits.argmax(-1) == batch["class_labels"]).sum())
+        else:
+            labels = batch["labels"][:, 1:]
+            pred = logits[:, :-1].argmax(-1)
+            right += int(((pred == labels) & (labels != IGNORE)).sum())
         total += float(loss)
         count += n
     model.train(was_training)
@@ -489,12 +554,20 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
-    train_ex = tokenize(read_jsonl(cfg.data), tokenizer, cfg.max_len)
-    eval_ex = tokenize(read_jsonl(cfg.eval), tokenizer, cfg.max_len) if cfg.eval else []
+    records = read_jsonl(cfg.data)
+    labels: tuple[str, ...] = ()
+    if cfg.task == "classify":
+        labels = cfg.labels or label_names(records)
+        train_ex = tokenize_classes(records, tokenizer, cfg.max_len, labels)
+        eval_ex = tokenize_classes(read_jsonl(cfg.eval), tokenizer, cfg.max_len, labels) if cfg.eval else []
+    else:
+        train_ex = tokenize(records, tokenizer, cfg.max_len)
+        eval_ex = tokenize(read_jsonl(cfg.eval), tokenizer, cfg.max_len) if cfg.eval else []
 
-    base = load_causal_lm(cfg.base)
+    torch.manual_seed(cfg.seed)  # a classifier's new head
+    base = load_model(cfg.base, cfg.task, labels)
     student = build_student(cfg, base)
-    teacher = build_teacher(cfg, student.lora_config)
+    teacher = build_teacher(cfg, labels)
     model = student.model
     params = list(_trainable(model).values())
     n_trainable = sum(p.numel() for p in params)
@@ -542,7 +615,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
             with sync:
                 out_s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=need_hidden)
-                ce, _ = token_cross_entropy(out_s.logits, batch["labels"])
+                ce, _ = task_cross_entropy(out_s.logits, batch)
                 loss = ce / max(tokens, 1)
                 parts["ce"] += float(loss.detach())
                 if teacher is not None:
@@ -591,7 +664,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
             last_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=acc.device)
             say(f"final eval loss {last_eval['loss']:.4f}, token accuracy {last_eval['accuracy']:.3f}")
         if acc.is_main_process:
-            _write_final(out, cfg, acc.unwrap_model(model), student, step, last_eval, n_trainable)
+            _write_final(out, cfg, acc.unwrap_model(model), student, step, last_eval, n_trainable, labels)
     acc.wait_for_everyone()
     return TrainResult(output=out, steps=step, resumed_from=start, eval=last_eval, finished=finished,
                        trainable=n_trainable)
@@ -606,7 +679,7 @@ def _prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student, step: int,
-                 last_eval: dict[str, float], n_trainable: int) -> None:
+                 last_eval: dict[str, float], n_trainable: int, labels: tuple[str, ...]) -> None:
     def fill(tmp: Path) -> None:
         if cfg.task_lora:
             model.save_pretrained(str(tmp / ADAPTER_DIR))  # type: ignore[operator]
@@ -620,7 +693,7 @@ def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student
     _atomic_folder(out / FINAL, fill)
     run = {"format": "cpet-run", "version": 1, "steps": step, "config": cfg.to_json(),
            "inheritance": student.inheritance.to_json() if student.inheritance else None,
-           "eval": last_eval, "trainable_parameters": n_trainable}
+           "eval": last_eval, "trainable_parameters": n_trainable, "labels": list(labels)}
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / RUN_FILE)

@@ -144,3 +144,41 @@ def run_in_threads(work, n: int = 8) -> list[BaseException]:
     for t in threads:
         t.join()
     return errors
+
+
+#: the words of ``save_tiny_bert``'s vocabulary: three positive, three negative, then fillers
+CLASS_WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
+
+
+def save_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT encoder (``BertModel``, no head) built from a config, with a word-level
+    tokenizer that adds ``[CLS]``/``[SEP]``, saved as a transformers folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + CLASS_WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_classes(path: Path, n: int, seed: int = 0) -> Path:
+    """A JSON Lines sentiment task of ``n`` {"text", "label"} lines: five filler words and one
+    word that gives the label (``pos`` or ``neg``)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            y = rng.randrange(2)
+            words = [rng.choice(CLASS_WORDS[6:]) for _ in range(5)]
+            words.insert(rng.randrange(6), rng.choice(CLASS_WORDS[:3] if y else CLASS_WORDS[3:6]))
+            f.write(json.dumps({"text": " ".join(words), "label": ["neg", "pos"][y]}) + "\n")
+    return path

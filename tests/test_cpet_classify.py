@@ -1,0 +1,204 @@
+"""CPET for sequence classification on an encoder: a 2-layer BERT built from a config
+(``BertModel``, no head), compressed, a classifier LoRA trained on the original and inherited with
+its head onto the compressed encoder with recovery modules and distillation, exported, and loaded
+back from the files into the compressed encoder, which the artifacts are bound to by the
+fingerprint of its backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compeft_format as cf
+from compeft_format.binding import FLOAT32, BaseWeights
+from conftest import save_tiny_bert, write_classes
+from cpet_adapters.base import compress_base, load_compressed_base
+from cpet_adapters.data import label_names, read_jsonl, tokenize_classes
+from cpet_adapters.export import TASK_FILE, export, load_into, trained_for
+from cpet_adapters.train import (
+    ADAPTER_DIR,
+    FINAL,
+    RECOVERY_WEIGHTS,
+    TrainConfig,
+    build_student,
+    load_model,
+    logit_kl,
+    recovery_layers,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    original = save_tiny_bert(root / "original")
+    data, held_out = write_classes(root / "train.jsonl", 32), write_classes(root / "eval.jsonl", 16, seed=1)
+    common = {"data": str(data), "eval": str(held_out), "task": "classify", "max_len": 16, "batch_size": 8,
+              "save_every": 0, "lora_r": 4, "lora_alpha": 8}
+    train(TrainConfig(base=str(original), output=str(root / "orig-run"), max_steps=6, lr=1e-2, **common))
+    inherited = root / "orig-run" / FINAL / ADAPTER_DIR
+    compressed = compress_base(original, root / "int3", "int3:g32", source_id="org/tiny-bert").path
+    cfg = TrainConfig(base=str(compressed), output=str(root / "run"), teacher=str(original), inherit=str(inherited),
+                      recovery=True, recovery_r=4, distill=1.0, distill_kl=1.0, max_steps=6, lr=1e-2, **common)
+    result = train(cfg)
+    arts = export(root / "run", root / "out", density=0.5)
+    return {"root": root, "original": original, "compressed": compressed, "inherited": inherited, "cfg": cfg,
+            "result": result, "arts": arts, "common": common}
+
+
+def probe() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor([[2, 5, 20, 31, 9, 3], [2, 14, 8, 40, 22, 3]]),
+            "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+
+
+def logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**probe()).logits
+
+
+def test_an_encoder_is_compressed_as_a_bare_model_and_its_folder_verifies(run):
+    config = json.loads((run["compressed"] / "config.json").read_text())
+    assert config["architectures"] == ["BertModel"]
+    base = load_compressed_base(run["compressed"], verify=True)
+    # the transformer blocks' linear layers only: 6 per BERT layer, not the pooler
+    assert len(base.target_modules) == 12 and all(t.startswith("encoder.layer.") for t in base.target_modules)
+    assert base.binding.fingerprint == cf.fingerprint(run["compressed"], FLOAT32)
+
+
+def test_a_classifier_is_fingerprinted_by_its_backbone(run):
+    model = load_model(run["compressed"], "classify", ("neg", "pos"))
+    weights = BaseWeights(model)
+    folder = cf.fingerprint(run["compressed"], FLOAT32)
+    assert folder not in weights.fingerprints(FLOAT32)  # the head and the "bert." names
+    assert weights.backbone_fingerprint(FLOAT32) == folder
+    cf.binding.check(cf.BaseBinding(fingerprint=folder), model)
+    with pytest.raises(cf.BaseMismatch):
+        cf.binding.check(cf.BaseBinding(fingerprint=cf.fingerprint(run["original"], FLOAT32)), model)
+    with torch.no_grad():  # a changed backbone weight changes the backbone fingerprint
+        model.bert.encoder.layer[0].attention.self.query.weight[0, 0] += 1
+    assert BaseWeights(model).backbone_fingerprint(FLOAT32) != folder
+
+
+def test_the_inherited_head_and_lora_equal_their_source(run):
+    from safetensors.torch import load_file
+
+    source = load_file(str(run["inherited"] / "adapter_model.safetensors"))
+    assert any("classifier" in k for k in source)
+    cfg = TrainConfig(base=str(run["compressed"]), output=str(run["root"] / "unused"), inherit=str(run["inherited"]),
+                      **run["common"])
+    student = build_student(cfg, load_model(run["compressed"], "classify", ("neg", "pos")))
+    params = dict(student.model.named_parameters())
+    head = params["base_model.model.classifier.modules_to_save.default.weight"]
+    assert torch.equal(head, source["base_model.model.classifier.weight"])
+    assert head.requires_grad
+    a = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    assert torch.equal(params[a.replace("lora_A.", "lora_A.default.")], source[a])
+
+
+def test_recovery_modules_sit_in_the_blocks_not_on_the_head(run):
+    model = load_model(run["compressed"], "classify", ("neg", "pos"))
+    layers = recovery_layers(model)
+    assert len(layers) == 12 and not any("classifier" in n or "pooler" in n for n in layers)
+    assert recovery_layers(model, ("query",)) == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+
+
+def test_the_run_trains_the_head_and_records_its_labels(run):
+    info = json.loads((run["root"] / "run" / "run.json").read_text())
+    assert info["labels"] == ["neg", "pos"] and info["steps"] == 6
+    assert set(run["result"].eval) == {"loss", "accuracy", "tokens"} and run["result"].eval["tokens"] == 16
+    assert 0 <= run["result"].eval["accuracy"] <= 1
+    log = [json.loads(x) for x in (run["root"] / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["mse"] > 0 and r["kl"] >= 0 and r["ce"] > 0 for r in log)
+    assert (run["root"] / "run" / FINAL / RECOVERY_WEIGHTS).is_file()
+
+
+def test_exported_classifier_loads_from_the_files_into_the_compressed_encoder(run):
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from compeft_format.recovery import RecoveryConfig, add_recovery
+
+    task = run["root"] / "out" / TASK_FILE
+    assert trained_for(task) == ("classify", ("neg", "pos"))
+    loaded = load_into(run["compressed"], task)
+    assert type(loaded).__name__ == "PeftModelForSequenceClassification"
+    assert loaded.config.id2label == {0: "neg", 1: "pos"}
+    got = logits(loaded)
+    # the trained student, its LoRA and head set to what the file decodes to
+    final = run["root"] / "run" / FINAL
+    reference = PeftModel.from_pretrained(load_model(run["compressed"], "classify", ("neg", "pos")),
+                                          str(final / ADAPTER_DIR))
+    rc = json.loads((final / "recovery.json").read_text())
+    add_recovery(reference, RecoveryConfig(r=rc["r"], alpha=rc["alpha"], target_modules=tuple(rc["target_modules"])),
+                 init=False).load_state_dict(load_file(str(final / RECOVERY_WEIGHTS)))
+    trained = logits(reference)
+    set_peft_model_state_dict(reference, cf.load(task, dtype="float32"))
+    torch.testing.assert_close(got, logits(reference), rtol=1e-5, atol=1e-5)
+    # the head is stored exactly: with the LoRA's own entries at full precision the outputs match
+    decoded = cf.load(task, dtype="float32")
+    head = load_file(str(final / ADAPTER_DIR / "adapter_model.safetensors"))
+    assert torch.equal(decoded["base_model.model.classifier.weight"], head["base_model.model.classifier.weight"])
+    assert got.shape == trained.shape == (2, 2)
+
+
+def test_the_original_encoder_is_refused(run):
+    with pytest.raises(cf.BaseMismatch):
+        load_into(run["original"], run["root"] / "out" / TASK_FILE)
+
+
+def test_resume_continues_bit_identically(run, tmp_path):
+    kw = {**run["common"], "base": str(run["compressed"]), "recovery": True, "recovery_r": 2, "max_steps": 4,
+          "lr": 1e-2, "save_every": 2}
+    train(TrainConfig(output=str(tmp_path / "whole"), **kw))
+    first = train(TrainConfig(output=str(tmp_path / "split"), **kw), stop_after=2)
+    assert not first.finished and first.steps == 2
+    second = train(TrainConfig(output=str(tmp_path / "split"), **kw))
+    assert second.resumed_from == 2 and second.finished
+    from safetensors.torch import load_file
+
+    for name in (f"{ADAPTER_DIR}/adapter_model.safetensors", RECOVERY_WEIGHTS):
+        a, b = (load_file(str(tmp_path / r / FINAL / name)) for r in ("whole", "split"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_class_logit_kl_is_the_kl_divergence():
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    mask = torch.ones(5, 7)
+    want = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean") * 4
+    torch.testing.assert_close(logit_kl(s, t, mask, 2.0), want)
+    assert float(logit_kl(t, t, mask, 1.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_classification_data_is_checked(tmp_path, run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run["original"])
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "good w1", "label": 3}\n{"text": "bad w2", "label": 12}\n{"text": "w3"}\n')
+    records = read_jsonl(p)
+    assert records[0] == {"text": "good w1", "label": "3"}
+    with pytest.raises(cf.InvalidArgument, match="label"):
+        label_names(records)
+    assert label_names(records[:2]) == ("3", "12")  # integers in numeric order
+    with pytest.raises(cf.InvalidArgument, match="two labels"):
+        label_names(records[:1])
+    with pytest.raises(cf.InvalidArgument, match="not one of"):
+        tokenize_classes(records[:2], tok, 8, ("3", "4"))
+    examples = tokenize_classes(records[:2], tok, 3, ("3", "12"))
+    assert [e.label for e in examples] == [0, 1] and all(len(e.input_ids) <= 3 and e.tokens == 1 for e in examples)
+    p.write_text('{"text": "good", "label": true}\n')
+    with pytest.raises(cf.InputError, match="label"):
+        read_jsonl(p)
+
+
+@pytest.mark.parametrize("bad", [{"task": "regress"}, {"labels": ("a",)}, {"labels": ("a", "a")},
+                                 {"labels": ("a", "b"), "task": "causal-lm"},
+                                 {"distill_kl": 1.0, "teacher": "t"}])
+def test_classification_settings_are_checked(bad):
+    kw = {"base": "b", "data": "d", "output": "o", "task": "classify", **bad}
+    with pytest.raises(cf.InvalidArgument):
+        TrainConfig(**kw)
