@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .errors import CompeftError, FileNotFound, IOFailure
+from .errors import CompeftError, FileNotFound, InvalidArgument, IOFailure
 
 PathLike = str | os.PathLike[str]
 
@@ -117,11 +117,7 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFound(f"output folder does not exist: {parent}", path=str(parent))
-    try:
-        folder = tempfile.mkdtemp(prefix=f"{_temp_prefix(dest)}{_host_tag()}-{os.getpid()}.", suffix=".tmp",
-                                  dir=parent)
-    except OSError as e:
-        raise IOFailure(f"cannot write into {parent}: {e.strerror or e}", path=str(parent)) from None
+    folder = str(_temp_folder_beside(dest))
     # hidden and ending in .tmp like the folder, for sweepers that look for such files
     tmp = os.path.join(folder, f"{_temp_prefix(dest)}tmp")
     try:
@@ -138,14 +134,82 @@ def atomic_write(path: PathLike, write: Callable[[str], object], *, mode: int | 
     shutil.rmtree(folder, ignore_errors=True)  # empty unless ``write`` left files of its own
     if sweep:
         remove_stale_temp_files(dest)
+    _fsync_folder(parent)
+
+
+def _temp_folder_beside(dest: Path) -> Path:
+    """A new private folder beside ``dest``, named so that ``remove_stale_temp_files`` removes it
+    once its writer has died."""
+    parent = dest.parent if str(dest.parent) else Path(".")
     try:
-        dfd = os.open(parent, os.O_RDONLY)
+        return Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(dest)}{_host_tag()}-{os.getpid()}.", suffix=".tmp",
+                                     dir=parent))
+    except OSError as e:
+        raise IOFailure(f"cannot write into {parent}: {e.strerror or e}", path=str(parent)) from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(dfd)
+            os.fsync(fd)
         finally:
-            os.close(dfd)
+            os.close(fd)
     except OSError:
-        pass  # some file systems cannot sync a folder; the rename has happened
+        pass  # some file systems cannot sync a folder
+
+
+def atomic_folder(path: PathLike, fill: Callable[[Path], object], *, replace: bool = True) -> None:
+    """Build a folder by calling ``fill(tmp)`` on an empty temporary folder beside ``path``, then
+    move it into place: its files and itself take the permissions the umask gives new ones and are
+    flushed to disk, and one rename publishes it. An existing ``path`` is replaced (``replace``;
+    it is moved aside first, so ``path`` is briefly absent, never half written) unless it is an
+    empty folder, which is always replaced. A failure leaves no temporary folder, and those of
+    earlier writers of ``path`` that were killed are removed first.
+
+    Raises:
+        FileNotFound: the folder of ``path`` does not exist.
+        InvalidArgument: ``path`` exists, is not an empty folder, and ``replace`` is false.
+        IOFailure: the operating system refused a step (``fill``'s own errors pass through).
+    """
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFound(f"output folder does not exist: {parent}", path=str(parent))
+    remove_stale_temp_files(dest)
+    tmp = _temp_folder_beside(dest)
+    try:
+        fill(tmp)
+        mask = _umask()
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~mask)
+        _fsync_folder(tmp)
+        aside: Path | None = None
+        if dest.exists() or dest.is_symlink():
+            if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+                dest.rmdir()
+            elif not replace:
+                raise InvalidArgument(f"{dest} exists and is not an empty folder", path=str(dest))
+            else:
+                aside = _temp_folder_beside(dest)
+                aside.rmdir()
+                os.rename(dest, aside)
+        os.rename(tmp, dest)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CompeftError):
+            raise IOFailure(f"cannot write {dest}: {e.strerror or e}", path=str(dest)) from None
+        raise
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink()
+    _fsync_folder(parent)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int | None = None, sweep: bool = True) -> None:

@@ -25,7 +25,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +42,11 @@ from compeft_format.errors import (
     FileNotFound,
     InputError,
     InvalidArgument,
-    IOFailure,
     NonFiniteInput,
     UnsupportedModel,
     VersionError,
 )
-from compeft_format.fileio import _host_tag, _temp_prefix, remove_stale_temp_files
+from compeft_format.fileio import atomic_folder
 
 from .prune import step_mask
 from .quantize import check_rtn, library_version, quantise, quiet_imports
@@ -443,61 +441,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
     raise InvalidArgument(f"{out} exists and is not an empty folder; pass overwrite=True to replace it", path=str(out))
 
 
-def _temp_beside(out: Path) -> Path:
-    """A new hidden folder beside ``out``, named as ``compeft_format.fileio`` names its temporary
-    folders, so that one left by a killed writer is removed by the next write of ``out``."""
-    try:
-        return Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{_host_tag()}-{os.getpid()}.", suffix=".tmp",
-                                     dir=out.parent))
-    except OSError as e:
-        raise IOFailure(f"cannot write into {out.parent}: {e.strerror or e}", path=str(out.parent)) from None
-
-
-def _finish_folder(folder: Path) -> None:
-    """Give ``folder`` and its files the permissions the umask gives new ones (a temporary folder is
-    private) and flush them to disk."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~mask)
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-    os.chmod(folder, 0o777 & ~mask)
-    with contextlib.suppress(OSError):  # some file systems cannot sync a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished folder ``tmp`` to ``out``: by one rename, or, replacing an existing ``out``,
-    by moving that aside first (``out`` is then briefly absent, never half written)."""
-    _check_output(out, overwrite)
-    aside: Path | None = None
-    if out.exists() or out.is_symlink():
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            aside = _temp_beside(out)
-            aside.rmdir()
-            os.rename(out, aside)
-    os.rename(tmp, out)
-    if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink()
-    with contextlib.suppress(OSError):
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 #: ``quant_method`` of a source config whose safetensors weights are plain floats all the same: a
 #: GGUF model converted with ``from_pretrained(gguf_file=...)`` and saved keeps it in its config
 FLOAT_QUANT_METHODS = ("gguf",)
@@ -607,9 +550,9 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     binding_recipe = {"name": recipe.name, "library": library, "library_version": library_version_,
                       "params": params, "calibration_sha256": calib_sha}
 
-    remove_stale_temp_files(out)
-    tmp = _temp_beside(out)
-    try:
+    bound: list[BaseBinding] = []
+
+    def fill(tmp: Path) -> None:
         try:
             model.save_pretrained(tmp)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -633,14 +576,14 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
             "libraries": _versions(recipe),
         }
         _write_descriptor(tmp, descriptor)
-        _finish_folder(tmp)
-        _publish(tmp, out, overwrite)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, CompeftError):
-            raise IOFailure(f"cannot write {out}: {e.strerror or e}", path=str(out)) from None
+        bound.append(binding)
+
+    try:
+        atomic_folder(out, fill, replace=overwrite)
+    except InvalidArgument:  # written meanwhile by another process
+        _check_output(out, overwrite)
         raise
-    return CompressedBase(out, binding, stats, recipe, targets)
+    return CompressedBase(out, bound[0], stats, recipe, targets)
 
 
 def _write_descriptor(folder: Path, descriptor: Mapping[str, Any]) -> None:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compeft_format.errors import ConfigMismatch, FileNotFound, InputError, InvalidArgument
+from compeft_format.fileio import atomic_folder
 
 from .data import IGNORE, Example, collate, label_names, micro_batches, read_jsonl, tokenize, tokenize_classes
 from .inherit import Inheritance, inherit_lora, read_lora
@@ -384,24 +384,6 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_folder(dest: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a temporary folder beside ``dest``, then rename it to ``dest`` (replacing an old one)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        fill(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
@@ -433,7 +415,8 @@ def save_checkpoint(folder: Path, *, step: int, model: nn.Module, optimizer: tor
                  "param_order": list(params)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
 
-    _atomic_folder(folder, fill)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    atomic_folder(folder, fill)
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -690,7 +673,7 @@ def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student
                 {"r": rc.r, "alpha": rc.alpha, "activation": rc.activation,
                  "target_modules": list(rc.target_modules)}, indent=1) + "\n", encoding="utf-8")
 
-    _atomic_folder(out / FINAL, fill)
+    atomic_folder(out / FINAL, fill)
     run = {"format": "cpet-run", "version": 1, "steps": step, "config": cfg.to_json(),
            "inheritance": student.inheritance.to_json() if student.inheritance else None,
            "eval": last_eval, "trainable_parameters": n_trainable, "labels": list(labels)}

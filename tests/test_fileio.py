@@ -49,3 +49,28 @@ def test_missing_folder_and_missing_file(tmp_path):
     assert e.value.path == str(tmp_path / "no")
     with pytest.raises(FileNotFoundError):
         file_sha256(tmp_path / "gone")
+
+
+def test_atomic_folder_publishes_whole_folders_and_leaves_nothing_on_failure(tmp_path):
+    from compeft_format.errors import InvalidArgument
+    from compeft_format.fileio import atomic_folder
+
+    dest = tmp_path / "model"
+    atomic_folder(dest, lambda tmp: (tmp / "a.txt").write_text("one"))
+    assert (dest / "a.txt").read_text() == "one" and oct(dest.stat().st_mode & 0o777) != oct(0o700)
+    atomic_folder(dest, lambda tmp: (tmp / "b.txt").write_text("two"))  # replaces: a.txt is gone
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+    with pytest.raises(InvalidArgument, match="not an empty folder"):
+        atomic_folder(dest, lambda tmp: (tmp / "c.txt").write_text("three"), replace=False)
+
+    def fails(tmp):
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_folder(dest, fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+    (tmp_path / "empty").mkdir()
+    atomic_folder(tmp_path / "empty", lambda tmp: (tmp / "x").write_text("x"), replace=False)
+    assert (tmp_path / "empty" / "x").is_file()
