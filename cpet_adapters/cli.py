@@ -121,7 +121,8 @@ def run(a: argparse.Namespace) -> int:
         r = train(cfg, stop_after=a.stop_after, progress=sys.stderr.isatty(),
                   log=lambda line: print(line, file=sys.stderr))
         state = "done" if r.finished else "stopped (resume with the same command)"
-        ev = f"; eval loss {r.eval['loss']:.4f}, token accuracy {r.eval['accuracy']:.3f}" if r.eval else ""
+        metric = "accuracy" if cfg.task == "classify" else "token accuracy"
+        ev = f"; eval loss {r.eval['loss']:.4f}, {metric} {r.eval['accuracy']:.3f}" if r.eval else ""
         print(f"{r.output}: {r.steps} steps, {state}, {r.trainable} trainable parameters{ev}")
         return 0
     if a.cpet_command == "export":

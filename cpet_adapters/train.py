@@ -585,6 +585,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
 
     step = start
     last_eval: dict[str, float] = {}
+    metric = "accuracy" if cfg.task == "classify" else "token accuracy"
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, start + stop_after)
     while step < end:
         t0 = time.perf_counter()
@@ -628,7 +629,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
         if eval_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             last_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=acc.device)
             record["eval"] = last_eval
-            say(f"step {step}: eval loss {last_eval['loss']:.4f}, token accuracy {last_eval['accuracy']:.3f}")
+            say(f"step {step}: eval loss {last_eval['loss']:.4f}, {metric} {last_eval['accuracy']:.3f}")
         if acc.is_main_process:
             _log(out / LOG_FILE, record)
         if bar is not None:
@@ -645,7 +646,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     if finished:
         if eval_ex:
             last_eval = evaluate(model, eval_ex, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=acc.device)
-            say(f"final eval loss {last_eval['loss']:.4f}, token accuracy {last_eval['accuracy']:.3f}")
+            say(f"final eval loss {last_eval['loss']:.4f}, {metric} {last_eval['accuracy']:.3f}")
         if acc.is_main_process:
             _write_final(out, cfg, acc.unwrap_model(model), student, step, last_eval, n_trainable, labels)
     acc.wait_for_everyone()

@@ -202,3 +202,19 @@ def test_classification_settings_are_checked(bad):
     kw = {"base": "b", "data": "d", "output": "o", "task": "classify", **bad}
     with pytest.raises(cf.InvalidArgument):
         TrainConfig(**kw)
+
+
+def test_the_cli_trains_a_classifier(run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "cpet", "train", str(run["compressed"]),
+                        "--task", "classify", "--labels", "neg,pos", "--data", str(run["root"] / "train.jsonl"),
+                        "--eval", str(run["root"] / "eval.jsonl"), "-o", str(tmp_path / "run"), "--max-steps", "2",
+                        "--max-len", "16", "--recovery", "--recovery-r", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "2 steps, done" in p.stdout and ", accuracy " in p.stdout and "token accuracy" not in p.stdout
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["labels"] == ["neg", "pos"]
