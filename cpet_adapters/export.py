@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import compeft_format as cf
 from compeft_format import binding as B
 from compeft_format.errors import FileNotFound, InputError, InvalidArgument
-from compeft_format.fileio import file_sha256
+from compeft_format.fileio import atomic_write_bytes, file_sha256
 from compeft_format.recovery import RecoveryConfig
 from compeft_format.requirements import requirement
 
@@ -78,6 +78,21 @@ def _read_run(run: Path) -> dict[str, Any]:
 
 
 
+def _copy_shared_recovery(shared: dict[str, Any], out: Path) -> Path:
+    """Copy the recovery artifact a run applied frozen (``recovery_from``) into ``out``, checking
+    that it is still the file the run used."""
+    src = Path(str(shared.get("path")))
+    if not src.is_file():
+        raise FileNotFound(f"the recovery artifact the run applied is gone: {src}", path=str(src))
+    if requirement(src).manifest_sha256 != shared.get("manifest_sha256"):
+        raise InputError(f"{src} is no longer the recovery artifact the run applied (its manifest digest differs)",
+                         path=str(src))
+    dest = out / src.name
+    if dest.resolve() != src.resolve():
+        atomic_write_bytes(dest, src.read_bytes())
+    return dest
+
+
 def _artifact(path: Path, binding: B.BaseBinding) -> Artifact:
     req = requirement(path)
     fp = binding.fingerprint.value if binding.fingerprint else ""
@@ -96,7 +111,8 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
         recovery_density: ComPEFT density of the recovery modules; None stores them dense.
 
     Returns:
-        The recovery artifact (when the run has one) and then the task artifact.
+        The recovery artifact (the one the run trained, or a copy of the one it applied frozen,
+        ``recovery_from``), when there is one, and then the task artifact.
 
     Raises:
         FileNotFound, InputError: no finished run, or its base folder is missing.
@@ -128,6 +144,11 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
         ca = cf.compress(tensors, recovery=rc, base=binding, training=training, source=run_dir.name, **kw)
         path = out / RECOVERY_FILE
         cf.save(ca, path)
+        arts.append(_artifact(path, binding))
+        requires.append(requirement(path))
+    shared = info.get("recovery_from")
+    if isinstance(shared, dict):
+        path = _copy_shared_recovery(shared, out)
         arts.append(_artifact(path, binding))
         requires.append(requirement(path))
     if (final / ADAPTER_DIR).is_dir():

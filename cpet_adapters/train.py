@@ -86,6 +86,9 @@ class TrainConfig:
     target_modules: tuple[str, ...] = _help("LoRA target modules (ignored when inheriting; default: peft's for the "
                                             "architecture, e.g. q_proj,v_proj for Llama, query,value for BERT)", ())
     recovery: bool = _help("add recovery modules beside the linear layers", False)
+    recovery_from: str | None = _help("a recovery artifact made for this base (the task-agnostic recovery of a "
+                                      "run without the task LoRA, exported), applied frozen; the task "
+                                      "artifact then requires it", None)
     recovery_r: int = _help("recovery module rank", 16)
     recovery_alpha: float = _help("recovery module alpha (output scaled by alpha / r)", 16.0)
     recovery_targets: tuple[str, ...] = _help("module names or name suffixes for recovery modules (default: "
@@ -146,6 +149,9 @@ class TrainConfig:
             raise InvalidArgument("nothing to train: enable the task LoRA or recovery modules")
         if not self.task_lora and self.inherit:
             raise InvalidArgument("inherit needs the task LoRA")
+        if self.recovery_from and (self.recovery or not self.task_lora):
+            raise InvalidArgument("recovery_from applies recovery modules made before: train the task LoRA with "
+                                  "them, not new recovery modules")
         if (self.distill or self.distill_kl) and not self.teacher:
             raise InvalidArgument("distillation needs the teacher (the original model folder)")
         if not self.distill_layers:
@@ -279,9 +285,12 @@ class Student:
     """The model being trained and what was added to it."""
 
     model: nn.Module
+    #: the recovery modules trained here
     recovery: Any | None
     inheritance: Inheritance | None
     lora_config: dict[str, Any] | None
+    #: the recovery artifact applied frozen (``recovery_from``): ``requirement`` of its file
+    shared_recovery: Any | None = None
 
 
 def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
@@ -317,7 +326,18 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
                                                     target_modules=tuple(recovery_targets)), seed=cfg.seed)
         for p in handle.modules.parameters():
             p.requires_grad_(True)
-    return Student(model, handle, inheritance, lora_json)
+    shared = None
+    if cfg.recovery_from:
+        import compeft_format as cf
+        from compeft_format import constants as C
+        from compeft_format.requirements import requirement
+
+        shared = requirement(cfg.recovery_from)
+        if shared.kind != C.ADAPTER_KIND_RECOVERY:
+            raise InvalidArgument(f"recovery_from: {cfg.recovery_from} is a {shared.kind} artifact, not recovery "
+                                  "modules")
+        cf.load_adapter(model, cfg.recovery_from, dtype="float32")  # frozen; refused for another base
+    return Student(model, handle, inheritance, lora_json, shared)
 
 
 def build_teacher(cfg: TrainConfig, labels: tuple[str, ...] = ()) -> nn.Module | None:
@@ -684,7 +704,9 @@ def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student
     atomic_folder(out / FINAL, fill)
     run = {"format": "cpet-run", "version": 1, "steps": step, "config": cfg.to_json(),
            "inheritance": student.inheritance.to_json() if student.inheritance else None,
-           "eval": last_eval, "trainable_parameters": n_trainable, "labels": list(labels)}
+           "eval": last_eval, "trainable_parameters": n_trainable, "labels": list(labels),
+           "recovery_from": None if student.shared_recovery is None else {
+               "path": str(cfg.recovery_from), "manifest_sha256": student.shared_recovery.manifest_sha256}}
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / RUN_FILE)
