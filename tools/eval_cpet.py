@@ -259,7 +259,7 @@ SETUPS: dict[str, type[Setup]] = {"smollm2": SmolLM2, "minilm": MiniLM}
 #: per model, (quick, full): recipes, training examples per class, steps
 DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     "smollm2": {"recipes": ("int3:g64", "int3:g64,wanda:0.5+int4:g64"), "per_class": (20, 40), "steps": (40, 100)},
-    "minilm": {"recipes": ("int3:g64", "int3:g64,wanda:0.5+int4:g64"), "per_class": (150, 150), "steps": (80, 80)},
+    "minilm": {"recipes": ("int2:g64", "int2:g64,wanda:0.5+int4:g64"), "per_class": (150, 150), "steps": (80, 80)},
 }
 
 
