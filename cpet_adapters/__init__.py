@@ -13,10 +13,10 @@ Example:
 """
 
 from .base import DESCRIPTOR, CompressedBase, compress_base, compress_model_, load_compressed_base
-from .export import Artifact, export, load_into
+from .export import Artifact, export, load_into, trained_for
 from .inherit import Inheritance, inherit_lora, read_lora
 from .recipe import Recipe, Step
-from .train import TrainConfig, TrainResult, evaluate, train
+from .train import TrainConfig, TrainResult, evaluate, load_model, train
 
 __all__ = [
     # compressed bases
@@ -32,6 +32,7 @@ __all__ = [
     "TrainResult",
     "train",
     "evaluate",
+    "load_model",
     "Inheritance",
     "inherit_lora",
     "read_lora",
@@ -39,4 +40,5 @@ __all__ = [
     "Artifact",
     "export",
     "load_into",
+    "trained_for",
 ]
