@@ -181,13 +181,15 @@ def atomic_folder(path: PathLike, fill: Callable[[Path], object], *, replace: bo
     try:
         fill(tmp)
         mask = _umask()
-        for f in tmp.iterdir():
+        for f in tmp.iterdir():  # the folder's own files take the umask's permissions
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-                with open(f, "rb+") as fh:
+        for root, _, files in os.walk(tmp):  # everything in it reaches the disk before the rename
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as fh:
                     os.fsync(fh.fileno())
+            _fsync_folder(Path(root))
         os.chmod(tmp, 0o777 & ~mask)
-        _fsync_folder(tmp)
         aside: Path | None = None
         if dest.exists() or dest.is_symlink():
             if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
@@ -198,7 +200,12 @@ def atomic_folder(path: PathLike, fill: Callable[[Path], object], *, replace: bo
                 aside = _temp_folder_beside(dest)
                 aside.rmdir()
                 os.rename(dest, aside)
-        os.rename(tmp, dest)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            if aside is not None and not dest.exists():
+                os.rename(aside, dest)  # the old folder goes back
+            raise
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, CompeftError):

@@ -450,6 +450,20 @@ FLOAT_QUANT_METHODS = ("gguf",)
 CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 
+def _is_causal_lm(config: Any) -> bool:
+    """Whether a checkpoint of ``config`` is a causal LM: its ``architectures`` name one, or name
+    none (or a ``...ForConditionalGeneration``) and transformers has a causal LM for its type. A
+    checkpoint naming a bare model or another head (``BertModel``, ``BertForMaskedLM``) is not."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    names = [str(a) for a in getattr(config, "architectures", None) or []]
+    if any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in names):
+        return True
+    if names and not any(a.endswith("ForConditionalGeneration") for a in names):
+        return False
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+
+
 def _load_source(src: Path) -> Any:
     """The source model in float32: a causal LM when its config names one (``LlamaForCausalLM``),
     else the bare model (an encoder such as ``BertModel``, whose checkpoint then loads into any
@@ -469,8 +483,7 @@ def _load_source(src: Path) -> Any:
                 raise InputError(f"{src} is already quantised ({method}); compress the model it was made from",
                                  path=str(src))
             delattr(config, "quantization_config")
-        architectures = getattr(config, "architectures", None) or []
-        causal = any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in architectures)
+        causal = _is_causal_lm(config)
         with quiet_imports():
             model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(
                 src, config=config, dtype=torch.float32, local_files_only=True, use_safetensors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def label_names(records: Sequence[dict[str, str]]) -> tuple[str, ...]:
     names = {r["label"] for r in records}
     if len(names) < 2:
         raise InvalidArgument(f"classification needs at least two labels, the data has {sorted(names)}")
-    numeric = all(x.lstrip("-").isdigit() for x in names)
+    numeric = all(re.fullmatch(r"-?[0-9]{1,18}", x, re.ASCII) for x in names)
     return tuple(sorted(names, key=(lambda x: (int(x), x)) if numeric else None))
 
 

@@ -177,8 +177,8 @@ def trained_for(artifact: str | os.PathLike[str]) -> tuple[str, tuple[str, ...]]
     if task != "classify":
         return "causal-lm", ()
     labels = training.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2 or len(set(labels)) != len(labels) \
-            or not all(isinstance(x, str) for x in labels):
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels) \
+            or len(set(labels)) != len(labels):
         raise InputError(f"{artifact} is a classifier but records no list of labels", path=str(artifact))
     return task, tuple(labels)
 

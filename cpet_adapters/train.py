@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compeft_format.errors import ConfigMismatch, FileNotFound, InputError, InvalidArgument
+from compeft_format.errors import CompeftError, ConfigMismatch, FileNotFound, InputError, InvalidArgument, ModelMismatch
 from compeft_format.fileio import atomic_folder
 
 from .data import IGNORE, Example, collate, label_names, micro_batches, read_jsonl, tokenize, tokenize_classes
@@ -140,6 +140,9 @@ class TrainConfig:
         if self.labels and (self.task != "classify" or len(set(self.labels)) != len(self.labels)
                             or len(self.labels) < 2):
             raise InvalidArgument("labels are two or more distinct names, and only for task classify")
+        if self.task == "classify" and not self.task_lora:
+            raise InvalidArgument("task classify trains a head with the task LoRA; train task-agnostic recovery "
+                                  "modules as task causal-lm (on a causal LM) instead")
         if self.task == "classify" and self.distill_kl and not self.inherit:
             raise InvalidArgument("the logit KL of a classifier needs the inherited head (inherit): a new "
                                   "teacher head is random")
@@ -227,28 +230,59 @@ def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tu
 
     with quiet_imports():
         import peft  # noqa: F401 - imported once, quietly: it imports torchao and bitsandbytes
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.is_dir():
         raise FileNotFound(f"no such model folder: {p}", path=str(p))
     try:
         if task == "classify":
-            from transformers.utils import logging as hf_logging
-
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the head is new by design: no "newly initialized" report
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(p), dtype=torch.float32, local_files_only=True, num_labels=len(labels),
-                    id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-            finally:
-                hf_logging.set_verbosity(level)
+            return _load_classifier(p, labels)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, CompeftError):
+            raise
         what = "sequence classifier" if task == "classify" else "causal language model"
         raise InputError(f"cannot load {p} as a {what}: {' '.join(str(e).split())[:300]}", path=str(p)) from None
+    model.eval()
+    return model
+
+
+#: the attribute of a classifier from ``load_model`` naming the modules its checkpoint lacked (its
+#: new head), which the task LoRA trains and its artifact carries (``modules_to_save``)
+NEW_MODULES = "compeft_new_modules"
+
+
+def _load_classifier(p: Path, labels: tuple[str, ...]) -> nn.Module:
+    """A sequence classifier over ``labels`` from the encoder checkpoint in ``p``; refused when the
+    checkpoint is a causal LM (its artifacts could not be bound to it, and a decoder pools the last
+    token, which padding moves) or holds tensors the classifier does not use (a RoBERTa-family
+    pooler: the classifier's backbone would not be the checkpoint)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from .base import CAUSAL_LM_ARCHITECTURES
+
+    config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    if any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in getattr(config, "architectures", None) or []):
+        raise InvalidArgument(f"{p} is a causal language model ({config.architectures[0]}); task classify trains a "
+                              "head on an encoder checkpoint (such as BERT's)")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is new by design: no "newly initialized" report
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(p), dtype=torch.float32, local_files_only=True, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+            output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    unused = sorted(info.get("unexpected_keys") or [])
+    if unused:
+        raise InvalidArgument(f"{type(model).__name__} does not use {len(unused)} tensor(s) of {p} (e.g. "
+                              f"{unused[0]!r}): an adapter trained on it could not be bound to that checkpoint")
+    new = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys") or []})
+    setattr(model, NEW_MODULES, tuple(new))
     model.eval()
     return model
 
@@ -280,6 +314,16 @@ def recovery_layers(model: nn.Module, patterns: tuple[str, ...] = ()) -> list[st
     return chosen
 
 
+def _peft(get_peft_model: Callable[..., Any], base: nn.Module, config: Any) -> Any:
+    """``get_peft_model``, its refusals (no default target modules for an architecture, a target
+    that is not a layer peft wraps) as ``InvalidArgument``."""
+    try:
+        return get_peft_model(base, config)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(f"peft cannot add the LoRA: {' '.join(str(e).split())[:300]} (name the layers with "
+                              "target_modules)") from None
+
+
 @dataclass
 class Student:
     """The model being trained and what was added to it."""
@@ -307,17 +351,24 @@ def build_student(cfg: TrainConfig, base: nn.Module) -> Student:
     model: nn.Module = base
     inheritance = None
     lora_json = None
+    new_modules = list(getattr(base, NEW_MODULES, ()))
     if cfg.task_lora:
         if cfg.inherit:
             tensors, lora_json, inheritance = read_lora(cfg.inherit)
-            model = get_peft_model(base, peft_config(lora_json, inference_mode=False))
+            saved = list(lora_json.get("modules_to_save") or [])
+            lacking = [m for m in new_modules if not any(m == s or m.endswith("." + s) for s in saved)]
+            if lacking:
+                raise ModelMismatch(f"the inherited LoRA does not carry the classifier's new module(s) {lacking} "
+                                    "(modules_to_save): train the source with task classify")
+            model = _peft(get_peft_model, base, peft_config(lora_json, inference_mode=False))
             inherit_lora(model, tensors)
         else:
             lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            target_modules=list(cfg.target_modules) or None,
+                            target_modules=list(cfg.target_modules) or None, modules_to_save=new_modules or None,
                             task_type="SEQ_CLS" if cfg.task == "classify" else "CAUSAL_LM")
-            model = get_peft_model(base, lc)
-            lora_json = model.peft_config["default"].to_dict()
+            pm = _peft(get_peft_model, base, lc)
+            lora_json = pm.peft_config["default"].to_dict()
+            model = pm
     handle = None
     if cfg.recovery:
         from compeft_format.recovery import RecoveryConfig, add_recovery
@@ -413,7 +464,7 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, config: TrainConfig) -> None:
+                    scheduler: Any, config: TrainConfig, frozen: str | None = None) -> None:
     """Everything a run needs to go on from ``step``, as safetensors and JSON (no pickle)."""
     params = _trainable(model)
     opt = optimizer.state_dict()
@@ -434,7 +485,7 @@ def save_checkpoint(folder: Path, *, step: int, model: nn.Module, optimizer: tor
         save_file(_contiguous(dict(params)), str(tmp / "trainable.safetensors"))
         save_file(_contiguous(moments), str(tmp / "optimizer.safetensors"))
         save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
-        state = {"step": step, "config": config.to_json(), "param_groups": groups,
+        state = {"step": step, "config": config.to_json(), "param_groups": groups, "frozen_recovery": frozen,
                  "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
                  "param_order": list(params)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -452,8 +503,11 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Restore what ``save_checkpoint`` wrote; returns its step."""
+def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    frozen: str | None = None) -> int:
+    """Restore what ``save_checkpoint`` wrote; returns its step. ``frozen`` is the manifest digest
+    of the recovery artifact applied frozen now (``recovery_from``), which must be the one the
+    checkpoint was trained under."""
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(folder / "trainable.safetensors"))
@@ -461,6 +515,9 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
         rng = load_file(str(folder / "rng.safetensors"))
     except (OSError, ValueError) as e:
         raise InputError(f"checkpoint {folder} cannot be read: {e}", path=str(folder)) from None
+    if state.get("frozen_recovery") != frozen:
+        raise ConfigMismatch(f"checkpoint {folder} was trained under recovery artifact "
+                             f"{state.get('frozen_recovery')}, and recovery_from is now {frozen}")
     params = _trainable(model)
     if list(params) != state["param_order"]:
         raise ConfigMismatch(f"checkpoint {folder} holds other trainable parameters than this model")
@@ -485,6 +542,10 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
     now = cfg.to_json()
+    # settings added since the run was saved take their defaults (what the run did without them)
+    defaults = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
+                for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     diff = [k for k in now if k not in TrainConfig.RESUMABLE and saved.get(k) != now[k]]
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in diff[:4])
@@ -579,6 +640,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     student = build_student(cfg, base)
     teacher = build_teacher(cfg, labels)
     model = student.model
+    frozen = None if student.shared_recovery is None else student.shared_recovery.manifest_sha256
     params = list(_trainable(model).values())
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -590,7 +652,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     if saved_cfg.is_file():
         _check_resumable(json.loads(saved_cfg.read_text(encoding="utf-8")), cfg, out)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, frozen=frozen)
         say(f"resumed from {ckpt} (step {start})")
     elif acc.is_main_process:
         saved_cfg.write_text(json.dumps(cfg.to_json(), indent=1) + "\n", encoding="utf-8")
@@ -664,7 +726,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
             bar.set_postfix(ce=f"{parts['ce']:.3f}", mse=f"{parts['mse']:.4f}")
         if acc.is_main_process and ((cfg.save_every and step % cfg.save_every == 0) or step == end):
             save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step=step, model=acc.unwrap_model(model),
-                            optimizer=optimizer, scheduler=scheduler, config=cfg)
+                            optimizer=optimizer, scheduler=scheduler, config=cfg, frozen=frozen)
             _prune_checkpoints(out, cfg.keep_checkpoints)
         acc.wait_for_everyone()
     if bar is not None:
@@ -706,7 +768,7 @@ def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student
            "inheritance": student.inheritance.to_json() if student.inheritance else None,
            "eval": last_eval, "trainable_parameters": n_trainable, "labels": list(labels),
            "recovery_from": None if student.shared_recovery is None else {
-               "path": str(cfg.recovery_from), "manifest_sha256": student.shared_recovery.manifest_sha256}}
+               "path": str(Path(str(cfg.recovery_from)).resolve()), "manifest_sha256": student.shared_recovery.manifest_sha256}}
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / RUN_FILE)

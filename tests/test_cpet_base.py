@@ -516,3 +516,18 @@ def test_a_killed_compression_leaves_no_output_and_the_next_run_sweeps_its_folde
     B.compress_base(source, out, "int4:g32")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     B.load_compressed_base(out)
+
+
+def test_a_causal_lm_whose_config_names_no_architecture_keeps_its_head(tmp_path):
+    from safetensors import safe_open
+
+    from conftest import save_tiny_causal_lm
+
+    src = save_tiny_causal_lm(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["architectures"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = B.compress_base(src, tmp_path / "out", "int8").path
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in set(f.keys())

@@ -218,3 +218,66 @@ def test_the_cli_trains_a_classifier(run, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "2 steps, done" in p.stdout and ", accuracy " in p.stdout and "token accuracy" not in p.stdout
     assert json.loads((tmp_path / "run" / "run.json").read_text())["labels"] == ["neg", "pos"]
+
+
+def test_labels_that_only_look_numeric_sort_as_text():
+    records = [{"text": "a", "label": x} for x in ("--1", "²", "+2", "10")]
+    assert label_names(records) == tuple(sorted(["--1", "²", "+2", "10"]))
+    assert label_names([{"text": "a", "label": x} for x in ("10", "-3", "2")]) == ("-3", "2", "10")
+
+
+def test_an_artifact_with_malformed_labels_is_refused_with_a_typed_error(run, tmp_path):
+    final = run["root"] / "run" / FINAL / ADAPTER_DIR
+    for labels in ([["a"], ["b"]], ["a"], ["a", "a"], "ab"):
+        ca = cf.compress_peft(final, density=0.5, training={"settings": {"task": "classify"}, "labels": labels})
+        path = tmp_path / "bad.cpeft.safetensors"
+        cf.save(ca, path)
+        with pytest.raises(cf.InputError, match="labels"):
+            trained_for(path)
+
+
+def test_a_causal_lm_is_not_trained_as_a_classifier(tmp_path):
+    from conftest import save_tiny_causal_lm
+
+    llama = save_tiny_causal_lm(tmp_path / "llama")
+    with pytest.raises(cf.InvalidArgument, match="causal language model"):
+        load_model(llama, "classify", ("a", "b"))
+
+
+def test_every_new_module_of_a_head_is_trained_and_exported(tmp_path, run):
+    """DistilBERT's head is two new layers (pre_classifier and classifier): both train with the LoRA
+    and travel in the artifact, so loading it does not depend on the random initialisation."""
+    import shutil
+
+    from transformers import DistilBertConfig, DistilBertModel
+
+    folder = tmp_path / "distil"
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=51, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                     max_position_embeddings=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run["original"] / name, folder / name)
+    common = {"base": str(folder), "data": str(run["root"] / "train.jsonl"), "task": "classify", "max_len": 16,
+              "batch_size": 8, "save_every": 0, "max_steps": 2, "lora_r": 2}
+    with pytest.raises(cf.InvalidArgument, match="target_modules"):
+        train(TrainConfig(output=str(tmp_path / "no-targets"), **common))
+    train(TrainConfig(output=str(tmp_path / "run"), target_modules=("q_lin", "v_lin"), **common))
+    arts = export(tmp_path / "run", tmp_path / "out", density=0.5)
+    with cf.open_file(arts[-1].path) as f:
+        names = set(f.keys())
+    assert {"base_model.model.pre_classifier.weight", "base_model.model.classifier.weight"} <= names
+    outs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        outs.append(logits(load_into(folder, arts[-1].path)))
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_a_run_saved_before_a_setting_existed_resumes(run, tmp_path):
+    kw = {**run["common"], "base": str(run["compressed"]), "max_steps": 2, "lr": 1e-2, "save_every": 1}
+    out = tmp_path / "run"
+    train(TrainConfig(output=str(out), **kw), stop_after=1)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["recovery_from"]  # a setting added after the run was made, left at its default
+    (out / "config.json").write_text(json.dumps(saved))
+    assert train(TrainConfig(output=str(out), **kw)).resumed_from == 1

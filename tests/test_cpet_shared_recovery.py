@@ -103,3 +103,18 @@ def test_export_refuses_a_changed_shared_recovery_file(shared, tmp_path):
     (run / "run.json").write_text(json.dumps(info))
     with pytest.raises(cf.InputError, match="no longer"):
         export(run, tmp_path / "out")
+
+
+def test_resume_refuses_another_recovery_artifact_at_the_same_path(shared, tmp_path):
+    import shutil
+
+    rec = tmp_path / "rec.cpeft.safetensors"
+    shutil.copy(shared["recovery"].path, rec)
+    kw = {"base": str(shared["compressed"]), "data": str(shared["root"] / "train.jsonl"), "lora_r": 4,
+          "recovery_from": str(rec), "max_steps": 2, "max_len": 32, "save_every": 1}
+    train(TrainConfig(output=str(tmp_path / "run"), **kw), stop_after=1)
+    # another recovery artifact for the same base (ComPEFT at 50%: other bytes, other digest)
+    other = export(shared["root"] / "agnostic", tmp_path / "other", recovery_density=0.5)[0]
+    shutil.copy(other.path, rec)
+    with pytest.raises(cf.ConfigMismatch, match="recovery"):
+        train(TrainConfig(output=str(tmp_path / "run"), **kw))

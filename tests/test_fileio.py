@@ -74,3 +74,26 @@ def test_atomic_folder_publishes_whole_folders_and_leaves_nothing_on_failure(tmp
     (tmp_path / "empty").mkdir()
     atomic_folder(tmp_path / "empty", lambda tmp: (tmp / "x").write_text("x"), replace=False)
     assert (tmp_path / "empty" / "x").is_file()
+
+
+def test_atomic_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path, monkeypatch):
+    from compeft_format import fileio
+    from compeft_format.errors import IOFailure
+
+    dest = tmp_path / "model"
+    fileio.atomic_folder(dest, lambda tmp: (tmp / "old.txt").write_text("old"))
+    real = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder's rename into place
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "rename", rename)
+    with pytest.raises(IOFailure):
+        fileio.atomic_folder(dest, lambda tmp: (tmp / "new.txt").write_text("new"))
+    monkeypatch.undo()
+    assert sorted(p.name for p in dest.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
