@@ -169,6 +169,12 @@ def _check_fits(recipe: Recipe, targets: Mapping[str, nn.Linear]) -> None:
 
 
 # --- compressing layers -----------------------------------------------------------------------------
+#: the attribute of a compressed linear layer holding its round-to-nearest scales and zero points
+RTN_STATE = "_compeft_rtn_state"
+#: the packed checkpoint formats ``compress_base`` writes
+PACKED_FORMATS = ("compressed-tensors",)
+
+
 def _compress_layer(layer: nn.Linear, recipe: Recipe, input_norm: torch.Tensor | None) -> dict[str, Any]:
     """Apply the recipe's steps to ``layer.weight`` in order and write the effective weight back in
     the layer's dtype; its statistics."""
@@ -184,6 +190,8 @@ def _compress_layer(layer: nn.Linear, recipe: Recipe, input_norm: torch.Tensor |
             else:
                 q = quantise(step.kind, step.params, effective)
                 effective, bits = q.weight, q.bits_per_weight
+                if q.scale is not None:  # what a packed checkpoint stores beside the codes
+                    setattr(layer, RTN_STATE, (q.scale, q.zero_point))
                 if mask is not None:  # the quantisers map zero to zero; the mask stays exact regardless
                     effective = torch.where(mask, effective, torch.zeros((), dtype=effective.dtype))
         layer.weight.copy_(effective.to(layer.weight.dtype))
@@ -507,7 +515,8 @@ def _load_tokenizer(src: Path) -> Any:
 def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str], recipe: str | Recipe, *,
                   calibration: Sequence[str] | None = None, calibration_samples: int = 64, seq_len: int = 128,
                   source_id: str | None = None, source_revision: str | None = None,
-                  target_modules: Sequence[str] | None = None, overwrite: bool = False) -> CompressedBase:
+                  target_modules: Sequence[str] | None = None, overwrite: bool = False,
+                  packed: str | None = None) -> CompressedBase:
     """Compress a local transformers model (a causal LM, or an encoder such as BERT) and save it as a
     model folder of effective weights.
 
@@ -527,9 +536,13 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
         source_id, source_revision: what ``derived_from`` names the source as (e.g. its Hub id).
         target_modules: see ``resolve_targets``; default every linear layer of the decoder blocks.
         overwrite: replace an existing ``output``.
+        packed: ``compressed-tensors``: store the round-to-nearest codes packed with their scales
+            (a compressed-tensors checkpoint, which transformers loads and dequantises to the same
+            effective weights: ``load_base_model``) instead of the effective float32 weights. The
+            binding's fingerprint is that of the effective weights either way.
 
     Returns:
-        The ``CompressedBase``, its binding's fingerprint computed from the written files.
+        The ``CompressedBase``, its binding's fingerprint that of the effective weights.
 
     Raises:
         FileNotFound: no source folder, or no folder to put ``output`` in.
@@ -542,6 +555,12 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     out = Path(output)
     recipe = _as_recipe(recipe)
     _check_output(out, overwrite)
+    if packed is not None:
+        if packed not in PACKED_FORMATS:
+            raise InvalidArgument(f"packed format {packed!r} is not one of {list(PACKED_FORMATS)}")
+        if not any(s.kind == "rtn" for s in recipe.steps):
+            raise InvalidArgument(f"a packed base stores round-to-nearest codes; recipe {recipe.name} has none "
+                                  "(int2 to int8, not nf4 or pruning alone)")
     if recipe.needs_calibration and calibration is None:
         raise InvalidArgument(f"recipe {recipe.name} scores weights by activations; pass calibration texts")
     source_fp = cf.fingerprint(src, FLOAT32)
@@ -564,18 +583,24 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
                       "params": params, "calibration_sha256": calib_sha}
 
     bound: list[BaseBinding] = []
+    effective_fp = cf.fingerprint(model, FLOAT32) if packed else None
 
     def fill(tmp: Path) -> None:
+        packing = None
         try:
-            model.save_pretrained(tmp)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise UnsupportedModel(f"transformers cannot save the compressed {type(model).__name__}: "
-                                   f"{' '.join(str(e).split())[:300]}") from None
+            if packed:
+                packing = _save_compressed_tensors(model, targets, recipe, tmp)
+            else:
+                model.save_pretrained(tmp)
+        except (ValueError, TypeError, RuntimeError, AttributeError) as e:
+            raise UnsupportedModel(f"cannot save the compressed {type(model).__name__}"
+                                   f"{' as ' + packed if packed else ''}: {' '.join(str(e).split())[:300]}") from None
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        binding = BaseBinding(id=None, revision=None, fingerprint=cf.fingerprint(tmp, FLOAT32),
-                              derived_from=derived_from, recipe=binding_recipe)
+        fingerprint = effective_fp if effective_fp is not None else cf.fingerprint(tmp, FLOAT32)
+        binding = BaseBinding(id=None, revision=None, fingerprint=fingerprint, derived_from=derived_from,
+                              recipe=binding_recipe)
         descriptor = {
             "format": FORMAT,
             "version": VERSION,
@@ -587,6 +612,7 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
                 "hashed": CALIBRATION_HASHED},
             "stats": stats,
             "libraries": _versions(recipe),
+            **({"packed": packing} if packing else {}),
         }
         _write_descriptor(tmp, descriptor)
         bound.append(binding)
@@ -597,6 +623,63 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
         _check_output(out, overwrite)
         raise
     return CompressedBase(out, bound[0], stats, recipe, targets)
+
+
+def _save_compressed_tensors(model: Any, targets: Sequence[str], recipe: Recipe, folder: Path) -> dict[str, Any]:
+    """Save ``model`` (its targets compressed by a round-to-nearest recipe) as a compressed-tensors
+    checkpoint: the targets' integer codes packed (symmetric; ``pack-quantized``) or as int8 with
+    zero points (asymmetric; ``naive-quantized``, which transformers loads back), their scales, and
+    every other tensor as it is. Returns what the descriptor records of it."""
+    step = next(s for s in recipe.steps if s.kind == "rtn")
+    with quiet_imports():
+        try:
+            import compressed_tensors  # type: ignore[import-untyped]
+            from compressed_tensors.compressors import ModelCompressor  # type: ignore[import-untyped]
+            from compressed_tensors.quantization import (  # type: ignore[import-untyped]
+                QuantizationArgs,
+                QuantizationConfig,
+                QuantizationScheme,
+                apply_quantization_config,
+            )
+        except ImportError as e:
+            raise UnsupportedModel(f"a packed base needs compressed-tensors, which cannot be imported here ({e}); "
+                                   "install compeft[train]") from None
+    p = step.params
+    fmt = "pack-quantized" if p["symmetric"] else "naive-quantized"
+    args = QuantizationArgs(num_bits=p["bits"], type="int", symmetric=p["symmetric"],
+                            strategy="channel" if p["group"] is None else "group", group_size=p["group"])
+    others = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(targets)]
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=others))
+    with torch.no_grad():
+        for name in targets:
+            layer: Any = model.get_submodule(name)
+            scale, zero_point = getattr(layer, RTN_STATE)
+            layer.weight_scale.copy_(scale.reshape(layer.weight_scale.shape))
+            if zero_point is not None:
+                layer.weight_zero_point.copy_(zero_point.reshape(layer.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    return {"format": "compressed-tensors", "quantization_format": fmt,
+            "library_version": compressed_tensors.__version__}
+
+
+def dequantising_kwargs(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``from_pretrained`` needs to load the model folder as plain float weights: for a
+    compressed-tensors checkpoint (``compress_base(packed=...)``) a config that dequantises every
+    layer on load (peft then wraps them as any linear layer); nothing for other folders."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def _write_descriptor(folder: Path, descriptor: Mapping[str, Any]) -> None:
@@ -644,7 +727,20 @@ def load_compressed_base(path: str | os.PathLike[str], *, verify: bool = True) -
             or not all(isinstance(t, str) for t in targets):
         raise InputError(f"{desc} lacks the fingerprint, stats or target modules", path=str(desc))
     if verify:
-        actual = cf.fingerprint(p, binding.fingerprint.algorithm)
+        weights: Any = p
+        if obj.get("packed") is not None:  # the codes dequantised by transformers: the effective weights
+            from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+            try:
+                with quiet_imports():
+                    config = AutoConfig.from_pretrained(p, local_files_only=True)
+                    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+                    weights = auto.from_pretrained(p, dtype=torch.float32, local_files_only=True,
+                                                   **dequantising_kwargs(p))
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise InputError(f"cannot load the packed base {p}: {' '.join(str(e).split())[:300]}",
+                                 path=str(p)) from None
+        actual = cf.fingerprint(weights, binding.fingerprint.algorithm)
         if actual != binding.fingerprint:
             raise BaseMismatch(f"the weights in {p} are not the ones {DESCRIPTOR} records: fingerprint "
                                f"{actual.algorithm} {actual.value}, recorded {binding.fingerprint.value}",

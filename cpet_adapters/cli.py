@@ -43,6 +43,9 @@ def add_parser(sub: Any) -> None:
     cb.add_argument("--source-id", default=None, help="the source model's id (e.g. a Hub repository) to record")
     cb.add_argument("--source-revision", default=None)
     cb.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cb.add_argument("--packed", choices=["compressed-tensors"], default=None,
+                    help="store the round-to-nearest codes packed with their scales (a compressed-tensors "
+                         "checkpoint transformers loads) instead of the effective float32 weights")
 
     tr = cs.add_parser("train", help="train a task LoRA (and recovery modules) on a compressed base")
     tr.add_argument("base", nargs="?", default=None, help="the compressed base model folder")
@@ -101,7 +104,7 @@ def run(a: argparse.Namespace) -> int:
 
         cb = compress_base(a.source, a.output, a.recipe, calibration=_calibration(a.calibration),
                            calibration_samples=a.calibration_samples, seq_len=a.seq_len, source_id=a.source_id,
-                           source_revision=a.source_revision, overwrite=a.overwrite)
+                           source_revision=a.source_revision, overwrite=a.overwrite, packed=a.packed)
         fp = cb.binding.fingerprint
         print(f"{cb.path}: {a.recipe}, fingerprint {fp.value[:16] if fp else '-'}; "
               + ", ".join(f"{k} {v}" for k, v in _summary(cb.stats).items()))

@@ -41,10 +41,14 @@ class Quantised:
         weight: the effective weight, float32, of the input's shape.
         bits_per_weight: storage of the quantised form per weight: the code bits plus the per-group
             statistics (scales, zero points, absmax) at the width the library stores them.
+        scale, zero_point: round-to-nearest's scales ``[out, groups]`` (float32) and integer zero
+            points (None when symmetric): ``weight == (codes - zero_point) * scale`` per group.
     """
 
     weight: torch.Tensor
     bits_per_weight: float
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
 
 
 #: loggers of the quantisation libraries that warn at import about CUDA extensions a CPU run does not use
@@ -147,9 +151,12 @@ def rtn(weight: torch.Tensor, *, bits: int, group: int | None, symmetric: bool) 
         q: Any = layer.weight  # torchao's IntxUnpackedToInt8Tensor
         effective = q.dequantize().to(torch.float32)
         stats_bits = q.scale.numel() * q.scale.element_size() * 8
+        zero_point = None
         if not symmetric and q.zero_point is not None:
             stats_bits += q.zero_point.numel() * q.zero_point.element_size() * 8
-    return Quantised(effective, bits + stats_bits / weight.numel())
+            zero_point = q.zero_point.detach().clone()
+        scale = q.scale.detach().to(torch.float32).clone()
+    return Quantised(effective, bits + stats_bits / weight.numel(), scale, zero_point)
 
 
 def nf4(weight: torch.Tensor, *, block: int, double_quant: bool) -> Quantised:

@@ -226,6 +226,7 @@ def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tu
     """The model a ``task`` trains, from a local folder, float32, in eval mode; nothing is
     downloaded. ``classify`` gives a sequence-classification model over ``labels`` whose head (absent
     from the folder) is initialised from torch's global generator."""
+    from .base import dequantising_kwargs
     from .quantize import quiet_imports
 
     with quiet_imports():
@@ -239,7 +240,8 @@ def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tu
         if task == "classify":
             return _load_classifier(p, labels)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True,
+                                                         **dequantising_kwargs(p))
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, CompeftError):
             raise
@@ -262,7 +264,7 @@ def _load_classifier(p: Path, labels: tuple[str, ...]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from .base import CAUSAL_LM_ARCHITECTURES
+    from .base import CAUSAL_LM_ARCHITECTURES, dequantising_kwargs
 
     config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     if any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in getattr(config, "architectures", None) or []):
@@ -274,7 +276,7 @@ def _load_classifier(p: Path, labels: tuple[str, ...]) -> nn.Module:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(p), dtype=torch.float32, local_files_only=True, num_labels=len(labels),
             id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-            output_loading_info=True)
+            output_loading_info=True, **dequantising_kwargs(p))
     finally:
         hf_logging.set_verbosity(level)
     unused = sorted(info.get("unexpected_keys") or [])

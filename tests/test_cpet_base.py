@@ -521,8 +521,6 @@ def test_a_killed_compression_leaves_no_output_and_the_next_run_sweeps_its_folde
 def test_a_causal_lm_whose_config_names_no_architecture_keeps_its_head(tmp_path):
     from safetensors import safe_open
 
-    from conftest import save_tiny_causal_lm
-
     src = save_tiny_causal_lm(tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     del cfg["architectures"]
@@ -531,3 +529,66 @@ def test_a_causal_lm_whose_config_names_no_architecture_keeps_its_head(tmp_path)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" in set(f.keys())
+
+
+@pytest.mark.parametrize("recipe", ["int4:g32", "int3:g32:asym", "int8", "2:4+int4:g32"])
+def test_a_packed_base_loads_back_to_the_same_effective_weights(tmp_path, recipe):
+    from safetensors import safe_open
+
+    from cpet_adapters.train import load_model
+
+    src = save_tiny_causal_lm(tmp_path / "src")
+    dense = B.compress_base(src, tmp_path / "dense", recipe)
+    packed = B.compress_base(src, tmp_path / "packed", recipe, packed="compressed-tensors")
+    assert packed.binding.fingerprint == dense.binding.fingerprint  # bound to the effective weights
+    config = json.loads((packed.path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    q = "model.layers.0.self_attn.q_proj."
+    with safe_open(str(packed.path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        # codes, not floats: packed into int32 words (symmetric) or int8 with zero points (asymmetric)
+        codes = f.get_tensor(q + "weight_packed") if q + "weight_packed" in names else f.get_tensor(q + "weight")
+    assert q + "weight_scale" in names and codes.dtype in (torch.int32, torch.int8)
+    size = sum(p.stat().st_size for p in packed.path.glob("*.safetensors"))
+    assert size < 0.75 * sum(p.stat().st_size for p in dense.path.glob("*.safetensors"))
+    a, b = load_model(dense.path).state_dict(), load_model(packed.path).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert B.load_compressed_base(packed.path, verify=True).binding == packed.binding
+
+
+def test_a_packed_base_is_refused_for_recipes_without_codes_and_checked_when_changed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_causal_lm(tmp_path / "src")
+    for recipe in ("nf4", "2:4"):
+        with pytest.raises(cf.InvalidArgument, match="round-to-nearest"):
+            B.compress_base(src, tmp_path / recipe.replace(":", ""), recipe, packed="compressed-tensors")
+    with pytest.raises(cf.InvalidArgument, match="packed format"):
+        B.compress_base(src, tmp_path / "x", "int4:g32", packed="gguf")
+    made = B.compress_base(src, tmp_path / "packed", "int4:g32", packed="compressed-tensors")
+    sd = load_file(str(made.path / "model.safetensors"))
+    sd["model.layers.0.self_attn.q_proj.weight_scale"] = sd["model.layers.0.self_attn.q_proj.weight_scale"] * 2
+    save_file(sd, str(made.path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(cf.BaseMismatch):
+        B.load_compressed_base(made.path, verify=True)
+
+
+def test_the_cli_writes_a_packed_base_that_trains_and_binds_its_artifacts(tmp_path):
+    from conftest import write_task
+    from cpet_adapters.export import export, load_into
+    from cpet_adapters.train import TrainConfig, train
+
+    src = save_tiny_causal_lm(tmp_path / "src")
+    p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "cpet", "compress-base", str(src), "-o",
+                        str(tmp_path / "packed"), "--recipe", "int4:g32", "--packed", "compressed-tensors"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    data = write_task(tmp_path / "train.jsonl", 16)
+    train(TrainConfig(base=str(tmp_path / "packed"), data=str(data), output=str(tmp_path / "run"), max_steps=2,
+                      max_len=32, lora_r=2, recovery=True, recovery_r=2, save_every=0))
+    arts = export(tmp_path / "run", tmp_path / "out")
+    dense = B.compress_base(src, tmp_path / "dense", "int4:g32").binding.fingerprint
+    assert all(a.base_fingerprint == dense.value for a in arts)
+    load_into(tmp_path / "packed", arts[-1].path)  # the packed folder is the base the artifacts name
+    with pytest.raises(cf.BaseMismatch):
+        load_into(src, arts[-1].path)
