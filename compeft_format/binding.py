@@ -35,6 +35,7 @@ from .errors import (
     NotSafetensors,
     UnsupportedModel,
 )
+from .hf_models import is_packed, load_float_model
 from .integrity import tensor_bytes
 from .jsonfields import as_object, as_str
 from .peft_layout import base_model_of, base_state_dict
@@ -297,6 +298,11 @@ class BaseWeights:
         if isinstance(weights, nn.Module):
             self._memory = base_state_dict(weights)
             self._backbone = _backbone_prefix(weights, self._memory)
+        elif isinstance(weights, (str, os.PathLike)) and Path(weights).is_dir() and is_packed(weights):
+            # a compressed-tensors checkpoint stands for the weights transformers dequantises it to
+            model = load_float_model(weights)
+            self._memory = base_state_dict(model)
+            self._backbone = _backbone_prefix(model, self._memory)
         elif isinstance(weights, (str, os.PathLike)):
             self._files = checkpoint_files(weights)
         elif isinstance(weights, Mapping):

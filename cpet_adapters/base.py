@@ -47,6 +47,7 @@ from compeft_format.errors import (
     VersionError,
 )
 from compeft_format.fileio import atomic_folder
+from compeft_format.hf_models import is_causal_lm
 
 from .prune import step_mask
 from .quantize import check_rtn, library_version, quantise, quiet_imports
@@ -454,24 +455,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
 FLOAT_QUANT_METHODS = ("gguf",)
 
 
-#: endings of the ``architectures`` a causal language model's config names
-CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
-
-
-def _is_causal_lm(config: Any) -> bool:
-    """Whether a checkpoint of ``config`` is a causal LM: its ``architectures`` name one, or name
-    none (or a ``...ForConditionalGeneration``) and transformers has a causal LM for its type. A
-    checkpoint naming a bare model or another head (``BertModel``, ``BertForMaskedLM``) is not."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    names = [str(a) for a in getattr(config, "architectures", None) or []]
-    if any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in names):
-        return True
-    if names and not any(a.endswith("ForConditionalGeneration") for a in names):
-        return False
-    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
-
-
 def _load_source(src: Path) -> Any:
     """The source model in float32: a causal LM when its config names one (``LlamaForCausalLM``),
     else the bare model (an encoder such as ``BertModel``, whose checkpoint then loads into any
@@ -491,7 +474,7 @@ def _load_source(src: Path) -> Any:
                 raise InputError(f"{src} is already quantised ({method}); compress the model it was made from",
                                  path=str(src))
             delattr(config, "quantization_config")
-        causal = _is_causal_lm(config)
+        causal = is_causal_lm(config)
         with quiet_imports():
             model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(
                 src, config=config, dtype=torch.float32, local_files_only=True, use_safetensors=True)
@@ -666,22 +649,6 @@ def _save_compressed_tensors(model: Any, targets: Sequence[str], recipe: Recipe,
             "library_version": compressed_tensors.__version__}
 
 
-def dequantising_kwargs(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``from_pretrained`` needs to load the model folder as plain float weights: for a
-    compressed-tensors checkpoint (``compress_base(packed=...)``) a config that dequantises every
-    layer on load (peft then wraps them as any linear layer); nothing for other folders."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-        return {}
-    from transformers import CompressedTensorsConfig
-
-    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-
-
 def _write_descriptor(folder: Path, descriptor: Mapping[str, Any]) -> None:
     (folder / DESCRIPTOR).write_text(json.dumps(descriptor, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -727,20 +694,7 @@ def load_compressed_base(path: str | os.PathLike[str], *, verify: bool = True) -
             or not all(isinstance(t, str) for t in targets):
         raise InputError(f"{desc} lacks the fingerprint, stats or target modules", path=str(desc))
     if verify:
-        weights: Any = p
-        if obj.get("packed") is not None:  # the codes dequantised by transformers: the effective weights
-            from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-            try:
-                with quiet_imports():
-                    config = AutoConfig.from_pretrained(p, local_files_only=True)
-                    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-                    weights = auto.from_pretrained(p, dtype=torch.float32, local_files_only=True,
-                                                   **dequantising_kwargs(p))
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise InputError(f"cannot load the packed base {p}: {' '.join(str(e).split())[:300]}",
-                                 path=str(p)) from None
-        actual = cf.fingerprint(weights, binding.fingerprint.algorithm)
+        actual = cf.fingerprint(p, binding.fingerprint.algorithm)  # a packed folder: its dequantised weights
         if actual != binding.fingerprint:
             raise BaseMismatch(f"the weights in {p} are not the ones {DESCRIPTOR} records: fingerprint "
                                f"{actual.algorithm} {actual.value}, recorded {binding.fingerprint.value}",

@@ -226,7 +226,8 @@ def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tu
     """The model a ``task`` trains, from a local folder, float32, in eval mode; nothing is
     downloaded. ``classify`` gives a sequence-classification model over ``labels`` whose head (absent
     from the folder) is initialised from torch's global generator."""
-    from .base import dequantising_kwargs
+    from compeft_format.hf_models import dequantising_kwargs
+
     from .quantize import quiet_imports
 
     with quiet_imports():
@@ -264,7 +265,7 @@ def _load_classifier(p: Path, labels: tuple[str, ...]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from .base import CAUSAL_LM_ARCHITECTURES, dequantising_kwargs
+    from compeft_format.hf_models import CAUSAL_LM_ARCHITECTURES, dequantising_kwargs
 
     config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     if any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in getattr(config, "architectures", None) or []):

@@ -541,6 +541,8 @@ def test_a_packed_base_loads_back_to_the_same_effective_weights(tmp_path, recipe
     dense = B.compress_base(src, tmp_path / "dense", recipe)
     packed = B.compress_base(src, tmp_path / "packed", recipe, packed="compressed-tensors")
     assert packed.binding.fingerprint == dense.binding.fingerprint  # bound to the effective weights
+    # the packed folder is fingerprinted as the weights transformers dequantises it to
+    assert cf.fingerprint(packed.path, cf.binding.FLOAT32) == dense.binding.fingerprint
     config = json.loads((packed.path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     q = "model.layers.0.self_attn.q_proj."
