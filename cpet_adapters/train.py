@@ -666,6 +666,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     if teacher is not None:
         teacher.to(acc.device)
     world, rank = acc.num_processes, acc.process_index
+    if len(train_ex) < world:
+        raise InvalidArgument(f"{len(train_ex)} training example(s) for {world} processes: each needs one")
     batches: Iterator[list[int]] = micro_batches(len(train_ex), cfg.batch_size * world, seed=cfg.seed,
                                                  start=start * cfg.grad_accum)
     need_hidden = cfg.distill > 0
@@ -684,6 +686,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
         window = [[train_ex[i] for i in next(batches)[rank::world]] for _ in range(cfg.grad_accum)]
         window = [w for w in window if w]
         tokens = sum(e.tokens for w in window for e in w)
+        if world > 1:  # normalised by the predictions of every process: DDP's mean is then the global mean
+            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
         parts = {"ce": 0.0, "mse": 0.0, "kl": 0.0}
         for j, examples in enumerate(window):
             batch = {k: v.to(acc.device) for k, v in collate(examples, pad_id).items()}
@@ -692,8 +696,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
                 out_s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=need_hidden)
                 ce, _ = task_cross_entropy(out_s.logits, batch)
-                loss = ce / max(tokens, 1)
-                parts["ce"] += float(loss.detach())
+                loss = ce * world / max(tokens, 1)
+                parts["ce"] += float(ce.detach()) / max(tokens, 1)
                 if teacher is not None:
                     with torch.no_grad():
                         out_t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -708,6 +712,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
                         loss = loss + cfg.distill_kl * kl
                         parts["kl"] += float(kl.detach())
                 acc.backward(loss)
+        if world > 1:  # the log shows the whole step: cross-entropy summed, the others averaged over processes
+            summed = acc.reduce(torch.tensor([parts["ce"], parts["mse"], parts["kl"]], device=acc.device),
+                                reduction="sum").tolist()
+            parts = {"ce": summed[0], "mse": summed[1] / world, "kl": summed[2] / world}
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))

@@ -283,3 +283,37 @@ def test_the_trainer_subclass_computes_the_same_loss_and_learns(world, tmp_path)
     trainer.train()
     after = evaluate(student, held_out, pad_id=int(tok.pad_token_id), batch_size=8, device=torch.device("cpu"))
     assert after["loss"] < before["loss"] - 0.2 and after["accuracy"] > before["accuracy"] + 0.2, (before, after)
+
+
+def test_two_processes_train_as_one_process_with_twice_the_batch(tmp_path):
+    """``torchrun`` with two CPU processes (accelerate's MULTI_CPU, gloo): the loss is normalised by
+    the predictions of both processes, so DDP's averaged gradient is the one-process gradient."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import ROOT
+
+    base = save_tiny_causal_lm(tmp_path / "llama")
+    data = write_task(tmp_path / "train.jsonl", 32)
+    args = ["cpet", "train", str(base), "--data", str(data), "--max-steps", "3", "--max-len", "32", "--lora-r", "2",
+            "--recovery", "--recovery-r", "2", "--save-every", "0", "--lr", "1e-2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "compeft_format.cli", *args, "-o", str(tmp_path / "two"), "--batch-size", "2"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "compeft_format.cli", *args, "-o", str(tmp_path / "one"),
+                          "--batch-size", "4"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "resumed" not in two.stderr  # the processes ran together, not one after the other
+    for name in ("adapter/adapter_model.safetensors", "recovery.safetensors"):
+        a, b = load_file(str(tmp_path / "two" / "final" / name)), load_file(str(tmp_path / "one" / "final" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("two", "one")]
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
+    assert [round(r["ce"], 4) for r in logs[0]] == [round(r["ce"], 4) for r in logs[1]]
