@@ -69,7 +69,8 @@ def load_float_model(folder: str | os.PathLike[str]) -> Any:
 
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-        model = auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True, **dequantising_kwargs(folder))
+        model = auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+                                     **dequantising_kwargs(folder))
     except (ImportError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise InputError(f"cannot load the model in {folder}: {' '.join(str(e).split())[:300]}",
                          path=str(folder)) from None

@@ -242,6 +242,7 @@ def load_model(path: str | os.PathLike[str], task: str = "causal-lm", labels: tu
             return _load_classifier(p, labels)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True,
+                                                         use_safetensors=True,
                                                          **dequantising_kwargs(p))
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, CompeftError):
@@ -277,7 +278,7 @@ def _load_classifier(p: Path, labels: tuple[str, ...]) -> nn.Module:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(p), dtype=torch.float32, local_files_only=True, num_labels=len(labels),
             id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-            output_loading_info=True, **dequantising_kwargs(p))
+            output_loading_info=True, use_safetensors=True, **dequantising_kwargs(p))
     finally:
         hf_logging.set_verbosity(level)
     unused = sorted(info.get("unexpected_keys") or [])

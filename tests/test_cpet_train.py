@@ -317,3 +317,31 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(tmp_path):
     logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("two", "one")]
     assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
     assert [round(r["ce"], 4) for r in logs[0]] == [round(r["ce"], 4) for r in logs[1]]
+
+
+class _Planted:
+    """Unpickling this writes a file: what a hostile ``pytorch_model.bin`` could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_model_folders_are_read_from_safetensors_only(tmp_path):
+    import pickle
+    import shutil
+
+    from compeft_format.hf_models import load_float_model
+    from cpet_adapters.train import load_model
+
+    folder = save_tiny_causal_lm(tmp_path / "llama")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "executed"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Planted(str(marker))}))
+    for load in (load_model, load_float_model):
+        with pytest.raises(cf.InputError):
+            load(folder)
+    assert not marker.exists()
+    shutil.rmtree(folder)
