@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import CompeftError, InputError
 
 #: endings of the ``architectures`` a causal language model's config names
 CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
@@ -69,11 +69,21 @@ def load_float_model(folder: str | os.PathLike[str]) -> Any:
 
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-        model = auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=True,
-                                     **dequantising_kwargs(folder))
-    except (ImportError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise InputError(f"cannot load the model in {folder}: {' '.join(str(e).split())[:300]}",
+        loaded: Any = auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+                                           output_loading_info=True, **dequantising_kwargs(folder))
+        model, info = loaded
+    except CompeftError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a hostile config reaches many libraries' own errors
+        raise InputError(f"cannot load the model in {folder}: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
                          path=str(folder)) from None
+    # the checkpoint's tensors and the model's must be the same: none made up, none dropped
+    odd = {k: sorted(str(x) for x in info.get(k) or [])
+           for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(odd.values()):
+        shown = "; ".join(f"{k.replace('_', ' ')}: {v[:3]}" for k, v in odd.items() if v)
+        raise InputError(f"the checkpoint in {folder} does not hold exactly the tensors of a {type(model).__name__} "
+                         f"({shown})", path=str(folder))
     model.eval()
     return model
 

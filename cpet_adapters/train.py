@@ -9,8 +9,9 @@ The loss of one optimizer step is
                 + distill_kl * T^2 * KL(teacher logits / T || student logits / T)
 
 with the cross-entropy normalised by the number of learned tokens of the whole accumulation
-window (so accumulating k micro-batches equals one batch k times larger) and the hidden-state
-and logit terms averaged over the window's micro-batches.
+window, and the hidden-state and logit terms averaged over the window's real positions (over its
+examples for class logits), counted over every process: accumulating k micro-batches, or k
+processes of a batch each, equals one batch k times larger.
 
 The step is plain torch wrapped by ``accelerate``, so one command runs unchanged on a CPU, one GPU
 or several (``accelerate launch`` / ``torchrun``). A run folder holds its config, a JSON Lines log,
@@ -435,27 +436,32 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: tuple[int, ...],
-               mask: torch.Tensor) -> torch.Tensor:
+               mask: torch.Tensor, positions: int | None = None) -> torch.Tensor:
     """Mean squared difference of the chosen hidden states over real (non-padding) positions,
-    averaged over the layers."""
+    averaged over the layers; with ``positions``, the sum over this batch's real positions divided
+    by ``positions`` (the real positions of a whole accumulation window, of every process)."""
     m = mask.unsqueeze(-1).to(student[0].dtype)
     total = student[0].new_zeros(())
     for layer in layers:
         s, t = student[layer], teacher[layer].to(student[layer].dtype)
-        total = total + (((s - t) ** 2) * m).sum() / (m.sum() * s.shape[-1]).clamp_min(1)
+        count = m.sum() if positions is None else torch.tensor(float(positions), dtype=m.dtype)
+        total = total + (((s - t) ** 2) * m).sum() / (count * s.shape[-1]).clamp_min(1)
     return total / len(layers)
 
 
-def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float,
+             count: int | None = None) -> torch.Tensor:
     """``T^2 * KL(teacher || student)`` of the softened distributions, mean over real positions of
     next-token logits (batch, positions, vocabulary), or over the examples of class logits (batch,
-    classes)."""
+    classes); with ``count``, the sum divided by ``count`` (the positions or examples of a whole
+    accumulation window, of every process)."""
     t = temperature
     log_s = F.log_softmax(student.float() / t, dim=-1)
     log_t = F.log_softmax(teacher.float() / t, dim=-1)
     per_pos = (log_t.exp() * (log_t - log_s)).sum(-1)
     m = mask.to(per_pos.dtype) if per_pos.dim() == mask.dim() else torch.ones_like(per_pos)
-    return (per_pos * m).sum() / m.sum().clamp_min(1) * t * t
+    denominator = m.sum().clamp_min(1) if count is None else max(count, 1)
+    return (per_pos * m).sum() / denominator * t * t
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -686,9 +692,15 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
         t0 = time.perf_counter()
         window = [[train_ex[i] for i in next(batches)[rank::world]] for _ in range(cfg.grad_accum)]
         window = [w for w in window if w]
-        tokens = sum(e.tokens for w in window for e in w)
-        if world > 1:  # normalised by the predictions of every process: DDP's mean is then the global mean
-            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
+        # every term is normalised by the window's counts over every process (learned tokens; real
+        # positions; examples), and multiplied by the number of processes: DDP's mean of the
+        # processes' gradients is then the gradient of one process holding the whole window
+        counts = [sum(e.tokens for w in window for e in w), sum(len(e.input_ids) for w in window for e in w),
+                  sum(len(w) for w in window)]
+        if world > 1:
+            counts = [int(x) for x in acc.reduce(torch.tensor(counts, device=acc.device), reduction="sum").tolist()]
+        tokens, positions, n_examples = counts
+        kl_count = n_examples if cfg.task == "classify" else positions
         parts = {"ce": 0.0, "mse": 0.0, "kl": 0.0}
         for j, examples in enumerate(window):
             batch = {k: v.to(acc.device) for k, v in collate(examples, pad_id).items()}
@@ -705,18 +717,18 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
                                         output_hidden_states=need_hidden)
                     if cfg.distill:
                         mse = hidden_mse(out_s.hidden_states, out_t.hidden_states, cfg.distill_layers,
-                                         batch["attention_mask"]) / len(window)
-                        loss = loss + cfg.distill * mse
+                                         batch["attention_mask"], positions)
+                        loss = loss + cfg.distill * mse * world
                         parts["mse"] += float(mse.detach())
                     if cfg.distill_kl:
-                        kl = logit_kl(out_s.logits, out_t.logits, batch["attention_mask"], cfg.temperature) / len(window)
-                        loss = loss + cfg.distill_kl * kl
+                        kl = logit_kl(out_s.logits, out_t.logits, batch["attention_mask"], cfg.temperature, kl_count)
+                        loss = loss + cfg.distill_kl * kl * world
                         parts["kl"] += float(kl.detach())
                 acc.backward(loss)
-        if world > 1:  # the log shows the whole step: cross-entropy summed, the others averaged over processes
+        if world > 1:  # the log shows the whole step: each process holds its share of every term
             summed = acc.reduce(torch.tensor([parts["ce"], parts["mse"], parts["kl"]], device=acc.device),
                                 reduction="sum").tolist()
-            parts = {"ce": summed[0], "mse": summed[1] / world, "kl": summed[2] / world}
+            parts = {"ce": summed[0], "mse": summed[1], "kl": summed[2]}
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))

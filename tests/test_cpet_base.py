@@ -594,3 +594,25 @@ def test_the_cli_writes_a_packed_base_that_trains_and_binds_its_artifacts(tmp_pa
     load_into(tmp_path / "packed", arts[-1].path)  # the packed folder is the base the artifacts name
     with pytest.raises(cf.BaseMismatch):
         load_into(src, arts[-1].path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "heads"])
+def test_a_damaged_packed_folder_is_refused_with_a_typed_error(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_causal_lm(tmp_path / "src")
+    made = B.compress_base(src, tmp_path / "packed", "int4:g32", packed="compressed-tensors")
+    weights = made.path / "model.safetensors"
+    if damage == "heads":  # a hostile config: transformers itself fails (ZeroDivisionError)
+        config = json.loads((made.path / "config.json").read_text())
+        config["num_attention_heads"] = 0
+        (made.path / "config.json").write_text(json.dumps(config))
+    else:
+        sd = load_file(str(weights))
+        if damage == "missing":  # transformers would make up a random embedding
+            del sd["model.embed_tokens.weight"]
+        else:  # and would drop a tensor no layer uses
+            sd["evil.weight"] = torch.zeros(2)
+        save_file(sd, str(weights), metadata={"format": "pt"})
+    with pytest.raises(cf.InputError):
+        cf.fingerprint(made.path, cf.binding.FLOAT32)

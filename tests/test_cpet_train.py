@@ -299,7 +299,8 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(tmp_path):
     base = save_tiny_causal_lm(tmp_path / "llama")
     data = write_task(tmp_path / "train.jsonl", 32)
     args = ["cpet", "train", str(base), "--data", str(data), "--max-steps", "3", "--max-len", "32", "--lora-r", "2",
-            "--recovery", "--recovery-r", "2", "--save-every", "0", "--lr", "1e-2"]
+            "--recovery", "--recovery-r", "2", "--save-every", "0", "--lr", "1e-2", "--teacher", str(base),
+            "--distill", "1", "--distill-kl", "0.5"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "compeft_format.cli", *args, "-o", str(tmp_path / "two"), "--batch-size", "2"],
@@ -316,7 +317,9 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("two", "one")]
     assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
-    assert [round(r["ce"], 4) for r in logs[0]] == [round(r["ce"], 4) for r in logs[1]]
+    for key in ("ce", "mse", "kl"):
+        assert [round(r[key], 4) for r in logs[0]] == [round(r[key], 4) for r in logs[1]], key
+    assert logs[0][-1]["mse"] > 0 and logs[0][-1]["kl"] > 0
 
 
 class _Planted:
