@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Does CPET recover what compressing the base model costs a task LoRA? Accuracy on a real model.
 
-    python tools/eval_cpet.py [--model smollm2|minilm] [--quick] [--out DIR] [--recipes int3:g64,...]
-                              [--seeds 0,1,2] [--per-class N] [--steps N] [--threads 2]
+    python tools/eval_cpet.py [--model smollm2|minilm] [--quick [--all-variants]] [--out DIR]
+                              [--recipes int3:g64,...] [--seeds 0,1,2] [--per-class N] [--steps N] [--threads 2]
     python tools/eval_cpet.py report [--out DIR]
 
 Two models and tasks (``--model``):
@@ -263,8 +263,12 @@ DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
 }
 
 
+#: the ablations and extra exports ``--quick`` leaves out unless ``--all-variants``
+ABLATIONS = ("+ inheritance", "+ recovery", "CPET, shared recovery", "CPET, exported, all 10%")
+
+
 def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int], per_class: int, steps: int,
-        quick: bool) -> None:
+        quick: bool, variants: Sequence[str] = VARIANTS) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done = {(r["recipe"], r["seed"], r["variant"]) for r in map(json.loads, results.read_text().splitlines())} \
@@ -312,7 +316,8 @@ def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int]
                 record(recipe, seed, "inherited, no training", setup.with_run(cbase, orig_run))
             generic = setup.generic_file()
             shared_plan: dict[str, dict[str, Any]] = {}
-            if generic is not None and (recipe, seed, "CPET, shared recovery") not in done:
+            if generic is not None and "CPET, shared recovery" in variants \
+                    and (recipe, seed, "CPET, shared recovery") not in done:
                 agnostic, secs = trained(f"{tag}-agnostic", base=str(cbase), data=str(generic), task_lora=False,
                                          recovery=True, teacher=str(original), distill=1.0, seed=0, max_len=128)
                 rec_file = work / f"{tag}-agnostic-export" / "recovery.cpeft.safetensors"
@@ -330,7 +335,7 @@ def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int]
                 **shared_plan,
             }
             for variant, kw in plans.items():
-                if (recipe, seed, variant) in done:
+                if (recipe, seed, variant) in done or variant not in variants:
                     continue
                 path, secs = trained(f"{tag}-{variant.strip('+ ').replace(', ', '-').replace(' ', '-')}-s{seed}",
                                      base=str(cbase), seed=seed, **kw)
@@ -340,7 +345,7 @@ def run(setup_name: str, out: Path, recipes: Sequence[str], seeds: Sequence[int]
                 task_file = next(a.path for a in arts if a.kind != "recovery")
                 record(recipe, seed, "CPET, exported", setup.exported(cbase, task_file),
                        bytes={a.kind: a.size for a in arts})
-            if (recipe, seed, "CPET, exported, all 10%") not in done:
+            if (recipe, seed, "CPET, exported, all 10%") not in done and "CPET, exported, all 10%" in variants:
                 arts = export(work / f"{tag}-CPET-s{seed}", work / f"{tag}-export10-s{seed}", density=0.1,
                               recovery_density=0.1)
                 task_file = next(a.path for a in arts if a.kind != "recovery")
@@ -402,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "report"])
     ap.add_argument("--model", default="smollm2", choices=sorted(SETUPS))
     ap.add_argument("--out", default=None, help="default out/cpet (SmolLM2), out/cpet-minilm (MiniLM)")
-    ap.add_argument("--quick", action="store_true", help="one recipe, one seed, fewer steps and test items")
+    ap.add_argument("--quick", action="store_true", help="one recipe, one seed, fewer steps and test items, no "
+                    "ablations (+ inheritance, + recovery, shared recovery, recovery at 10%%)")
+    ap.add_argument("--all-variants", action="store_true", help="with --quick: the ablations too")
     ap.add_argument("--recipes", default=None)
     ap.add_argument("--seeds", default=None)
     ap.add_argument("--per-class", type=int, default=None)
@@ -422,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     per_class = a.per_class or d["per_class"][pick]
     steps = a.steps or d["steps"][pick]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(a.model, out, recipes, seeds, per_class, steps, a.quick)
+    variants = [v for v in VARIANTS if not (a.quick and not a.all_variants and v in ABLATIONS)]
+    run(a.model, out, recipes, seeds, per_class, steps, a.quick, variants)
     print(report(out))
 
 
