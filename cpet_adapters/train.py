@@ -417,6 +417,47 @@ def build_teacher(cfg: TrainConfig, labels: tuple[str, ...] = ()) -> nn.Module |
     return teacher
 
 
+#: the largest teacher cache, in bytes; above it the teacher runs at every step
+TEACHER_CACHE_BYTES = 1 << 30
+
+
+class TeacherCache:
+    """The frozen teacher's chosen hidden states for every training example, computed once (the
+    teacher is deterministic in eval mode, and each example's real positions do not depend on the
+    padding beside them), so that a step runs the student only. Batches of ``batch_size`` examples
+    in data order, so a resumed run rebuilds the same cache."""
+
+    def __init__(self, teacher: nn.Module, examples: list[Example], layers: tuple[int, ...], *, pad_id: int,
+                 batch_size: int, device: torch.device) -> None:
+        self.layers = layers
+        self.rows: list[dict[int, torch.Tensor]] = []
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i:i + batch_size]
+                batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+                hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states=True).hidden_states
+                for r, e in enumerate(chunk):
+                    self.rows.append({layer: hidden[layer][r, :len(e.input_ids)].cpu().clone() for layer in layers})
+
+    @staticmethod
+    def size(examples: list[Example], hidden: int, layers: tuple[int, ...]) -> int:
+        """Bytes a cache of float32 hidden states of ``examples`` takes."""
+        return sum(len(e.input_ids) for e in examples) * hidden * len(layers) * 4
+
+    def batch(self, indices: list[int], width: int, device: torch.device) -> dict[int, torch.Tensor]:
+        """The hidden states of examples ``indices`` right-padded to ``width`` positions, by layer."""
+        out = {}
+        for layer in self.layers:
+            first = self.rows[indices[0]][layer]
+            t = first.new_zeros((len(indices), width, first.shape[-1]))
+            for r, i in enumerate(indices):
+                h = self.rows[i][layer]
+                t[r, :h.shape[0]] = h
+            out[layer] = t.to(device)
+        return out
+
+
 # --- the loss -----------------------------------------------------------------------------------
 def task_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of a batch and the number of predictions it sums: per learned token of
@@ -435,9 +476,10 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return loss, int((shift_labels != IGNORE).sum())
 
 
-def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: tuple[int, ...],
+def hidden_mse(student: Any, teacher: Any, layers: tuple[int, ...],
                mask: torch.Tensor, positions: int | None = None) -> torch.Tensor:
-    """Mean squared difference of the chosen hidden states over real (non-padding) positions,
+    """Mean squared difference of the chosen hidden states (``student[layer]``, ``teacher[layer]``:
+    tuples of every layer's, or a mapping of the chosen ones) over real (non-padding) positions,
     averaged over the layers; with ``positions``, the sum over this batch's real positions divided
     by ``positions`` (the real positions of a whole accumulation window, of every process)."""
     m = mask.unsqueeze(-1).to(student[0].dtype)
@@ -678,6 +720,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     batches: Iterator[list[int]] = micro_batches(len(train_ex), cfg.batch_size * world, seed=cfg.seed,
                                                  start=start * cfg.grad_accum)
     need_hidden = cfg.distill > 0
+    cache = None
+    if teacher is not None and cfg.distill and not cfg.distill_kl:
+        hidden_size = int(getattr(getattr(teacher, "config", None), "hidden_size", 0) or 0)
+        if hidden_size and TeacherCache.size(train_ex, hidden_size, cfg.distill_layers) <= TEACHER_CACHE_BYTES:
+            cache = TeacherCache(teacher, train_ex, cfg.distill_layers, pad_id=pad_id,
+                                 batch_size=cfg.eval_batch_size, device=acc.device)
+            teacher = None  # the student runs alone from here
+            say(f"teacher hidden states cached for {len(train_ex)} examples")
     bar = None
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -690,8 +740,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, start + stop_after)
     while step < end:
         t0 = time.perf_counter()
-        window = [[train_ex[i] for i in next(batches)[rank::world]] for _ in range(cfg.grad_accum)]
-        window = [w for w in window if w]
+        picked = [idx for idx in (next(batches)[rank::world] for _ in range(cfg.grad_accum)) if idx]
+        window = [[train_ex[i] for i in idx] for idx in picked]
         # every term is normalised by the window's counts over every process (learned tokens; real
         # positions; examples), and multiplied by the number of processes: DDP's mean of the
         # processes' gradients is then the gradient of one process holding the whole window
@@ -711,7 +761,13 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
                 ce, _ = task_cross_entropy(out_s.logits, batch)
                 loss = ce * world / max(tokens, 1)
                 parts["ce"] += float(ce.detach()) / max(tokens, 1)
-                if teacher is not None:
+                if cache is not None:
+                    cached = cache.batch(picked[j], batch["input_ids"].shape[1], acc.device)
+                    mse = hidden_mse(out_s.hidden_states, cached, cfg.distill_layers, batch["attention_mask"],
+                                     positions)
+                    loss = loss + cfg.distill * mse * world
+                    parts["mse"] += float(mse.detach())
+                elif teacher is not None:
                     with torch.no_grad():
                         out_t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         output_hidden_states=need_hidden)

@@ -348,3 +348,31 @@ def test_model_folders_are_read_from_safetensors_only(tmp_path):
             load(folder)
     assert not marker.exists()
     shutil.rmtree(folder)
+
+
+def test_the_teacher_cache_trains_as_the_teacher_run_at_every_step(tmp_path, monkeypatch):
+    import sys
+
+    from safetensors.torch import load_file
+
+    T = sys.modules["cpet_adapters.train"]  # the package's ``train`` is the function
+    base = save_tiny_causal_lm(tmp_path / "llama")
+    data = write_task(tmp_path / "train.jsonl", 24)
+    kw = {"base": str(base), "data": str(data), "teacher": str(base), "distill": 1.0, "recovery": True,
+          "recovery_r": 2, "lora_r": 2, "max_steps": 4, "max_len": 32, "save_every": 0, "lr": 1e-2,
+          "eval_batch_size": 5}
+    lines: list[str] = []
+    train(TrainConfig(output=str(tmp_path / "cached"), **kw), log=lines.append)
+    assert any("cached" in line for line in lines)
+    monkeypatch.setattr(T, "TEACHER_CACHE_BYTES", 0)
+    lines.clear()
+    train(TrainConfig(output=str(tmp_path / "live"), **kw), log=lines.append)
+    assert not any("cached" in line for line in lines)
+    logs = [[json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("cached", "live")]
+    assert logs[0][-1]["mse"] > 0
+    for a, b in zip(*logs, strict=True):
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-4, abs=1e-7) and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+    for name in ("adapter/adapter_model.safetensors", "recovery.safetensors"):
+        x, y = (load_file(str(tmp_path / r / "final" / name)) for r in ("cached", "live"))
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
