@@ -386,7 +386,7 @@ def report(out: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(9, 3.5))
+        fig, ax = plt.subplots(figsize=(9, 4.2))
         width = 0.8 / len(VARIANTS)
         for i, v in enumerate(VARIANTS):
             ys = [statistics.mean(orig) if v == "original" and orig else
@@ -395,7 +395,9 @@ def report(out: Path) -> str:
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(recipes))], recipes)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{title}: LoRA on compressed bases")
-        ax.legend(fontsize=7, ncol=4, loc="lower center")
+        seen = [y for v in VARIANTS for r in recipes for y in by.get((r, v), [])] + orig
+        ax.set_ylim(max(0.0, min(seen, default=0.0) - 0.05), min(1.0, max(seen, default=1.0) + 0.05))
+        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.1))
         fig.tight_layout()
         fig.savefig(out / "cpet.png", dpi=120)
     except ImportError:
