@@ -281,3 +281,16 @@ def test_a_run_saved_before_a_setting_existed_resumes(run, tmp_path):
     del saved["recovery_from"]  # a setting added after the run was made, left at its default
     (out / "config.json").write_text(json.dumps(saved))
     assert train(TrainConfig(output=str(out), **kw)).resumed_from == 1
+
+
+def test_a_checkpoint_the_classifier_would_not_fully_use_is_refused(tmp_path):
+    """RoBERTa's classifier has no pooler, but a bare RobertaModel checkpoint stores one: the
+    classifier's backbone would never match that checkpoint's fingerprint, so training on it is
+    refused at the start instead of producing artifacts no base accepts."""
+    from transformers import RobertaConfig, RobertaModel
+
+    folder = tmp_path / "roberta"
+    RobertaModel(RobertaConfig(vocab_size=51, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, max_position_embeddings=40)).save_pretrained(folder)
+    with pytest.raises(cf.InvalidArgument, match="does not use"):
+        load_model(folder, "classify", ("a", "b"))
