@@ -78,6 +78,18 @@ def _read_run(run: Path) -> dict[str, Any]:
 
 
 
+def _adapter_targets(folder: Path) -> list[str] | None:
+    """The ``target_modules`` a PEFT adapter folder's config names (sorted), or None."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    targets = config.get("target_modules") if isinstance(config, dict) else None
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return sorted(targets)
+    return None
+
+
 def _copy_shared_recovery(shared: dict[str, Any], out: Path) -> Path:
     """Copy the recovery artifact a run applied frozen (``recovery_from``) into ``out``, checking
     that it is still the file the run used."""
@@ -126,12 +138,15 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
     info = _read_run(run_dir)
     cfg = TrainConfig.from_json(info["config"], str(run_dir / RUN_FILE))
     binding = base_binding(cfg.base)
-    training = {"method": "cpet", "settings": {k: info["config"].get(k) for k in RECORDED},
-                "steps": info.get("steps"), "inheritance": info.get("inheritance"), "eval": info.get("eval")}
+    settings = {k: info["config"].get(k) for k in RECORDED}
+    final = run_dir / FINAL
+    if not settings.get("target_modules"):  # peft chose them: record the layers it chose
+        settings["target_modules"] = _adapter_targets(final / ADAPTER_DIR)
+    training: dict[str, Any] = {"method": "cpet", "settings": settings, "steps": info.get("steps"),
+                                "inheritance": info.get("inheritance"), "eval": info.get("eval")}
     if info.get("labels"):
         training["labels"] = info["labels"]
     out.mkdir(parents=True, exist_ok=True)
-    final = run_dir / FINAL
     arts: list[Artifact] = []
     requires = []
     if (final / RECOVERY_WEIGHTS).is_file():

@@ -294,3 +294,9 @@ def test_a_checkpoint_the_classifier_would_not_fully_use_is_refused(tmp_path):
                                num_attention_heads=4, max_position_embeddings=40)).save_pretrained(folder)
     with pytest.raises(cf.InvalidArgument, match="does not use"):
         load_model(folder, "classify", ("a", "b"))
+
+
+def test_the_artifact_records_the_layers_peft_chose(run):
+    with cf.open_file(run["arts"][-1].path) as f:
+        settings = f.manifest.provenance.training["settings"]
+    assert settings["task"] == "classify" and settings["target_modules"] == ["query", "value"]
