@@ -761,25 +761,22 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = F
                 ce, _ = task_cross_entropy(out_s.logits, batch)
                 loss = ce * world / max(tokens, 1)
                 parts["ce"] += float(ce.detach()) / max(tokens, 1)
-                if cache is not None:
-                    cached = cache.batch(picked[j], batch["input_ids"].shape[1], acc.device)
-                    mse = hidden_mse(out_s.hidden_states, cached, cfg.distill_layers, batch["attention_mask"],
-                                     positions)
-                    loss = loss + cfg.distill * mse * world
-                    parts["mse"] += float(mse.detach())
-                elif teacher is not None:
+                out_t: Any = None
+                if teacher is not None:
                     with torch.no_grad():
                         out_t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         output_hidden_states=need_hidden)
-                    if cfg.distill:
-                        mse = hidden_mse(out_s.hidden_states, out_t.hidden_states, cfg.distill_layers,
-                                         batch["attention_mask"], positions)
-                        loss = loss + cfg.distill * mse * world
-                        parts["mse"] += float(mse.detach())
-                    if cfg.distill_kl:
-                        kl = logit_kl(out_s.logits, out_t.logits, batch["attention_mask"], cfg.temperature, kl_count)
-                        loss = loss + cfg.distill_kl * kl * world
-                        parts["kl"] += float(kl.detach())
+                if cfg.distill:  # the teacher's hidden states: cached, or just computed
+                    taught = (cache.batch(picked[j], batch["input_ids"].shape[1], acc.device) if cache is not None
+                              else out_t.hidden_states)
+                    mse = hidden_mse(out_s.hidden_states, taught, cfg.distill_layers, batch["attention_mask"],
+                                     positions)
+                    loss = loss + cfg.distill * mse * world
+                    parts["mse"] += float(mse.detach())
+                if cfg.distill_kl:  # never cached: the teacher ran
+                    kl = logit_kl(out_s.logits, out_t.logits, batch["attention_mask"], cfg.temperature, kl_count)
+                    loss = loss + cfg.distill_kl * kl * world
+                    parts["kl"] += float(kl.detach())
                 acc.backward(loss)
         if world > 1:  # the log shows the whole step: each process holds its share of every term
             summed = acc.reduce(torch.tensor([parts["ce"], parts["mse"], parts["kl"]], device=acc.device),
