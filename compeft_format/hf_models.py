@@ -20,15 +20,20 @@ CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 PACKED_METHOD = "compressed-tensors"
 
 
+def declares_causal_lm(config: Any) -> bool:
+    """Whether the config's ``architectures`` name a causal LM (``LlamaForCausalLM``)."""
+    return any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in getattr(config, "architectures", None) or [])
+
+
 def is_causal_lm(config: Any) -> bool:
     """Whether a checkpoint of ``config`` is a causal LM: its ``architectures`` name one, or name
     none (or a ``...ForConditionalGeneration``) and transformers has a causal LM for its type. A
     checkpoint naming a bare model or another head (``BertModel``, ``BertForMaskedLM``) is not."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    names = [str(a) for a in getattr(config, "architectures", None) or []]
-    if any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in names):
+    if declares_causal_lm(config):
         return True
+    names = [str(a) for a in getattr(config, "architectures", None) or []]
     if names and not any(a.endswith("ForConditionalGeneration") for a in names):
         return False
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
@@ -88,5 +93,5 @@ def load_float_model(folder: str | os.PathLike[str]) -> Any:
     return model
 
 
-__all__ = ["CAUSAL_LM_ARCHITECTURES", "PACKED_METHOD", "is_causal_lm", "is_packed", "dequantising_kwargs",
+__all__ = ["CAUSAL_LM_ARCHITECTURES", "PACKED_METHOD", "declares_causal_lm", "is_causal_lm", "is_packed", "dequantising_kwargs",
            "load_float_model"]

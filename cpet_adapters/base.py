@@ -521,8 +521,9 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
         overwrite: replace an existing ``output``.
         packed: ``compressed-tensors``: store the round-to-nearest codes packed with their scales
             (a compressed-tensors checkpoint, which transformers loads and dequantises to the same
-            effective weights: ``load_base_model``) instead of the effective float32 weights. The
-            binding's fingerprint is that of the effective weights either way.
+            effective weights: ``compeft_format.hf_models.load_float_model``) instead of the
+            effective float32 weights. The binding's fingerprint is that of the effective weights
+            either way.
 
     Returns:
         The ``CompressedBase``, its binding's fingerprint that of the effective weights.

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compeft_format.errors import CompeftError, ConfigMismatch, FileNotFound, InputError, InvalidArgument, ModelMismatch
-from compeft_format.fileio import atomic_folder
+from compeft_format.fileio import atomic_folder, atomic_write_bytes
 
 from .data import IGNORE, Example, collate, label_names, micro_batches, read_jsonl, tokenize, tokenize_classes
 from .inherit import Inheritance, inherit_lora, read_lora
@@ -267,10 +267,10 @@ def _load_classifier(p: Path, labels: tuple[str, ...]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from compeft_format.hf_models import CAUSAL_LM_ARCHITECTURES, dequantising_kwargs
+    from compeft_format.hf_models import declares_causal_lm, dequantising_kwargs
 
     config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    if any(str(a).endswith(CAUSAL_LM_ARCHITECTURES) for a in getattr(config, "architectures", None) or []):
+    if declares_causal_lm(config):
         raise InvalidArgument(f"{p} is a causal language model ({config.architectures[0]}); task classify trains a "
                               "head on an encoder checkpoint (such as BERT's)")
     level = hf_logging.get_verbosity()
@@ -846,6 +846,4 @@ def _write_final(out: Path, cfg: TrainConfig, model: nn.Module, student: Student
            "eval": last_eval, "trainable_parameters": n_trainable, "labels": list(labels),
            "recovery_from": None if student.shared_recovery is None else {
                "path": str(Path(str(cfg.recovery_from)).resolve()), "manifest_sha256": student.shared_recovery.manifest_sha256}}
-    tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / RUN_FILE)
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode("utf-8"))
