@@ -23,6 +23,7 @@ import compeft_format as cf
 from compeft_format import binding as B
 from compeft_format.errors import FileNotFound, InputError, InvalidArgument
 from compeft_format.fileio import atomic_write_bytes, file_sha256
+from compeft_format.manifest import Requirement
 from compeft_format.recovery import RecoveryConfig
 from compeft_format.requirements import requirement
 
@@ -50,6 +51,11 @@ class Artifact:
     #: the fingerprint value of the compressed base it is bound to
     base_fingerprint: str
 
+    @property
+    def requirement(self) -> Requirement:
+        """What an artifact that requires this one records of it."""
+        return Requirement(kind=self.kind, manifest_sha256=self.manifest_sha256, name=self.path.name)
+
 
 def base_binding(base: str | os.PathLike[str]) -> B.BaseBinding:
     """The binding of the base folder a run trained on: from its descriptor when it is a
@@ -75,7 +81,6 @@ def _read_run(run: Path) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != "cpet-run" or not isinstance(info.get("config"), dict):
         raise InputError(f"{path} is not a cpet run description", path=str(path))
     return info
-
 
 
 def _adapter_targets(folder: Path) -> list[str] | None:
@@ -148,7 +153,6 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
         training["labels"] = info["labels"]
     out.mkdir(parents=True, exist_ok=True)
     arts: list[Artifact] = []
-    requires = []
     if (final / RECOVERY_WEIGHTS).is_file():
         rc_json = json.loads((final / RECOVERY_CONFIG).read_text(encoding="utf-8"))
         rc = RecoveryConfig(r=int(rc_json["r"]), alpha=float(rc_json["alpha"]), activation=rc_json["activation"],
@@ -160,12 +164,10 @@ def export(run: str | os.PathLike[str], output: str | os.PathLike[str], *, densi
         path = out / RECOVERY_FILE
         cf.save(ca, path)
         arts.append(_artifact(path, binding))
-        requires.append(requirement(path))
     shared = info.get("recovery_from")
     if isinstance(shared, dict):
-        path = _copy_shared_recovery(shared, out)
-        arts.append(_artifact(path, binding))
-        requires.append(requirement(path))
+        arts.append(_artifact(_copy_shared_recovery(shared, out), binding))
+    requires = [a.requirement for a in arts]  # the recovery artifact, trained here or applied frozen
     if (final / ADAPTER_DIR).is_dir():
         ca = cf.compress_peft(final / ADAPTER_DIR, density=density, base=binding, requires=requires,
                               training=training, source=run_dir.name)
