@@ -36,7 +36,7 @@ from .hub import Index, IndexEntry, PullResult, PushResult, pull, push
 from .integrity import tensor_sha256
 from .manifest import Manifest, Requirement, TensorDescription, TensorInfo
 from .peft_io import compress_peft, decompress_to_peft, read_source, write_peft_folder
-from .reader import CompeftFile, load, open_file, read, verify
+from .reader import CompeftFile, load, load_many, open_file, read, verify
 from .report import inspect, ternary_bound_bits
 from .writer import WriterOptions, save
 
@@ -72,6 +72,7 @@ __all__ = [
     "open_file",
     "read",
     "load",
+    "load_many",
     "verify",
     "inspect",
     "Manifest",

@@ -6,8 +6,9 @@ compressed form (the inverse of ``save``).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from . import constants as C
+from . import device_decode
 from .budget import Budget, resolve
 from .codecs import REGISTRY, get_codec
 from .compressed import CompressedAdapter, CompressedTensor
@@ -132,15 +134,13 @@ class CompeftFile:
         """The stream's bytes as stored in the file (before unframing)."""
         return self._file.read_tensor_bytes(info.name)
 
-    def _group_raw(self, gi: int, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The group's raw streams on ``device``, each stream digest checked before unframing."""
-        key = str(device)
-        if self._cache is not None and self._cache[0] == gi and self._cache[1] == key:
-            return self._cache[2], self._cache[3]
-        raw = {}
+    def _host_streams(self, gi: int) -> dict[str, np.ndarray]:
+        """The group's raw (unframed) streams on the host, each stream digest checked before
+        unframing."""
         streams = self.manifest.groups[gi].streams
         self.budget.check_bytes(decode_need(self._members_of(gi), [], list(streams.values()), None),
                                 f"{self.path}: reading group {gi}")
+        raw = {}
         for role, info in streams.items():
             stored = self.stored_stream(info)
             actual = sha256_hex(stored)
@@ -152,7 +152,15 @@ class CompeftFile:
             except MemoryError:
                 raise LimitExceeded(f"stream {info.name!r} unframes to {info.raw_size:,} bytes, more than this "
                                     f"machine can allocate") from None
-            raw[role] = to_device(as_tensor(unframed), device)
+            raw[role] = unframed if isinstance(unframed, np.ndarray) else np.frombuffer(unframed, dtype=np.uint8)
+        return raw
+
+    def _group_raw(self, gi: int, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The group's raw streams on ``device``, each stream digest checked before unframing."""
+        key = str(device)
+        if self._cache is not None and self._cache[0] == gi and self._cache[1] == key:
+            return self._cache[2], self._cache[3]
+        raw = {role: to_device(as_tensor(a), device) for role, a in self._host_streams(gi).items()}
         memo: dict[str, Any] = {}
         self._cache = (gi, key, raw, memo)
         return raw, memo
@@ -220,7 +228,10 @@ class CompeftFile:
                    verify: bool = False) -> dict[str, torch.Tensor]:
         """Decode every tensor, each group's streams read once. With ``verify`` the decoded
         digests recorded for groups and tensors are checked as well (``verify()`` without a second
-        decode)."""
+        decode). On a CUDA device the groups that the Triton kernels decode are views of one
+        allocation per target dtype (``load_many``)."""
+        if not verify and device_decode.kernels(device) is not None:
+            return _decode_files([self], dtype, device)[0]
         out: dict[int, torch.Tensor] = {}
         for idx, dec in self._decoded_groups(dtype, device, verify):
             for j, i in enumerate(idx):
@@ -266,6 +277,62 @@ class CompeftFile:
                                  provenance=m.provenance, requires=list(m.requires))
 
 
+def _decode_files(files: list[CompeftFile], dtype: str | torch.dtype | None,
+                  device: str | torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every tensor of every file, the groups the kernels decode gathered into one call of
+    ``device_decode.decode``; each file's kernel outputs are views of one buffer per dtype."""
+    jobs: list[device_decode.GroupJob] = []
+    decoded: list[dict[int, torch.Tensor]] = []
+    for f in files:
+        out: dict[int, torch.Tensor] = {}
+        planned: list[tuple[int, torch.dtype]] = []
+        sizes: dict[torch.dtype, int] = {}
+        for gi, idx in enumerate(f._members):
+            g, members = f.manifest.groups[gi], f._members_of(gi)
+            select = list(range(len(members)))
+            tdt = device_decode.target_dtype(g.encoding, g.params, members, dtype)
+            if tdt is None:
+                for j, t in f._decode(gi, select, dtype, device).items():
+                    out[idx[j]] = t
+                continue
+            f.budget.check_bytes(decode_need(members, select, list(g.streams.values()), [tdt.itemsize] * len(members)),
+                                 f"{f.path}: decoding group {gi}")
+            planned.append((gi, tdt))
+            sizes[tdt] = sizes.get(tdt, 0) + sum(m.numel for m in members)
+        buffers = {tdt: device_decode.empty(n, tdt, device) for tdt, n in sizes.items()}
+        used = dict.fromkeys(sizes, 0)
+        for gi, tdt in planned:
+            g, members, idx = f.manifest.groups[gi], f._members_of(gi), f._members[gi]
+            flat = []
+            for j, m in enumerate(members):
+                t = buffers[tdt][used[tdt]:used[tdt] + m.numel]
+                used[tdt] += m.numel
+                flat.append(t)
+                out[idx[j]] = t.view(m.shape)
+            jobs.append(device_decode.GroupJob(g.encoding, g.params, members, f._host_streams(gi), tdt, flat))
+        f._cache = None
+        decoded.append(out)
+    if jobs:
+        device_decode.decode(jobs, device)
+    return [{f.manifest.tensors[i].name: out[i] for i in range(len(f.manifest.tensors))}
+            for f, out in zip(files, decoded, strict=True)]
+
+
+def load_many(paths: Iterable[PathLike], *, dtype: str | torch.dtype | None = None,
+              device: str | torch.device = "cpu", budget: Budget | None = None) -> list[dict[str, torch.Tensor]]:
+    """Decode every tensor of several compeft files, one state dict per file in order: what
+    ``load`` gives for each, made for a server that swaps adapters. On a CUDA device with
+    ``triton`` installed the groups of all files are decoded together, one launch per kernel for
+    every group of an encoding, with one wait at the end; a file's tensors are then views of one
+    allocation per dtype, freed when the last of them is. Every file is opened and its stream
+    digests checked before anything is decoded."""
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(CompeftFile(p, budget=budget)) for p in paths]
+        if device_decode.kernels(device) is not None:
+            return _decode_files(files, dtype, device)
+        return [f.state_dict(dtype=dtype, device=device) for f in files]
+
+
 def open_file(path: PathLike, *, budget: Budget | None = None) -> CompeftFile:
     """Open a compeft file for lazy reading. Raises a ``CompeftError`` subclass when the header,
     metadata or manifest is not valid, ``LimitExceeded`` when it is over ``budget`` (spec 8.5;
@@ -296,4 +363,4 @@ def read(path: PathLike, *, verify: bool = False, budget: Budget | None = None) 
         return f.compressed(verify=verify)
 
 
-__all__ = ["CompeftFile", "open_file", "load", "verify", "read", "check_streams_match"]
+__all__ = ["CompeftFile", "open_file", "load", "load_many", "verify", "read", "check_streams_match"]
