@@ -11,7 +11,8 @@ zero the groups are decoded again on the CPU, in order, so that the error raised
 decoders' own.
 
 Which path decodes is chosen per device by ``COMPEFT_KERNELS``: ``auto`` (the default) uses the
-kernels on CUDA devices when ``triton`` is installed and torch operations otherwise; ``torch``
+kernels on CUDA devices (compute capability 8.0 and up, or ROCm) when ``triton`` is installed and
+torch operations otherwise; ``torch``
 never uses them; ``triton`` always does, and on the CPU only in Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the tests run them without a GPU.
 """
@@ -63,6 +64,9 @@ def kernels(device: str | torch.device) -> ModuleType | None:
     except ImportError:
         if mode == "triton":
             raise InvalidArgument(f"{ENV_KERNELS}=triton needs the triton package (pip install 'compeft[gpu]')") from None
+        return None
+    if dev.type == "cuda" and mode == "auto" and torch.version.hip is None and \
+            torch.cuda.get_device_capability(dev) < (8, 0):  # Triton's NVIDIA backend starts at Ampere
         return None
     if k.INTERPRETED != (dev.type == "cpu"):  # the interpreter runs on CPU tensors only
         if mode == "triton":

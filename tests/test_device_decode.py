@@ -314,3 +314,22 @@ def test_each_check_refuses_its_damage(damage):
     assert isinstance(cpu_decode("ternary", params, infos, bad, torch.float16), cf.StreamCorrupt)
     with pytest.raises(cf.StreamCorrupt):
         device_decode.decode([job("ternary", params, infos, bad, torch.float16)], DEVICE)
+
+
+def test_the_device_benchmark_runs(tmp_path):
+    """``tools/bench_device.py`` measures on a GPU; ``--quick`` on the CPU runs every section in
+    the interpreter, so the script a GPU session relies on is known to work."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_device.py"), "--device", "cpu", "--quick",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "bench_device.json").read_text())
+    assert len(res["decode"]) == 12 and len(res["batched"]) == 2
+    assert all(row["kernels"]["best_s"] > 0 for row in res["decode"] + res["batched"])
+    assert res["ready"]["compeft_file_bytes"] < res["ready"]["fp16_folder_bytes"]
+    assert "| over 100 Mbit/s |" in (tmp_path / "bench_device.md").read_text()

@@ -18,11 +18,17 @@ check them against the CPU decoders on machines without a GPU.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-#: True when the kernels run in Triton's interpreter (on CPU tensors)
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+#: True when the kernels run in Triton's interpreter (on CPU tensors); Triton reads the variable
+#: when a kernel is defined
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton before 3.4 has no knobs
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 # -- the member table's columns ---------------------------------------------------------------
 NF: tl.constexpr = tl.constexpr(22)
