@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from safetensors import SafetensorError
-from safetensors.numpy import save_file
 
 from . import constants as C
 from ._version import __version__
@@ -183,12 +181,33 @@ def save(adapter: CompressedAdapter, path: PathLike, options: WriterOptions | No
 
     def write(tmp: str) -> None:
         try:
-            save_file(streams, tmp, metadata=meta)
-        except SafetensorError as e:
-            raise IOFailure(f"cannot write {path}: {e}", path=str(path)) from None
+            write_safetensors(tmp, streams, meta)
+        except OSError as e:
+            raise IOFailure(f"cannot write {path}: {e.strerror or e}", path=str(path)) from None
 
     atomic_write(path, write)
     return manifest
 
 
-__all__ = ["WriterOptions", "plan_groups", "build", "save"]
+def write_safetensors(path: str, streams: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    """A safetensors file of 1-D ``U8`` tensors, laid out as the safetensors library lays them out
+    (tensors in name order, the header padded with spaces to a multiple of 8 bytes), with the
+    ``__metadata__`` keys in sorted order: the library writes them in a random order per call
+    (safetensors issue 584), and a file must be the same byte for byte whenever its contents are."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    offset = 0
+    names = sorted(streams)
+    for name in names:
+        size = int(streams[name].size)
+        header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in names:
+            f.write(np.ascontiguousarray(streams[name], dtype=np.uint8).tobytes())
+
+
+__all__ = ["WriterOptions", "plan_groups", "build", "save", "write_safetensors"]

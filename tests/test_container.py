@@ -117,7 +117,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("compeft_format.writer.save_file", boom)
+    monkeypatch.setattr("compeft_format.writer.write_safetensors", boom)
     with pytest.raises(cf.IOFailure):
         cf.save(ca, dest)
     assert list(tmp_path.iterdir()) == []
@@ -277,3 +277,20 @@ def test_one_open_file_serves_several_threads_and_reopens_after_close(tmp_file):
     tmp_file.write_bytes(tmp_file.read_bytes() + b"\0")
     with pytest.raises(cf.TruncatedFile, match="changed size"):
         f.get_tensor("t0.lora_A.weight")
+
+
+def test_files_are_the_same_byte_for_byte_and_read_by_safetensors(tmp_path):
+    """The header is written in one order (the safetensors library writes metadata keys in a
+    random order per call), and the file is one safetensors reads."""
+    from safetensors import safe_open
+
+    ca = cf.compress({"w": torch.randn(300), "v": torch.randn(40, 8)}, density=0.3, created_at="2020-01-01T00:00:00Z")
+    a, b = tmp_path / "a.cpeft.safetensors", tmp_path / "b.cpeft.safetensors"
+    cf.save(ca, a)
+    cf.save(ca, b)
+    assert a.read_bytes() == b.read_bytes()
+    n = int.from_bytes(a.read_bytes()[:8], "little")
+    assert n % 8 == 0
+    with safe_open(str(a), framework="np") as f:
+        assert sorted(f.metadata()) == sorted(cf.open_file(a).metadata)
+        assert all(f.get_tensor(k).dtype.name == "uint8" for k in f.keys())
