@@ -361,19 +361,56 @@ def _load_peft(model: Any, f: CompeftFile, opts: _Options) -> Any:
     return wrapped
 
 
+#: the attribute of a model that lists the adapters merged into it, oldest first
+MERGED_ATTR = "_compeft_merged"
+
+
 @dataclass
 class MergedAdapter:
-    """Handle of a merged adapter: ``unmerge()`` puts the original weights back, bit for bit."""
+    """Handle of a merged adapter: ``unmerge()`` puts the weights back as they were before the
+    merge, bit for bit. Adapters merged later into the same weights must be unmerged first (the
+    weights they left would otherwise be lost)."""
 
     model: nn.Module
     originals: dict[str, torch.Tensor]
+    #: the file's ``compeft.manifest_sha256``
+    source: str = ""
+    path: str = ""
+
+    @property
+    def merged(self) -> bool:
+        return any(h is self for h in merged_adapters(self.model))
 
     def unmerge(self) -> None:
+        """Restore the weights; a no-op once done.
+
+        Raises:
+            InvalidArgument: an adapter merged after this one changed some of the same weights and
+                is still merged (unmerge it first).
+        """
+        stack = merged_adapters(self.model)
+        if not any(h is self for h in stack):
+            return
+        later = stack[next(i for i, h in enumerate(stack) if h is self) + 1:]
+        blocking = [h.path or h.source for h in later if set(h.originals) & set(self.originals)]
+        if blocking:
+            raise InvalidArgument(f"{self.path or 'this adapter'} cannot be unmerged before the adapters merged after "
+                                  f"it into the same weights: unmerge {', '.join(reversed(blocking))} first")
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, original in self.originals.items():
                 params[name].copy_(original)
         self.originals = {}
+        stack.remove(self)
+
+
+def merged_adapters(model: nn.Module) -> list[MergedAdapter]:
+    """The adapters merged into ``model`` by ``merge_adapter`` and not unmerged, oldest first."""
+    stack = model.__dict__.get(MERGED_ATTR)
+    if stack is None:
+        stack = []
+        model.__dict__[MERGED_ATTR] = stack
+    return stack
 
 
 def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check_base: bool = True) -> MergedAdapter:
@@ -397,8 +434,19 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise InvalidArgument(f"scale must be a finite number, got {scale!r}")
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise UnsupportedModel("merge_adapter merges into a plain transformers model's weights; this is a "
+                               "peft.PeftModel: merge into its base (model.get_base_model(), after unloading its own "
+                               "adapters with model.unload()), or apply the file beside its adapters with load_adapter")
     with CompeftFile(path) as f:
         m = f.manifest
+        digest = f.metadata[C.META_MANIFEST_SHA256]
+        again = [h for h in merged_adapters(model) if h.source == digest]
+        if again:
+            raise InvalidArgument(f"{path} is merged into this model already (as {again[0].path}); merging it twice "
+                                  "would add its update twice: unmerge it first, or merge once with scale=2")
         config = m.adapter.peft_config
         ptype = peft_type(config)
         if m.adapter.kind == C.ADAPTER_KIND_RECOVERY:
@@ -475,7 +523,9 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
         originals = {name: params[name].detach().clone() for name in new}
         for name, value in new.items():
             params[name].copy_(value.to(params[name].dtype))
-    return MergedAdapter(model=model, originals=originals)
+    handle = MergedAdapter(model=model, originals=originals, source=digest, path=str(path))
+    merged_adapters(model).append(handle)
+    return handle
 
 
-__all__ = ["load_adapter", "merge_adapter", "MergedAdapter"]
+__all__ = ["load_adapter", "merge_adapter", "MergedAdapter", "merged_adapters"]

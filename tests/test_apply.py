@@ -312,3 +312,29 @@ def test_peft_type_is_read_whatever_its_case(tmp_path):
     cf.save(cf.compress(sd, density=0.3, reference="zero", peft_config={**cfg, "peft_type": "lorax"}), weird)
     with pytest.raises(cf.UnsupportedAdapter):
         cf.load_adapter(base_model(), weird)
+
+
+def test_merges_refuse_a_second_merge_of_one_file_and_unmerge_in_order(tmp_path):
+    """Merging a file twice would add its update twice; unmerging an adapter before one merged
+    later into the same weights would drop the later one's update: both are refused, and merging
+    into a PeftModel is refused with what to do instead."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    paths = [compressed(tmp_path, lora, seed=s, name=f"a{s}") for s in (0, 1)]
+    model = base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = cf.merge_adapter(model, paths[0])
+    with pytest.raises(cf.InvalidArgument, match="merged into this model already"):
+        cf.merge_adapter(model, paths[0])
+    second = cf.merge_adapter(model, paths[1])
+    after_both = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(cf.InvalidArgument, match="unmerge .*a1.cpeft.safetensors first"):
+        first.unmerge()
+    assert all(torch.equal(v, after_both[k]) for k, v in model.state_dict().items())  # nothing changed
+    second.unmerge()
+    first.unmerge()
+    first.unmerge()  # a second unmerge does nothing
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert cf.apply.merged_adapters(model) == []
+    wrapped = cf.load_adapter(base_model(), paths[0])
+    with pytest.raises(cf.UnsupportedModel, match="PeftModel"):
+        cf.merge_adapter(wrapped, paths[1])
