@@ -23,22 +23,82 @@ Recovery modules (CPET / CA-LoRA) and an adapter that requires them (spec 3.6):
     >>> cf.recovery.get_recovery(model).remove()                        # the recovery modules out again
 """
 
-from . import binding, calibrate, codecs, constants, errors, peft_layout, recovery, requirements, signing
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from . import constants, errors
 from ._version import __version__
-from .apply import MergedAdapter, load_adapter, merge_adapter
-from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
-from .budget import Budget
-from .compress import CompeftConfig, alpha_search, compress, kept_count, rescale, top_k_indices
-from .compressed import CompressedAdapter, CompressedTensor
 from .errors import *  # noqa: F403  (the typed errors are part of the public API)
-from .fidelity import Fidelity, ModuleFidelity, measure_fidelity
-from .hub import Index, IndexEntry, PullResult, PushResult, pull, push
-from .integrity import tensor_sha256
-from .manifest import Manifest, Requirement, TensorDescription, TensorInfo
-from .peft_io import compress_peft, decompress_to_peft, read_source, write_peft_folder
-from .reader import CompeftFile, load, load_many, open_file, read, verify
-from .report import inspect, ternary_bound_bits
-from .writer import WriterOptions, save
+
+# Everything else is imported when first used (PEP 562), so that ``compeft --help`` and the
+# commands that need no tensors start without importing torch.
+_SUBMODULES = ("binding", "calibrate", "codecs", "peft_layout", "recovery", "requirements", "signing")
+_NAMES = {
+    "apply": ("MergedAdapter", "load_adapter", "merge_adapter"),
+    "binding": ("BaseBinding", "Fingerprint", "ModelRef", "fingerprint"),
+    "budget": ("Budget",),
+    "compress": ("CompeftConfig", "alpha_search", "compress", "kept_count", "rescale", "top_k_indices"),
+    "compressed": ("CompressedAdapter", "CompressedTensor"),
+    "delta": ("apply_delta",),
+    "fidelity": ("Fidelity", "ModuleFidelity", "measure_fidelity"),
+    "hub": ("Index", "IndexEntry", "PullResult", "PushResult", "pull", "push"),
+    "integrity": ("tensor_sha256",),
+    "manifest": ("Manifest", "Requirement", "TensorDescription", "TensorInfo"),
+    "peft_io": ("compress_peft", "decompress_to_peft", "read_source", "write_peft_folder"),
+    "reader": ("CompeftFile", "load", "load_many", "open_file", "read", "verify"),
+    "report": ("inspect", "ternary_bound_bits"),
+    "writer": ("WriterOptions", "save"),
+}
+_WHERE = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: ``compress`` names the function, also once the submodule of
+    that name is imported (the import system would set the attribute to the submodule)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "compress" and isinstance(value, types.ModuleType):
+            value = value.compress
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:
+    from . import binding, calibrate, codecs, peft_layout, recovery, requirements, signing
+    from .apply import MergedAdapter, load_adapter, merge_adapter
+    from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
+    from .budget import Budget
+    from .compress import CompeftConfig, alpha_search, compress, kept_count, rescale, top_k_indices
+    from .compressed import CompressedAdapter, CompressedTensor
+    from .delta import apply_delta
+    from .fidelity import Fidelity, ModuleFidelity, measure_fidelity
+    from .hub import Index, IndexEntry, PullResult, PushResult, pull, push
+    from .integrity import tensor_sha256
+    from .manifest import Manifest, Requirement, TensorDescription, TensorInfo
+    from .peft_io import compress_peft, decompress_to_peft, read_source, write_peft_folder
+    from .reader import CompeftFile, load, load_many, open_file, read, verify
+    from .report import inspect, ternary_bound_bits
+    from .writer import WriterOptions, save
 
 __all__ = [
     "Budget",
@@ -91,6 +151,7 @@ __all__ = [
     "MergedAdapter",
     "Requirement",
     "decompress_to_peft",
+    "apply_delta",
     "read_source",
     "write_peft_folder",
     # the Hub

@@ -9,23 +9,21 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import binding, signing
 from . import constants as C
 from ._version import __version__
-from .codecs import CODINGS
-from .compress import METHODS, CompeftConfig
 from .errors import CompeftError, InvalidArgument, IOFailure
-from .fidelity import measure_fidelity
-from .peft_io import compress_peft, decompress_to_peft, load_safetensors_state_dict, read_source
-from .peft_layout import DEFAULT_DENSE_PATTERNS
-from .reader import CompeftFile
-from .report import format_report, inspect
-from .writer import WriterOptions, save
+
+if TYPE_CHECKING:
+    from . import binding
+    from .compress import CompeftConfig
+
+# The library's modules (and torch) are imported by the commands that use them, so that
+# ``compeft --help`` and the commands that need no tensors start at once.
 
 #: ``--fingerprint`` choices: the algorithm each names
-FINGERPRINTS = {"stored": binding.AS_STORED, "float32": binding.FLOAT32}
+FINGERPRINTS = {"stored": C.FINGERPRINT_ALGORITHM, "float32": C.FINGERPRINT_ALGORITHM_F32}
 
 
 def _number(text: str) -> float:
@@ -41,13 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a PEFT adapter folder or a .safetensors state dict")
-    c.add_argument("src", help="PEFT adapter folder or .safetensors file")
+    c.add_argument("src", help="PEFT adapter folder, .safetensors file, or a fine-tuned model (folder or sharded "
+                               "index; with --reference)")
     c.add_argument("-o", "--output", required=True, help="output file (.cpeft.safetensors)")
-    c.add_argument("--method", choices=sorted(METHODS), default=CompeftConfig().method_name,
+    c.add_argument("--force", action="store_true", help="replace the output file when it exists")
+    c.add_argument("--created-at", default=None, metavar="TIME",
+                   help="the time to record as made, YYYY-MM-DDTHH:MM:SSZ (default: now, or SOURCE_DATE_EPOCH when "
+                        "set), for files that are the same byte for byte from run to run"),
+    c.add_argument("--method", choices=sorted((C.METHOD_FIT, C.METHOD_PAPER)), default=C.METHOD_FIT,
                    help="fit (default): balanced LoRA factors and least-squares scales, no data needed; "
                         "paper: ComPEFT exactly as published (one scale alpha * sigma; choose alpha with --calibrate)")
-    c.add_argument("--density", type=_number, default=CompeftConfig().density,
-                   help=f"fraction of entries kept, in (0, 1] (default {CompeftConfig().density})")
+    c.add_argument("--density", type=_number, default=C.DEFAULT_DENSITY,
+                   help=f"fraction of entries kept, in (0, 1] (default {C.DEFAULT_DENSITY})")
     c.add_argument("--alpha", type=_number, default=1.0,
                    help="multiplier of every scale (of sigma with --method paper; 1 is the fit otherwise)")
     c.add_argument("--balance", choices=C.BALANCES, default=None, help="override the method's LoRA factor balancing")
@@ -67,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scope", choices=C.SCOPES, default=C.SCOPE_GLOBAL, help="top-k and scale over all tensors or per tensor")
     c.add_argument("--mode", choices=C.MODES, default=C.MODE_TERNARY, help="ternary (ComPEFT) or prune (keep values)")
     c.add_argument("--reference", default=None,
-                   help="zero, ones or a .safetensors base state dict; default from peft_type (LoRA zero, IA3 ones)")
+                   help="zero, ones, or the weights a full fine-tune started from (a .safetensors file, a model "
+                        "folder or a sharded index: the file then stores the deltas); default from peft_type "
+                        "(LoRA zero, IA3 ones); required for a model's weights")
     c.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="dtype tensors decode to (default: source dtype)")
     c.add_argument("--keep-dense", action="append", default=[], metavar="GLOB",
                    help="also keep tensors matching this name pattern dense (repeatable)")
@@ -82,17 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fingerprint", choices=sorted(FINGERPRINTS), default="stored",
                    help="fingerprint of the weights as stored (default) or of their values as float32, which "
                         "also matches copies of the base in another float dtype")
-    c.add_argument("--positions", choices=("auto", *sorted(CODINGS)), default="auto",
-                   help="position coding: golomb (smallest), bitmap (device layout) or auto")
+    c.add_argument("--positions", choices=("auto", *sorted(C.POSITION_CODINGS)), default="auto",
+                   help="position coding: golomb (near the information bound), bitmap (one bit per element) or "
+                        "auto (golomb, bitmap for tensors that keep more than 40%% of their entries)")
     c.add_argument("--zstd-level", type=int, choices=range(1, 23), default=C.DEFAULT_ZSTD_LEVEL,
                    metavar="1..22", help="zstd level for streams that zstd shrinks")
     c.add_argument("--tensor-digests", action="store_true",
                    help="also record the sha256 of each decoded tensor (32 bytes per tensor)")
 
-    d = sub.add_parser("decompress", help="turn a compeft file back into a PEFT adapter folder")
+    d = sub.add_parser("decompress", help="turn a compeft file back into a PEFT adapter folder (or one .safetensors)")
     d.add_argument("src")
-    d.add_argument("-o", "--output", required=True, help="output folder")
+    d.add_argument("-o", "--output", required=True,
+                   help="output folder (absent or empty, or --force); a name ending in .safetensors writes the "
+                        "tensors to that one file")
     d.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="dtype of the written tensors")
+    d.add_argument("--force", action="store_true", help="replace an existing output folder (nothing of it is kept)")
+    d.add_argument("--json", action="store_true", help="print the files written as JSON")
+
+    ad = sub.add_parser("apply-delta", help="rebuild a full fine-tune: a base model folder plus a file's deltas")
+    ad.add_argument("file", help="a compeft file of deltas (compress --reference BASE)")
+    ad.add_argument("--base", required=True, metavar="MODEL",
+                    help="the model it was fine-tuned from: a folder (model.safetensors or a sharded index)")
+    ad.add_argument("-o", "--output", required=True, help="the model folder to write (absent or empty, or --force)")
+    ad.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    ad.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ad.add_argument("--no-check-base", action="store_true",
+                    help="skip comparing the base fingerprint the file records with --base")
+    ad.add_argument("--json", action="store_true")
 
     v = sub.add_parser("validate", aliases=["verify"], help="check files fully; exit 0 when all are valid")
     v.add_argument("files", nargs="+")
@@ -102,14 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing (KEY, mode 0600, and KEY.pub)")
     kg.add_argument("-o", "--output", required=True, metavar="KEY", help="private key file; never overwritten")
+    kg.add_argument("--json", action="store_true")
 
     sg = sub.add_parser("sign", help="verify files and write their signatures (FILE.sig)")
     sg.add_argument("files", nargs="+", metavar="FILE")
     sg.add_argument("--key", required=True, metavar="KEY", help="private key (from compeft keygen)")
+    sg.add_argument("--json", action="store_true", help="one JSON object per file")
 
-    i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios; exit 1 if a file is not valid")
+    i.add_argument("files", nargs="+", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="a JSON object per file (a list for several files)")
 
     pu = sub.add_parser("push", help="upload compressed file(s) to a Hub repository in one commit")
     pu.add_argument("files", nargs="+", metavar="FILE")
@@ -119,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--message", default=None, help="commit message")
     pu.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
     pu.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the stored login)")
+    pu.add_argument("--json", action="store_true")
 
     pl = sub.add_parser("pull", help="download a compeft repository, checking every byte")
     pl.add_argument("repo", metavar="NAMESPACE/NAME[@REVISION]")
@@ -132,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cache-dir", default=None)
     pl.add_argument("--require-signature", action="append", default=None, metavar="KEY.pub",
                     help="refuse artifacts not signed by this public key; repeat to trust several")
+    pl.add_argument("--json", action="store_true")
 
     cb = sub.add_parser("check-base", help="check that a file was made for the given base weights")
     cb.add_argument("file")
     cb.add_argument("model", metavar="MODEL", help="a safetensors checkpoint: a file, or a folder with "
                                                    "model.safetensors or a sharded index")
+    cb.add_argument("--json", action="store_true")
 
     h = sub.add_parser("hub", help="run a local Hub-compatible server")
     hs = h.add_subparsers(dest="hub_command", required=True)
@@ -167,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _binding(a: argparse.Namespace) -> binding.BaseBinding | None:
     """The binding the --base-* options give; None when none is given."""
+    from . import binding
     if a.base_model is None and a.base_revision is None and a.base_weights is None:
         return None
     fp = None if a.base_weights is None else binding.fingerprint(a.base_weights, FINGERPRINTS[a.fingerprint])
@@ -174,6 +201,9 @@ def _binding(a: argparse.Namespace) -> binding.BaseBinding | None:
 
 
 def _config(a: argparse.Namespace) -> CompeftConfig:
+    from .compress import CompeftConfig
+    from .peft_layout import DEFAULT_DENSE_PATTERNS
+
     overrides = {k: getattr(a, k) for k in ("balance", "scale", "refit") if getattr(a, k) is not None}
     return CompeftConfig.method(
         a.method, density=a.density, alpha=a.alpha, scope=a.scope, mode=a.mode, dtype=a.dtype,
@@ -193,6 +223,8 @@ def _progress(items: Any, total: int) -> Any:
 def _calibrate(a: argparse.Namespace, sd: dict[str, Any], config: dict[str, Any] | None,
                cfg: CompeftConfig, **kwargs: Any) -> Any:
     from .calibrate import LossMeter, calibrate, load_causal_lm, read_texts
+    from .peft_io import compress_peft
+    from .writer import WriterOptions
 
     if a.data is None:
         raise InvalidArgument("--calibrate needs --data FILE (calibration text)")
@@ -213,21 +245,45 @@ def _calibrate(a: argparse.Namespace, sd: dict[str, Any], config: dict[str, Any]
                      compressor=lambda c: compress_peft(a.src, c, tensors=(sd, config), **kwargs))
 
 
+def _created_at(text: str | None) -> str | None:
+    if text is None:
+        return None
+    import datetime as dt
+
+    try:
+        dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise InvalidArgument(f"--created-at must be YYYY-MM-DDTHH:MM:SSZ (UTC), got {text!r}") from None
+    return text
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.1f}x smaller" if x >= 1 else f"{1 / x:.1f}x larger" if x > 0 else "larger"
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
+    from .fidelity import measure_fidelity
+    from .peft_io import check_output, compress_peft, read_checkpoint, read_source
+    from .report import inspect
+    from .writer import save
+
+    check_output(a.output, overwrite=a.force, folder=False)
+    created_at = _created_at(a.created_at)
     reference: str | dict | None = a.reference
     base_weights = None
     if reference is not None and reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
-        reference, base_weights = C.REFERENCE_BASE, load_safetensors_state_dict(Path(reference))
+        reference, base_weights = C.REFERENCE_BASE, read_checkpoint(reference)
     if a.max_bytes is not None and a.calibrate is None:
         raise InvalidArgument("--max-bytes needs --calibrate (the density is chosen by the loss)")
     cfg = _config(a).replace(reference=reference)
     sd, config = read_source(a.src)
     calibration = None
     if a.calibrate is not None:
-        calibration = _calibrate(a, sd, config, cfg, base=_binding(a))
+        calibration = _calibrate(a, sd, config, cfg, base=_binding(a), created_at=created_at)
         ca = calibration.adapter
     else:
-        ca = compress_peft(a.src, cfg, base_weights=base_weights, base=_binding(a), tensors=(sd, config))
+        ca = compress_peft(a.src, cfg, base_weights=base_weights, base=_binding(a), tensors=(sd, config),
+                           created_at=created_at)
     manifest = save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
     r = inspect(a.output)
     fid = measure_fidelity(sd, ca, base_weights=base_weights)
@@ -243,7 +299,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         error = "" if not worst else (f"; relative error of the weight update {fid.relative_error:.3f} (worst module "
                                       f"{worst[0].relative_error:.3f})")
         print(f"{a.output}: {r['params']:,} params, {r['file_bytes']:,} bytes, {r['bits_per_param']:.3f} bits/param, "
-              f"{r['ratio_vs_fp16']:.1f}x smaller than fp16, {r['ratio_vs_fp32']:.1f}x smaller than fp32{bound}{error}")
+              f"{_ratio(r['ratio_vs_fp16'])} than fp16, {_ratio(r['ratio_vs_fp32'])} than fp32{bound}{error}")
         if calibration is not None:
             kept = calibration.gain_kept
             print(f"  calibrated: density {ca.compression.density:g}, alpha {ca.compression.alpha:g}, loss "
@@ -258,12 +314,35 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
 
 def cmd_decompress(a: argparse.Namespace) -> int:
-    written = decompress_to_peft(a.src, a.output, dtype=a.dtype)
-    print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
+    from .peft_io import decompress_to_file, decompress_to_peft
+
+    if a.output.endswith(".safetensors"):
+        written = [decompress_to_file(a.src, a.output, dtype=a.dtype, overwrite=a.force)]
+    else:
+        written = decompress_to_peft(a.src, a.output, dtype=a.dtype, overwrite=a.force)
+    if a.json:
+        print(json.dumps({"path": a.output, "files": [str(p) for p in written]}))
+    else:
+        print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
+    return 0
+
+
+def cmd_apply_delta(a: argparse.Namespace) -> int:
+    from .delta import apply_delta
+
+    written = apply_delta(a.file, a.base, a.output, overwrite=a.force, max_shard_size=a.max_shard_size,
+                          check_base=not a.no_check_base)
+    if a.json:
+        print(json.dumps({"path": a.output, "files": [str(p) for p in written]}))
+    else:
+        print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
     return 0
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
+    from . import signing
+    from .reader import CompeftFile
+
     keys = None if a.key is None else signing.trusted_keys(a.key)
     bad = 0
     for path in a.files:
@@ -290,32 +369,70 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
+    from . import signing
+
     private, public = signing.generate_keys(a.output)
-    print(f"{private}: private key (keep it secret)")
-    print(f"{public}: public key {signing.key_fingerprint(signing.load_public_key(public))}")
+    fingerprint = signing.key_fingerprint(signing.load_public_key(public))
+    if a.json:
+        print(json.dumps({"private_key": str(private), "public_key": str(public), "fingerprint": fingerprint}))
+    else:
+        print(f"{private}: private key (keep it secret)")
+        print(f"{public}: public key {fingerprint}")
     return 0
 
 
 def cmd_sign(a: argparse.Namespace) -> int:
+    from . import signing
+
     key = signing.load_private_key(a.key)
     for path in a.files:
         dest = signing.sign(path, key)
-        print(f"{dest}: {path} signed by key {signing.key_fingerprint(key)}")
+        fingerprint = signing.key_fingerprint(key)
+        print(json.dumps({"path": path, "signature": str(dest), "signed_by": fingerprint}) if a.json
+              else f"{dest}: {path} signed by key {fingerprint}")
     return 0
 
 
 def cmd_check_base(a: argparse.Namespace) -> int:
+    from . import binding
+    from .reader import CompeftFile
+
     with CompeftFile(a.file) as f:
         recorded = f.manifest.base_model
     binding.check(recorded, a.model, require=True, subject=a.file)
-    print(f"{a.file}: {a.model} is its base ({recorded.describe()})")
+    print(json.dumps({"path": a.file, "model": a.model, "base_model": recorded.to_json()}) if a.json
+          else f"{a.file}: {a.model} is its base ({recorded.describe()})")
     return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    r = inspect(a.file)
-    print(json.dumps(r, indent=2) if a.json else format_report(r))
-    return 0
+    """Each file's report, after a full check of the file: a file that does not verify is named
+    with its error (and the others are still shown), and the exit status is 1."""
+    from .reader import verify
+    from .report import format_report, inspect
+
+    reports: list[dict[str, Any]] = []
+    bad = 0
+    for path in a.files:
+        try:
+            r = inspect(path)
+            verify(path)
+            r["valid"] = True
+        except CompeftError as e:
+            bad += 1
+            r = {"path": path, "valid": False, "code": e.code, "reason": str(e)}
+        except OSError as e:
+            bad += 1
+            r = {"path": path, "valid": False, "code": IOFailure.code, "reason": e.strerror or str(e)}
+        reports.append(r)
+        if not a.json:
+            if r["valid"]:
+                print(format_report(r))
+            else:  # the CLI's one line for a failure, and the next file
+                print(f"compeft inspect: {r['code']}: {path}: {r['reason']}", file=sys.stderr)
+    if a.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 1 if bad else 0
 
 
 def _quiet_hub_logging() -> None:
@@ -331,16 +448,24 @@ def cmd_push(a: argparse.Namespace) -> int:
     _quiet_hub_logging()
     r = push(a.files, a.repo, revision=a.revision, private=a.private, message=a.message,
              endpoint=a.endpoint, token=a.token)
-    print(f"{r.repo_id}: pushed {', '.join(r.files)} in commit {r.commit}")
+    print(json.dumps({"repo": r.repo_id, "commit": r.commit, "files": list(r.files)}) if a.json
+          else f"{r.repo_id}: pushed {', '.join(r.files)} in commit {r.commit}")
     return 0
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
     from .hub.client import pull
 
+    if a.to_peft and a.output is None:
+        raise InvalidArgument("--to-peft writes PEFT adapter folders into -o FOLDER; give one")
     _quiet_hub_logging()
     r = pull(a.repo, local_dir=a.output, to_peft=a.to_peft, base_model=a.base_model, base=a.base,
              require_signature=a.require_signature, endpoint=a.endpoint, token=a.token, cache_dir=a.cache_dir)
+    if a.json:
+        print(json.dumps({"repo": r.repo_id, "commit": r.commit, "files": [
+            {"path": str(p), "artifact": art.path, "sha256": art.sha256, "signed_by": r.signers.get(art.path)}
+            for p, art in zip(r.paths, r.index.artifacts, strict=True)]}))
+        return 0
     for p, art in zip(r.paths, r.index.artifacts, strict=True):
         signer = r.signers.get(art.path)
         print(f"{p}: verified ({r.repo_id}@{r.commit[:12]})" + ("" if signer is None else f", signed by key {signer}"))
@@ -352,6 +477,8 @@ def cmd_hub(a: argparse.Namespace) -> int:
 
     if a.max_workers < 1 or not a.timeout > 0:
         raise InvalidArgument("--max-workers must be >= 1 and --timeout > 0")
+    if not 0 <= a.port <= 65535:
+        raise InvalidArgument(f"--port must be from 0 to 65535 (0: any free port), got {a.port}")
     tokens = None if a.tokens is None else TokenTable.load(a.tokens)
     server = make_server(a.root, host=a.host, port=a.port, token=a.token, user=a.user, lfs=a.lfs,
                          verbose=a.verbose, max_workers=a.max_workers, timeout=a.timeout, tokens=tokens)
@@ -366,7 +493,7 @@ def cmd_hub(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "validate": cmd_validate, "inspect": cmd_inspect,
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "apply-delta": cmd_apply_delta, "validate": cmd_validate, "inspect": cmd_inspect,
             "check-base": cmd_check_base, "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub,
             "verify": cmd_validate, "keygen": cmd_keygen, "sign": cmd_sign}
 

@@ -26,6 +26,7 @@ import dataclasses
 import fnmatch
 import glob
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -57,8 +58,8 @@ def _number(x: Any) -> bool:
 PAIR_SCALES = (C.SCALE_LSQ, C.SCALE_NORM)
 #: the named methods (``CompeftConfig.method``): their options
 METHODS: dict[str, dict[str, Any]] = {
-    "paper": {"balance": C.BALANCE_NONE, "scale": C.SCALE_SIGMA, "refit": False},
-    "fit": {"balance": C.BALANCE_RANK, "scale": C.SCALE_NORM, "refit": True},
+    C.METHOD_PAPER: {"balance": C.BALANCE_NONE, "scale": C.SCALE_SIGMA, "refit": False},
+    C.METHOD_FIT: {"balance": C.BALANCE_RANK, "scale": C.SCALE_NORM, "refit": True},
 }
 
 
@@ -72,7 +73,7 @@ class CompeftConfig:
     """
 
     #: fraction of task-vector entries kept, in (0, 1]; exactly ``round(density * N)`` are selected
-    density: float = 0.1
+    density: float = C.DEFAULT_DENSITY
     #: multiplier of every scale (``scale="sigma"``: of sigma, the standard deviation of the dense
     #: task vector; otherwise of the fitted scale, for which 1 is the least-squares fit)
     alpha: float = 1.0
@@ -228,6 +229,26 @@ def _from_peft_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
     return dict(get_peft_model_state_dict(model, adapter_name=name)), configs[name]
 
 
+def now_utc() -> str:
+    """The time a file records as made: now, or ``SOURCE_DATE_EPOCH`` (seconds since 1970, UTC)
+    when the environment sets it (reproducible builds), as ``YYYY-MM-DDTHH:MM:SSZ``.
+
+    Raises:
+        InvalidArgument: ``SOURCE_DATE_EPOCH`` is not a whole number of seconds >= 0.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None or not epoch.strip():
+        when = datetime.now(timezone.utc)
+    else:
+        try:
+            when = datetime.fromtimestamp(int(epoch.strip()), timezone.utc)
+            if int(epoch.strip()) < 0:
+                raise ValueError
+        except (ValueError, OverflowError, OSError):
+            raise InvalidArgument(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def compress(
     adapter: Mapping[str, torch.Tensor] | nn.Module,
     config: CompeftConfig | None = None,
@@ -269,7 +290,9 @@ def compress(
             makes one of a file), recorded in the file (spec 3.6).
         training: how the adapter was trained (any JSON object; informative), recorded as
             ``provenance.training``.
-        source, created_at: provenance (``created_at`` defaults to now, UTC).
+        source, created_at: provenance (``created_at`` defaults to now, UTC, or to the time
+            ``SOURCE_DATE_EPOCH`` gives in the environment, for files that are the same byte for
+            byte from run to run).
 
     Returns:
         A ``CompressedAdapter``; ``save`` writes it to a file.
@@ -443,7 +466,7 @@ def compress(
         ),
         provenance=ProvenanceInfo(
             tool=f"compeft {__version__}",
-            created_at=created_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            created_at=created_at or now_utc(),
             source=source,
             training=training_json,
         ),

@@ -207,3 +207,7 @@ MAX_SIGNATURE_BYTES = 4096
 DEFAULT_ZSTD_LEVEL = 19
 DEFAULT_MAX_GROUP_ELEMENTS = 1 << 26
 DEFAULT_MIN_SPARSE_NUMEL = 32
+#: the named ComPEFT methods (``CompeftConfig.method``), the default one, and the default density
+METHOD_FIT = "fit"
+METHOD_PAPER = "paper"
+DEFAULT_DENSITY = 0.1

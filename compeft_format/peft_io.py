@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import constants as C
-from .binding import BaseBinding
+from .binding import BaseBinding, checkpoint_files
 from .compress import CompeftConfig, compress
 from .compressed import CompressedAdapter
 from .container import read_safetensors_header
-from .errors import FileNotFound, InputError, IOFailure
-from .fileio import atomic_write
-from .peft_layout import check_config_patterns
+from .errors import FileNotFound, InputError, InvalidArgument, IOFailure
+from .fileio import atomic_folder, atomic_write
+from .peft_layout import PARAMETER, check_config_patterns, parse_key
 from .reader import CompeftFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,15 +42,56 @@ def load_safetensors_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"cannot read {path}: {e}", path=str(path)) from None
 
 
+def read_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint: a ``.safetensors`` file, a sharded checkpoint's
+    ``*.safetensors.index.json``, or a model folder (``model.safetensors`` or a sharded index;
+    ``binding.checkpoint_files``)."""
+    p = Path(path)
+    if p.is_file() and p.name.endswith(".safetensors.index.json"):
+        p = p.parent
+    files = checkpoint_files(p)
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(set(files.values())):
+        out.update(load_safetensors_state_dict(f))
+    return out
+
+
+def is_model_checkpoint(path: PathLike) -> bool:
+    """``path`` is a model's checkpoint rather than an adapter: a model folder (no
+    ``adapter_config.json``; ``model.safetensors`` or a sharded index) or a sharded index."""
+    p = Path(path)
+    if p.is_file():
+        return p.name.endswith(".safetensors.index.json")
+    return p.is_dir() and not (p / ADAPTER_CONFIG).is_file() and not (p / ADAPTER_WEIGHTS).is_file() and (
+        (p / "model.safetensors").is_file() or any(p.glob("*.safetensors.index.json")))
+
+
+#: names of adapter tensors that ``peft_layout`` does not parse (kohya, diffusers and LyCORIS files)
+_ADAPTER_NAME = re.compile(r"lora|lokr|loha|hada|ia3|dora", re.IGNORECASE)
+
+
+def full_weights(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Every tensor is a model weight (no PEFT, kohya, diffusers or LyCORIS adapter tensor name):
+    what a full fine-tune's checkpoint holds."""
+    return bool(state_dict) and all(parse_key(k).role is PARAMETER and not _ADAPTER_NAME.search(k)
+                                    for k in state_dict)
+
+
 def read_source(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read an adapter from a PEFT folder or a ``.safetensors`` file.
+    """Read an adapter from a PEFT folder or a ``.safetensors`` file, or a full fine-tune from a
+    model folder or a sharded checkpoint (``read_checkpoint``).
 
     Returns (state dict, PEFT config or None).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFound(f"no such file or folder: {p}", path=str(p))
+    if is_model_checkpoint(p):
+        return read_checkpoint(p), None
     if p.is_file():
+        if p.name == ADAPTER_WEIGHTS and (p.parent / ADAPTER_CONFIG).is_file():
+            raise InvalidArgument(f"{p} is the weights of a PEFT adapter: give its folder ({p.parent}), whose "
+                                  f"{ADAPTER_CONFIG} says how to apply them", path=str(p))
         return load_safetensors_state_dict(p), None
     config = None
     cfg_path = p / ADAPTER_CONFIG
@@ -129,6 +171,12 @@ def compress_peft(src: PathLike, method: CompeftConfig | None = None, /, *,
         InvalidArgument: a PEFT type without a known reference and no ``reference`` given.
     """
     sd, config = read_source(src) if tensors is None else tensors
+    if config is None and full_weights(sd) and kwargs.get("base_weights") is None and not _reference_given(method,
+                                                                                                          kwargs):
+        raise InvalidArgument(
+            f"{src} holds a model's weights, not an adapter: give the weights it was fine-tuned from as the reference "
+            "(--reference BASE, reference=) to store the fine-tuning delta, or --reference zero (reference='zero') to "
+            "compress the weights themselves", path=str(src))
     base = kwargs.get("base") or BaseBinding()
     if config is not None and base.fingerprint is None and base.derived_from is None:
         named = {k: v for k, v in (("id", config.get("base_model_name_or_path")), ("revision", config.get("revision")))
@@ -139,14 +187,74 @@ def compress_peft(src: PathLike, method: CompeftConfig | None = None, /, *,
     return compress(sd, method, **kwargs)
 
 
-def decompress_to_peft(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dtype | None = None) -> list[Path]:
-    """Verify a compeft file fully, then write it out as a PEFT adapter folder (each file
-    atomically). Returns the paths written."""
+def check_output(path: PathLike, *, overwrite: bool, folder: bool) -> Path:
+    """``path`` as an output the caller may write: absent (or, for a folder, an empty folder), or
+    anything but the other kind when ``overwrite``.
+
+    Raises:
+        InvalidArgument: it exists and ``overwrite`` is false, or it is a folder where a file is
+            wanted (or the reverse).
+    """
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        return p
+    if p.is_dir() != folder or p.is_symlink():
+        kind = "a symbolic link" if p.is_symlink() else "a folder" if p.is_dir() else "not a folder"
+        raise InvalidArgument(f"{p} is {kind}; give the {'folder' if folder else 'file'} to write", path=str(p))
+    if folder and not any(p.iterdir()):
+        return p
+    if not overwrite:
+        raise InvalidArgument(f"{p} exists{' and is not empty' if folder else ''}; pass --force (overwrite=True) "
+                              f"to replace it", path=str(p))
+    return p
+
+
+def decompress_to_file(src: PathLike, out: PathLike, *, dtype: str | torch.dtype | None = None,
+                       overwrite: bool = False) -> Path:
+    """Verify a compeft file fully, then write its tensors to one ``.safetensors`` file
+    (atomically): the state dict itself, as a single-file LoRA or a full fine-tune's deltas are
+    kept. An existing file is replaced only with ``overwrite``."""
+    dest = check_output(out, overwrite=overwrite, folder=False)
     with CompeftFile(src) as f:
+        sd = {k: v.contiguous() for k, v in f.state_dict(dtype=dtype, verify=True).items()}
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(sd, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:
+            raise IOFailure(f"cannot write {dest}: {e}", path=str(dest)) from None
+
+    atomic_write(dest, write)
+    return dest
+
+
+def _reference_given(method: CompeftConfig | None, kwargs: Mapping[str, Any]) -> bool:
+    return kwargs.get("reference") is not None or (method is not None and method.reference is not None)
+
+
+def decompress_to_peft(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dtype | None = None,
+                       overwrite: bool = False) -> list[Path]:
+    """Verify a compeft file fully, then write it out as a PEFT adapter folder, published whole
+    (``fileio.atomic_folder``): an existing folder that is not empty is refused unless
+    ``overwrite``, which replaces it, so that no file of an earlier adapter stays in it. Returns
+    the paths written.
+
+    Raises:
+        InvalidArgument: ``out_dir`` exists, is not an empty folder, and ``overwrite`` is false.
+    """
+    out = check_output(out_dir, overwrite=overwrite, folder=True)
+    with CompeftFile(src) as f:
+        if f.manifest.adapter.representation == C.REPRESENTATION_DELTA:
+            raise InvalidArgument(f"{src} stores the deltas of a full fine-tune, which no PEFT folder holds: rebuild "
+                                  f"the fine-tuned model with compeft apply-delta (apply_delta), or write the deltas "
+                                  f"to one .safetensors file (decompress_to_file)", path=str(src))
         sd = f.state_dict(dtype=dtype, verify=True)
         config = f.manifest.adapter.peft_config
-    return write_peft_folder(out_dir, sd, config)
+    names: list[str] = []
+    atomic_folder(out, lambda tmp: names.extend(p.name for p in write_peft_folder(tmp, sd, config)), replace=overwrite)
+    return [out / n for n in names]
 
 
 __all__ = ["read_source", "write_peft_folder", "compress_peft", "decompress_to_peft", "load_safetensors_state_dict",
+           "check_output", "decompress_to_file", "read_checkpoint", "is_model_checkpoint", "full_weights",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_WEIGHTS_BIN"]

@@ -80,6 +80,7 @@ def report(f: CompeftFile) -> dict[str, Any]:
         "library_version": m.library_version,
         "adapter": {"kind": m.adapter.kind, "representation": m.adapter.representation,
                     "peft_type": (m.adapter.peft_config or {}).get("peft_type"),
+                    "peft_config": m.adapter.peft_config,
                     "recovery": None if rec is None else {**rec.to_json(), "modules": list(rec.target_modules)}},
         "requires": [r.to_json() for r in m.requires],
         "training": m.provenance.training,
@@ -110,12 +111,22 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
         return report(f)
 
 
+def _ratio(x: float) -> str:
+    """How the file compares with a dense one: ``3.20x smaller`` or ``1.70x larger``."""
+    if x >= 1:
+        return f"{x:.2f}x smaller"
+    return f"{1 / x:.2f}x larger" if x > 0 else "larger"
+
+
 def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
     """Human-readable text of an ``inspect`` result."""
     c = r["compression"]
     base = BaseBinding.from_json(r["base_model"])
     fp = base.fingerprint
-    base_line = f"  base model: {base.id or '-'} @ {base.revision or '-'}"
+    if base.is_empty:
+        base_line = "  base model: not recorded (any base is accepted; see compeft compress --base-weights)"
+    else:
+        base_line = f"  base model: {base.id or 'no id'}" + (f" @ {base.revision}" if base.revision else "")
     if fp is not None:
         base_line += f", fingerprint {fp.value[:16]}" + ("" if fp.algorithm == AS_STORED else f" ({fp.algorithm})")
     if base.derived_from is not None:
@@ -132,9 +143,14 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
         f"mode={c['mode']} reference={c['reference']} kept={c['kept']}/{c['candidates']}",
         f"  params {r['params']:,}  file {r['file_bytes']:,} B (header {r['header_bytes']:,} B, "
         f"streams {r['stream_bytes']:,} B)  {r['bits_per_param']:.4f} bits/param",
-        f"  vs fp16 safetensors ({r['fp16_safetensors_bytes']:,} B): {r['ratio_vs_fp16']:.2f}x smaller; "
-        f"vs fp32 ({r['fp32_safetensors_bytes']:,} B): {r['ratio_vs_fp32']:.2f}x smaller",
+        f"  vs fp16 safetensors ({r['fp16_safetensors_bytes']:,} B): {_ratio(r['ratio_vs_fp16'])}; "
+        f"vs fp32 ({r['fp32_safetensors_bytes']:,} B): {_ratio(r['ratio_vs_fp32'])}",
     ]
+    peft = r["adapter"].get("peft_config")
+    if isinstance(peft, dict):
+        keys = ("peft_type", "r", "lora_alpha", "target_modules", "task_type", "use_dora", "use_rslora", "bias")
+        shown = ", ".join(f"{k}={_short(peft[k])}" for k in keys if k in peft and peft[k] not in (None, False))
+        lines.insert(3, f"  PEFT config: {shown or '(empty)'} ({len(peft)} keys; --json shows all)")
     rec = r["adapter"].get("recovery")
     if rec is not None:
         lines.insert(3, f"  recovery modules: {len(rec['modules'])}, r={rec['r']} alpha={rec['alpha']} "

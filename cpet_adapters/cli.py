@@ -26,7 +26,7 @@ def _flag(name: str) -> str:
 
 def add_parser(sub: Any) -> None:
     """Add ``cpet`` and its commands to the ``compeft`` parser's subcommands ``sub``."""
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     cp = sub.add_parser("cpet", help="train adapters for a compressed base model (CPET / CA-LoRA)")
     cs = cp.add_subparsers(dest="cpet_command", required=True)

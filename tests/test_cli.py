@@ -153,7 +153,7 @@ def test_non_finite_adapter_refused(tmp_path):
 def test_non_float_adapter_refused(tmp_path, capsys):
     src = tmp_path / "ints.safetensors"
     save_file({"w": torch.arange(100)}, str(src))
-    assert main(["compress", str(src), "-o", str(tmp_path / "o.safetensors")]) == 1
+    assert main(["compress", str(src), "-o", str(tmp_path / "o.safetensors"), "--reference", "zero"]) == 1
     assert "UNSUPPORTED_DTYPE" in capsys.readouterr().err
 
 
@@ -238,9 +238,9 @@ def test_record_and_check_a_base_binding(lora_dir, tmp_path, capsys):
     assert main(["check-base", str(plain), str(tmp_path / "base")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "BASE_MISMATCH" in err and "records no fingerprint" in err
-    assert main(["compress", str(lora_dir), "-o", str(plain), "--base-revision", "r2"]) == 0
+    assert main(["compress", str(lora_dir), "-o", str(plain), "--base-revision", "r2", "--force"]) == 0
     assert cf.verify(plain).base_model == cf.BaseBinding(id="org/tiny", revision="r2")
-    assert main(["compress", str(lora_dir), "-o", str(plain), "--base-weights", str(tmp_path / "base")]) == 0
+    assert main(["compress", str(lora_dir), "-o", str(plain), "--base-weights", str(tmp_path / "base"), "--force"]) == 0
     assert cf.verify(plain).base_model.id is None  # bound to weights: the config's name is not theirs
 
 
@@ -278,7 +278,7 @@ def test_methods_fidelity_json_and_the_emptied_warning(tmp_path, capsys):
     assert "options: balance=rank scale=norm refit=True" in text and "keep no entry" not in text
 
     # an override of one option leaves the others of the method
-    assert main(["compress", str(d), "-o", str(fit), "--no-refit", "--scale", "mean", "--json"]) == 0
+    assert main(["compress", str(d), "-o", str(fit), "--no-refit", "--scale", "mean", "--json", "--force"]) == 0
     assert json.loads(capsys.readouterr().out)["compression"]["options"] == {"balance": "rank", "scale": "mean",
                                                                              "refit": False}
 
@@ -308,7 +308,7 @@ def test_calibrate_picks_alpha_and_density_by_loss(tmp_path, capsys):
     lora = tmp_path / "lora"
     pm.save_pretrained(lora)
     out = tmp_path / "c.cpeft.safetensors"
-    argv = ["compress", str(lora), "-o", str(out), "--calibrate", str(model_dir), "--data", str(data),
+    argv = ["compress", str(lora), "-o", str(out), "--force", "--calibrate", str(model_dir), "--data", str(data),
             "--alphas", "0.5,1,2", "--max-samples", "12", "--seq-len", "32", "--json"]
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
@@ -330,11 +330,11 @@ def test_calibrate_picks_alpha_and_density_by_loss(tmp_path, capsys):
 
     assert main(argv[:-1] + ["--max-bytes", "10"]) == 1
     assert "INVALID_ARGUMENT: no density fits in 10 bytes" in capsys.readouterr().err
-    assert main(["compress", str(lora), "-o", str(out), "--calibrate", str(model_dir)]) == 1
+    assert main(["compress", str(lora), "-o", str(out), "--force", "--calibrate", str(model_dir)]) == 1
     assert "needs --data" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": 3}\n')
-    assert main(["compress", str(lora), "-o", str(out), "--calibrate", str(model_dir), "--data", str(bad)]) == 1
+    assert main(["compress", str(lora), "-o", str(out), "--force", "--calibrate", str(model_dir), "--data", str(bad)]) == 1
     assert capsys.readouterr().err.strip().endswith("bad.jsonl:2: each line must be an object with a string 'text'")
-    assert main(["compress", str(lora), "-o", str(out), "--max-bytes", "100"]) == 1
+    assert main(["compress", str(lora), "-o", str(out), "--force", "--max-bytes", "100"]) == 1
     assert "--max-bytes needs --calibrate" in capsys.readouterr().err

@@ -110,11 +110,11 @@ def main() -> int:
     packed = a.out / "lora.cpeft.safetensors"
     cli = [sys.executable, "-m", "compeft_format.cli"]
     density = ["--density", str(a.density)] if a.density is not None else []
-    run(cli + ["compress", str(lora_dir), "-o", str(packed), *density])
+    run(cli + ["compress", str(lora_dir), "-o", str(packed), "--force", *density])
     run(cli + ["validate", str(packed)])
     run(cli + ["inspect", str(packed)])
     restored = a.out / "restored"
-    run(cli + ["decompress", str(packed), "-o", str(restored)])
+    run(cli + ["decompress", str(packed), "-o", str(restored), "--force"])
 
     # 4. reload with peft and evaluate
     reloaded = PeftModel.from_pretrained(base_model(), restored).eval()

@@ -19,7 +19,7 @@ import torch
 from ..errors import StreamCorrupt
 
 try:
-    from .. import _native as _ext  # type: ignore[attr-defined]
+    from .. import _native as _ext  # type: ignore[attr-defined,unused-ignore]
 except ImportError:  # not built: the torch path decodes
     _ext = None
 

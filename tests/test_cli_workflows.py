@@ -1,0 +1,141 @@
+"""The command line as a new user meets it: quick help, no silent overwrites, reproducible files,
+JSON on every command, and inspect reports that say what they mean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import compeft_format as cf
+from compeft_format.cli import main
+from conftest import VECTORS
+
+
+@pytest.fixture
+def lora_dir(tmp_path):
+    torch.manual_seed(0)
+    d = tmp_path / "my-lora"
+    d.mkdir()
+    sd = {}
+    for i in range(2):
+        for p in ("q_proj", "v_proj"):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{p}"
+            sd[f"{pre}.lora_A.weight"] = torch.randn(8, 128, dtype=torch.float16) * 0.02
+            sd[f"{pre}.lora_B.weight"] = torch.randn(128, 8, dtype=torch.float16) * 0.02
+    save_file(sd, str(d / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+           "base_model_name_or_path": "org/tiny", "task_type": "CAUSAL_LM"}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compeft_format.cli", *args], capture_output=True, text=True,
+                          env=env)
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    code = ("import sys; from compeft_format.cli import build_parser; p = build_parser(); p.format_help(); "
+            "[a for a in p._subparsers._group_actions[0].choices.values() if a.format_help()]; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
+    p = run("--help")
+    assert p.returncode == 0 and "compress" in p.stdout and "cpet" in p.stdout
+
+
+def test_compress_refuses_to_overwrite_without_force(lora_dir, tmp_path, capsys):
+    out = tmp_path / "a.cpeft.safetensors"
+    out.write_bytes(b"precious")
+    assert main(["compress", str(lora_dir), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "INVALID_ARGUMENT" in err and "--force" in err
+    assert out.read_bytes() == b"precious"
+    assert main(["compress", str(lora_dir), "-o", str(out), "--force"]) == 0
+    cf.verify(out)
+    assert main(["compress", str(lora_dir), "-o", str(tmp_path)]) == 1  # a folder is not an output file
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_source_date_epoch_and_created_at_make_files_reproducible(lora_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b = tmp_path / "a.cpeft.safetensors", tmp_path / "b.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(a)]) == 0
+    assert main(["compress", str(lora_dir), "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert cf.verify(a).provenance.created_at == "2023-11-14T22:13:20Z"
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    c = tmp_path / "c.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(c), "--created-at", "2023-11-14T22:13:20Z"]) == 0
+    assert c.read_bytes() == a.read_bytes()
+    assert main(["compress", str(lora_dir), "-o", str(c), "--force", "--created-at", "yesterday"]) == 1
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "soon")
+    with pytest.raises(cf.InvalidArgument, match="SOURCE_DATE_EPOCH"):
+        cf.compress({"w": torch.ones(4)})
+
+
+def test_decompress_never_leaves_stale_files(lora_dir, tmp_path, capsys):
+    packed = tmp_path / "a.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(packed)]) == 0
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "adapter_model.bin").write_bytes(b"an older adapter")
+    capsys.readouterr()
+    assert main(["decompress", str(packed), "-o", str(dest)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_model.bin"]
+    assert main(["decompress", str(packed), "-o", str(dest), "--force", "--json"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(written["files"]) == sorted(str(p) for p in dest.iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["decompress", str(packed), "-o", str(empty)]) == 0  # an empty folder is fine
+
+
+def test_inspect_checks_every_file_and_says_what_it_means(lora_dir, tmp_path, capsys):
+    good = tmp_path / "a.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(good)]) == 0
+    bad = VECTORS / "bad_stream_digest.cpeft.safetensors"
+    capsys.readouterr()
+    assert main(["inspect", str(good), str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert "PEFT config: peft_type=LORA, r=8, lora_alpha=16" in out
+    assert "base model: org/tiny" in out and " @ -" not in out
+    assert err == f"compeft inspect: STREAM_DIGEST_MISMATCH: {bad}: " + err.split(f"{bad}: ", 1)[1]
+    assert err.count("\n") == 1
+    assert main(["inspect", "--json", str(good), str(bad)]) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["valid"] for r in reports] == [True, False] and reports[1]["code"] == "STREAM_DIGEST_MISMATCH"
+    assert reports[0]["adapter"]["peft_config"]["r"] == 8
+
+    tiny = tmp_path / "tiny.cpeft.safetensors"  # a few elements: the header outweighs fp16
+    cf.save(cf.compress({"w": torch.randn(4)}, min_sparse_numel=0), tiny)
+    assert main(["inspect", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "x larger;" in out and "base model: not recorded" in out and "0." not in out.split("vs fp16")[1][:40]
+
+
+def test_json_on_the_other_commands(lora_dir, tmp_path, capsys):
+    key = tmp_path / "k"
+    assert main(["keygen", "-o", str(key), "--json"]) == 0
+    keys = json.loads(capsys.readouterr().out)
+    assert keys["public_key"] == f"{key}.pub" and len(keys["fingerprint"]) > 8
+    packed = tmp_path / "a.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(packed)]) == 0
+    capsys.readouterr()
+    assert main(["sign", str(packed), "--key", str(key), "--json"]) == 0
+    signed = json.loads(capsys.readouterr().out)
+    assert signed == {"path": str(packed), "signature": f"{packed}.sig", "signed_by": keys["fingerprint"]}
+
+
+def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path):
+    p = run("pull", "org/x", "--to-peft")
+    assert p.returncode == 1 and "INVALID_ARGUMENT" in p.stderr and "-o" in p.stderr
+    p = run("hub", "serve", "--port", "99999", "--root", str(tmp_path))
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--port" in p.stderr and "Traceback" not in p.stderr
