@@ -38,11 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"compeft {__version__} (format {C.FORMAT_VERSION})")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a PEFT adapter folder or a .safetensors state dict")
+    c = sub.add_parser("compress", help="compress a PEFT adapter folder or a .safetensors state dict (or a folder "
+                                        "of them)")
     c.add_argument("src", help="PEFT adapter folder, .safetensors file, or a fine-tuned model (folder or sharded "
-                               "index; with --reference)")
-    c.add_argument("-o", "--output", required=True, help="output file (.cpeft.safetensors)")
+                               "index; with --reference); a folder of several adapters compresses them all")
+    c.add_argument("-o", "--output", required=True,
+                   help="output file (.cpeft.safetensors); a folder when SRC holds several adapters")
     c.add_argument("--force", action="store_true", help="replace the output file when it exists")
+    c.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="a folder of several adapters: compress N at a time (default: one per CPU)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--created-at", default=None, metavar="TIME",
                    help="the time to record as made, YYYY-MM-DDTHH:MM:SSZ (default: now, or SOURCE_DATE_EPOCH when "
                         "set), for files that are the same byte for byte from run to run"),
@@ -210,14 +215,13 @@ def _config(a: argparse.Namespace) -> CompeftConfig:
         dense_patterns=DEFAULT_DENSE_PATTERNS + tuple(a.keep_dense), min_sparse_numel=a.min_sparse_numel, **overrides)
 
 
-def _progress(items: Any, total: int) -> Any:
-    """A progress bar on stderr (tqdm, which transformers brings) when stderr is a terminal."""
+def _progress(items: Any, total: int, desc: str = "calibrating", unit: str = "candidate") -> Any:
+    """A progress bar on stderr (tqdm, as huggingface_hub shows) when stderr is a terminal."""
     try:
         from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return items
-    return tqdm(items, total=total, desc="calibrating", unit="candidate", disable=not sys.stderr.isatty(),
-                file=sys.stderr)
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), file=sys.stderr)
 
 
 def _calibrate(a: argparse.Namespace, sd: dict[str, Any], config: dict[str, Any] | None,
@@ -261,7 +265,52 @@ def _ratio(x: float) -> str:
     return f"{x:.1f}x smaller" if x >= 1 else f"{1 / x:.1f}x larger" if x > 0 else "larger"
 
 
+def _compress_batch(a: argparse.Namespace, found: dict[str, Path]) -> int:
+    """``compress`` of a folder holding several adapters: each into ``-o FOLDER``, a summary table,
+    one error line per failure and exit status 1 when any failed."""
+    from .batch import compress_many
+
+    names = ", ".join(list(found)[:6]) + (" ..." if len(found) > 6 else "")
+    if not found:
+        raise InvalidArgument(f"{a.src} holds no adapter (a PEFT folder, a .safetensors file or a model folder)")
+    if a.output.endswith(".safetensors"):
+        raise InvalidArgument(f"{a.src} holds {len(found)} adapters ({names}): give -o a folder to compress them "
+                              "all, or compress one of them")
+    if a.calibrate is not None:
+        raise InvalidArgument("--calibrate chooses alpha for one adapter: compress the adapters one at a time")
+    if a.jobs is not None and a.jobs < 1:
+        raise InvalidArgument(f"--jobs must be at least 1, got {a.jobs}")
+    reference = a.reference if a.reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES) else None
+    cfg = _config(a).replace(reference=a.reference if reference is None else None)
+    writer = {"zstd_level": a.zstd_level, "tensor_digests": a.tensor_digests, "positions": a.positions}
+    results = compress_many(found, a.output, cfg, workers=a.jobs, overwrite=a.force, reference=reference,
+                            base=_binding(a), created_at=_created_at(a.created_at), writer=writer,
+                            progress=None if a.quiet else lambda it, n: _progress(it, n, "compressing", "adapter"))
+    failed = [r for r in results if not r.ok]
+    if a.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        width = max(len(r.name) for r in results)
+        print(f"{'adapter':<{width}}  {'params':>12}  {'bytes':>11}  {'vs fp16':>13}  {'rel. error':>10}")
+        for r in results:
+            if r.ok:
+                err = "-" if r.relative_error is None else f"{r.relative_error:.3f}"
+                print(f"{r.name:<{width}}  {r.params:>12,}  {r.file_bytes:>11,}  {_ratio(r.ratio_vs_fp16):>13}  "
+                      f"{err:>10}")
+            else:
+                print(f"{r.name:<{width}}  failed: {r.code}")
+        print(f"{len(results) - len(failed)} of {len(results)} adapters compressed into {a.output}")
+    for r in failed:
+        print(f"compeft compress: {r.code}: {r.source}: {r.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
+    from .batch import several_adapters
+
+    found = several_adapters(a.src)
+    if found is not None:
+        return _compress_batch(a, found)
     from .fidelity import measure_fidelity
     from .peft_io import check_output, compress_peft, read_checkpoint, read_source
     from .report import inspect

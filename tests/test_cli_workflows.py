@@ -139,3 +139,68 @@ def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path):
     assert p.returncode == 1 and "INVALID_ARGUMENT" in p.stderr and "-o" in p.stderr
     p = run("hub", "serve", "--port", "99999", "--root", str(tmp_path))
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--port" in p.stderr and "Traceback" not in p.stderr
+
+
+def _peft_folder_with_two_adapters(path):
+    """What peft's save_pretrained writes for a model holding two adapters: "default" at the top,
+    "other" in a sub-folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    pm.save_pretrained(path)
+    assert (path / "adapter_config.json").is_file() and (path / "other" / "adapter_config.json").is_file()
+
+
+def test_a_folder_of_several_adapters_compresses_them_all(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    src = tmp_path / "two"
+    _peft_folder_with_two_adapters(src)
+    assert main(["compress", str(src), "-o", str(tmp_path / "x.cpeft.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "holds 2 adapters (default, other)" in err and not (tmp_path / "x.cpeft.safetensors").exists()
+    out = tmp_path / "packed"
+    assert main(["compress", str(src), "-o", str(out), "--jobs", "1", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "2 of 2 adapters compressed" in table and "default" in table and "other" in table
+    assert sorted(p.name for p in out.iterdir()) == ["default.cpeft.safetensors", "other.cpeft.safetensors"]
+    # each as compressing its folder alone makes it
+    one = tmp_path / "other.cpeft.safetensors"
+    assert main(["compress", str(src / "other"), "-o", str(one)]) == 0
+    assert (out / "other.cpeft.safetensors").read_bytes() == one.read_bytes()
+    assert cf.verify(out / "other.cpeft.safetensors").adapter.peft_config["target_modules"] == ["k_proj"]
+
+
+def test_one_failing_adapter_is_named_and_the_others_are_written(tmp_path, capsys):
+    src = tmp_path / "many"
+    src.mkdir()
+    for name in ("a", "b"):
+        d = src / name
+        d.mkdir()
+        save_file({"base_model.model.m.q.lora_A.weight": torch.randn(4, 64),
+                   "base_model.model.m.q.lora_B.weight": torch.randn(64, 4)}, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                           "target_modules": ["q"]}))
+    (src / "broken").mkdir()
+    (src / "broken" / "adapter_config.json").write_text("{not json")
+    save_file({"w": torch.tensor([1.0, float("nan")] * 50)}, str(src / "nan.safetensors"))
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "-o", str(out), "--jobs", "2", "--quiet", "--json", "--reference", "zero"]) == 1
+    out_text, err = capsys.readouterr()
+    results = {r["name"]: r for r in json.loads(out_text)}
+    assert {n: r["ok"] for n, r in results.items()} == {"a": True, "b": True, "broken": False, "nan": False}
+    assert results["nan"]["code"] == "NON_FINITE_INPUT" and results["broken"]["code"] == "INVALID_INPUT"
+    assert sorted(p.name for p in out.iterdir()) == ["a.cpeft.safetensors", "b.cpeft.safetensors"]
+    assert sorted(line.split(": ")[2] for line in err.strip().splitlines()) == [str(src / "broken"),
+                                                                                 str(src / "nan.safetensors")]
+    assert main(["compress", str(src), "-o", str(out), "--jobs", "1", "--quiet", "--reference", "zero"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("a.cpeft.safetensors exists" in line for line in err) and len(err) == 4
