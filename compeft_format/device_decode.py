@@ -5,10 +5,10 @@ position coding, a value dtype and a target dtype; each batch's streams and memb
 the device in one copy and decode in a fixed handful of launches (bit-plane: two kernels and a
 prefix sum; Golomb: six and three), however many groups and files it holds. The digests of the
 stored streams are checked on the host before anything is copied, and the lengths and padding of
-the streams whose sizes the manifest fixes; everything else is checked by the kernels, which count
-failures instead of stopping. The host reads that count once, after every batch: when it is not
-zero the groups are decoded again on the CPU, in order, so that the error raised is the CPU
-decoders' own.
+the streams whose sizes the manifest fixes; everything else is checked by the kernels, which set a
+flag instead of stopping. The host reads the flag once, after every batch: when it is set the
+groups are decoded again on the CPU, in order, so that the error raised is the CPU decoders' own
+for the first group that does not decode.
 
 Which path decodes is chosen per device by ``COMPEFT_KERNELS``: ``auto`` (the default) uses the
 kernels on CUDA devices (compute capability 8.0 and up, or ROCm) when ``triton`` is installed and
@@ -19,6 +19,7 @@ never uses them; ``triton`` always does, and on the CPU only in Triton's interpr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,27 +127,45 @@ class Plan:
         k = kernels(device)
         if k is None:
             raise InvalidArgument(f"no Triton kernels decode on {device}")
-        for job in jobs:
-            _check_host(job)
+        self.jobs = list(jobs)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        for i, job in enumerate(self.jobs):
+            _check_outputs(job, self.device)
+            try:
+                _check_host(job)
+            except StreamCorrupt:
+                self._first_error(self.jobs[:i])  # an earlier group's error comes first
+                raise
         batches: dict[tuple[Any, ...], list[GroupJob]] = {}
-        for job in jobs:
+        for job in self.jobs:
             key = (job.encoding, job.coding, job.params.get(C.PARAM_VALUE_DTYPE), job.dtype)
             batches.setdefault(key, []).append(job)
-        self.jobs = list(jobs)
-        self.device = device
         self.kernels = k
-        self.batches = [b for b in (_Batch(k, batch, device) for batch in batches.values()) if b.rows]
+        with self._on_device():
+            self.batches = [b for b in (_Batch(k, batch, self.device) for batch in batches.values()) if b.rows]
+
+    def _on_device(self) -> Any:
+        """The device as the current CUDA device: Triton launches on the current device's stream."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    @staticmethod
+    def _first_error(jobs: Sequence[GroupJob]) -> None:
+        for job in jobs:
+            _cpu_decode(job)
 
     def run(self) -> None:
         """Decode every job into its outputs; one wait for the device, at the end. Raises
         ``StreamCorrupt`` (the CPU decoders' error for the first group, in order, that does not
         decode), the outputs then undefined."""
-        err = torch.zeros(1, dtype=torch.int32, device=self.device)
-        for b in self.batches:
-            b.launch(self.kernels, err)
-        if int(err.item()):
-            for job in self.jobs:
-                _cpu_decode(job)
+        with self._on_device():
+            err = torch.zeros(1, dtype=torch.int32, device=self.device)
+            for b in self.batches:
+                b.launch(self.kernels, err)
+            failed = bool(err.item())
+        if failed:
+            self._first_error(self.jobs)
             raise StreamCorrupt("the device decoder refused a group that the CPU decoder accepts")
 
 
@@ -158,6 +177,17 @@ def decode(jobs: Sequence[GroupJob], device: str | torch.device) -> None:
 def _cpu_decode(job: GroupJob) -> dict[int, torch.Tensor]:
     raw = {r: as_tensor(a) for r, a in job.raw.items()}
     return get_codec(job.encoding).decode(raw, job.members, job.params, list(range(len(job.members))), job.dtype)
+
+
+def _check_outputs(job: GroupJob, device: torch.device) -> None:
+    """The kernels write each member's ``numel`` elements at its output's address: the outputs
+    must be exactly that (contiguous, of the job's dtype, on the device)."""
+    if len(job.outs) != len(job.members):
+        raise InvalidArgument(f"a group of {len(job.members)} members was given {len(job.outs)} outputs")
+    for m, o in zip(job.members, job.outs, strict=True):
+        if not (o.is_contiguous() and o.numel() == m.numel and o.dtype == job.dtype and o.device == device):
+            raise InvalidArgument(f"the output of {m.name!r} must be a contiguous tensor of {m.numel} {job.dtype} "
+                                  f"elements on {device}, not {tuple(o.shape)} {o.dtype} on {o.device}")
 
 
 def _check_host(job: GroupJob) -> None:
@@ -303,7 +333,7 @@ class _Batch:
             self.rows[r][k.C_GM.value] = with_entries[0] if with_entries else r
 
     def launch(self, k: ModuleType, err: torch.Tensor) -> None:
-        """Queue the batch's kernels; failed checks add to ``err``."""
+        """Queue the batch's kernels; a failed check sets ``err``."""
         if self.bitmap:
             self._bitmap(k, err)
         else:
@@ -346,11 +376,11 @@ class _Batch:
 
 
 def _exclusive(counts: torch.Tensor, total: int | None, err: torch.Tensor) -> torch.Tensor:
-    """Exclusive prefix sums; with ``total``, adds to ``err`` when the counts do not add up to it
-    (on the device, without waiting for it)."""
+    """Exclusive prefix sums; with ``total``, sets ``err`` when the counts do not add up to it (on
+    the device, without waiting for it)."""
     incl = torch.cumsum(counts, 0)
     if total is not None:
-        err += (incl[-1:] != total).to(torch.int32)
+        err.bitwise_or_((incl[-1:] != total).to(torch.int32))
     return incl - counts
 
 

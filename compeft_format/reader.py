@@ -280,23 +280,25 @@ class CompeftFile:
 def _decode_files(files: list[CompeftFile], dtype: str | torch.dtype | None,
                   device: str | torch.device) -> list[dict[str, torch.Tensor]]:
     """Every tensor of every file, the groups the kernels decode gathered into one call of
-    ``device_decode.decode``; each file's kernel outputs are views of one buffer per dtype."""
+    ``device_decode.decode``; each file's kernel outputs are views of one buffer per dtype. Every
+    file's stream digests and budget are checked before any group is decoded."""
     jobs: list[device_decode.GroupJob] = []
     decoded: list[dict[int, torch.Tensor]] = []
+    # groups torch operations decode: (file, group, the file's outputs, its streams once checked)
+    other: list[tuple[CompeftFile, int, dict[int, torch.Tensor], dict[str, np.ndarray]]] = []
     for f in files:
         out: dict[int, torch.Tensor] = {}
         planned: list[tuple[int, torch.dtype]] = []
         sizes: dict[torch.dtype, int] = {}
-        for gi, idx in enumerate(f._members):
+        for gi in range(len(f._members)):
             g, members = f.manifest.groups[gi], f._members_of(gi)
-            select = list(range(len(members)))
             tdt = device_decode.target_dtype(g.encoding, g.params, members, dtype)
-            if tdt is None:
-                for j, t in f._decode(gi, select, dtype, device).items():
-                    out[idx[j]] = t
-                continue
-            f.budget.check_bytes(decode_need(members, select, list(g.streams.values()), [tdt.itemsize] * len(members)),
+            itemsizes = [to_torch(dtype or m.dtype).itemsize for m in members]
+            f.budget.check_bytes(decode_need(members, list(range(len(members))), list(g.streams.values()), itemsizes),
                                  f"{f.path}: decoding group {gi}")
+            if tdt is None:
+                other.append((f, gi, out, {}))
+                continue
             planned.append((gi, tdt))
             sizes[tdt] = sizes.get(tdt, 0) + sum(m.numel for m in members)
         buffers = {tdt: device_decode.empty(n, tdt, device) for tdt, n in sizes.items()}
@@ -310,8 +312,16 @@ def _decode_files(files: list[CompeftFile], dtype: str | torch.dtype | None,
                 flat.append(t)
                 out[idx[j]] = t.view(m.shape)
             jobs.append(device_decode.GroupJob(g.encoding, g.params, members, f._host_streams(gi), tdt, flat))
-        f._cache = None
+        for o in other:  # the digests of the other groups' streams too, before anything is decoded
+            if o[0] is f:
+                o[3].update(f._host_streams(o[1]))
         decoded.append(out)
+    for f, gi, out, streams in other:
+        idx = f._members[gi]
+        f._cache = (gi, str(device), {r: to_device(as_tensor(a), device) for r, a in streams.items()}, {})
+        for j, t in f._decode(gi, list(range(len(idx))), dtype, device).items():
+            out[idx[j]] = t
+        f._cache = None
     if jobs:
         device_decode.decode(jobs, device)
     return [{f.manifest.tensors[i].name: out[i] for i in range(len(f.manifest.tensors))}

@@ -333,3 +333,56 @@ def test_the_device_benchmark_runs(tmp_path):
     assert all(row["kernels"]["best_s"] > 0 for row in res["decode"] + res["batched"])
     assert res["ready"]["compeft_file_bytes"] < res["ready"]["fp16_folder_bytes"]
     assert "| over 100 Mbit/s |" in (tmp_path / "bench_device.md").read_text()
+
+
+def test_byte_counts_past_two_to_the_28_do_not_wrap():
+    """A stream length is passed to the kernels as a 32-bit integer below 2**31; its bit count
+    (eight times more) is not computed in 32 bits, where 2**28 bytes would wrap to a negative
+    number of bits and leave every element unwritten without an error."""
+    k = device_decode.kernels(DEVICE)
+    numel = 8192
+    infos = [TensorInfo("w", (numel,), "float16", 0, 0.5, 0.0, group=0)]
+    raw = {C.ROLE_POSITIONS: np.zeros(numel // 8, np.uint8), C.ROLE_SIGNS: np.zeros(0, np.uint8)}
+    j = job("ternary", {"positions": C.POSITIONS_BITMAP}, infos, raw, torch.float16)
+    plan = device_decode.Plan([j], DEVICE)
+    b = plan.batches[0]
+    (plane, nbytes), = b.streams
+    for declared in (nbytes, 1 << 28):  # one block of a plane that claims 256 MiB
+        j.outs[0].view(torch.int16).fill_(0x5A5A)
+        err = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        base = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        const = {**b.const, "BLOCK": 8192}
+        k.bitmap_decode[(1,)](plane, declared, base, 0, b.tab, len(b.rows), b.signs, b.nsigns, b.values, err, **const)
+        assert int((j.outs[0].view(torch.int16) != 0x5A5A).sum()) == numel
+    ones = torch.zeros(1024, dtype=torch.uint8, device=DEVICE)
+    ones[0] = 0xFF
+    for declared in (1024, 1 << 28):
+        ends = torch.full((8,), -1, dtype=torch.int64, device=DEVICE)
+        k.compact_ones[(1,)](ones, declared, torch.zeros(1, dtype=torch.int64, device=DEVICE), ends, 8, BLOCK=8192)
+        assert ends.tolist() == list(range(8))
+
+
+def test_outputs_must_be_exactly_the_members():
+    rng = np.random.default_rng(5)
+    params, infos, raw = encoded("ternary", C.POSITIONS_GOLOMB, random_group(rng, "ternary", sizes=[64, 16]))
+    for bad in (lambda m: torch.empty(m.numel // 2, dtype=torch.float16, device=DEVICE),
+                lambda m: torch.empty(2 * m.numel, dtype=torch.float16, device=DEVICE)[::2],
+                lambda m: torch.empty(m.numel, dtype=torch.float32, device=DEVICE)):
+        j = device_decode.GroupJob(C.ENC_TERNARY, params, infos, raw, torch.float16, [bad(m) for m in infos])
+        with pytest.raises(cf.InvalidArgument, match="contiguous tensor of"):
+            device_decode.decode([j], DEVICE)
+
+
+def test_the_first_damaged_group_in_order_is_the_one_reported():
+    """A group the kernels refuse comes before one whose stream length is wrong (a host check):
+    the error is the first group's, as the CPU decoders report it."""
+    rng = np.random.default_rng(9)
+    params, infos, raw = encoded("ternary", C.POSITIONS_BITMAP, random_group(rng, "ternary", sizes=[300]))
+    moved = _with(raw, C.ROLE_POSITIONS, lambda a: a | np.uint8(0xFF))  # more entries than declared
+    short = _with(raw, C.ROLE_SIGNS, lambda a: a[:-1])
+    first = cpu_decode("ternary", params, infos, moved, torch.float16)
+    assert isinstance(first, cf.StreamCorrupt)
+    jobs = [job("ternary", params, infos, moved, torch.float16), job("ternary", params, infos, short, torch.float16)]
+    with pytest.raises(cf.StreamCorrupt) as e:
+        device_decode.decode(jobs, DEVICE)
+    assert str(e.value) == str(first)

@@ -7,9 +7,9 @@ row per member of a table (int64, ``NF`` columns, below) says where the member's
 output are. Every output element is written exactly once, so outputs need no initialisation.
 
 Nothing here trusts the streams: every check the CPU decoders make is made on the device, and a
-failed check adds to an error counter (``err``) instead of stopping, with every store masked to
-its member's output. The caller reads the counter once after all launches and, when it is not
-zero, decodes the groups again on the CPU to raise the CPU decoders' error.
+failed check sets an error flag (``err``) instead of stopping, with every store masked to its
+member's output. The caller reads the flag once after all launches and, when it is set, decodes
+the groups again on the CPU to raise the CPU decoders' error.
 
 Kernels are compiled by Triton for the GPU; with ``TRITON_INTERPRET=1`` in the environment when
 this module is imported they run on the CPU in Triton's interpreter, which is how the tests
@@ -84,9 +84,10 @@ def _bit(ptr, p, nbytes, mask):
 
 @triton.jit
 def _flag(err, bad):
+    """``err`` becomes 1 when any lane is ``bad`` (a flag, not a count: a count could wrap)."""
     n = tl.sum(bad.to(tl.int32), axis=0)
     if n > 0:
-        tl.atomic_add(err, n)
+        tl.atomic_max(err, 1)
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def compact_ones(bits, nbytes, base, ends, total, BLOCK: tl.constexpr):
     exclusive prefix sum of ``count_ones``)."""
     b = tl.program_id(0).to(tl.int64)
     p = b * BLOCK + tl.arange(0, BLOCK)
-    bit = _bit(bits, p, nbytes, p < nbytes * 8)
+    bit = _bit(bits, p, nbytes, (p >> 3) < nbytes)  # bytes compared: nbytes * 8 could overflow int32
     rank = tl.load(base + b) + tl.cumsum(bit, axis=0) - bit
     tl.store(ends + rank, p, mask=(bit != 0) & (rank < total))
 
@@ -159,7 +160,7 @@ def bitmap_decode(plane, nbytes, base, total, tab, nrows, signs, nsigns, values,
     entry whose rank among the plane's set bits is its index in the entry sequence."""
     b = tl.program_id(0).to(tl.int64)
     p = b * BLOCK + tl.arange(0, BLOCK)
-    live = p < nbytes * 8
+    live = (p >> 3) < nbytes  # bytes compared: nbytes * 8 could overflow int32
     bit = _bit(plane, p, nbytes, live)
     j = _find(tab, C_BIT, p, nrows, ITERS)
     row = tab + j * NF
