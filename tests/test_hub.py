@@ -69,8 +69,8 @@ def test_push_pull_round_trip(hub, tmp_path):
     r = cf.push(f, "me/adapter", endpoint=endpoint, token=TOKEN)
     assert len(r.commit) == 40 and r.files == [f.name]
     api = HfApi(endpoint=endpoint, token=TOKEN)
-    assert sorted(api.list_repo_files("me/adapter")) == sorted(
-        [f.name, C.HUB_INDEX_FILE, "README.md", "adapter_config.json"])
+    # no adapter_config.json: peft would take the repository for a PEFT adapter and find no weights
+    assert sorted(api.list_repo_files("me/adapter")) == sorted([f.name, C.HUB_INDEX_FILE, "README.md"])
 
     out = tmp_path / "pulled"
     res = cf.pull("me/adapter", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
@@ -765,3 +765,65 @@ def test_push_refuses_an_artifact_whose_requirement_is_missing(hub, tmp_path):
     with pytest.raises(cf.RequirementMissing, match="would replace"):
         cf.push(other_rec, "me/alone", endpoint=endpoint, token=TOKEN)
     assert api.model_info("me/alone").sha == head
+
+
+def test_push_into_a_peft_repository_keeps_its_files_and_its_card(hub, tmp_path):
+    """A push merges its section into the card the owner wrote (licence, evaluation results and
+    text kept), adds its tags, and leaves the PEFT adapter's files as they were; the card lists
+    every artifact of the index, the earlier pushes' too."""
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/peft")
+    card = ("---\nlicense: apache-2.0\nlibrary_name: peft\nbase_model: org/tiny-llama\ntags:\n- lora\n"
+            "model-index:\n- name: peft\n  results: []\n---\n\n# My adapter\n\nTrained with care.\n")
+    peft_files = {"README.md": card.encode(), "adapter_config.json": b'{"peft_type": "LORA", "r": 8}',
+                  "adapter_model.safetensors": b"weights peft reads"}
+    api.create_commit("me/peft", [CommitOperationAdd(k, v) for k, v in peft_files.items()], commit_message="peft")
+    first = adapter_file(tmp_path, 0, "a.cpeft.safetensors")
+    cf.push(first, "me/peft", endpoint=endpoint, token=TOKEN)
+    second = tmp_path / "b.cpeft.safetensors"
+    cf.save(cf.compress({"w": torch.randn(64, 64)}, density=0.1, created_at="2020-01-01T00:00:00Z"), second)
+    cf.push(second, "me/peft", endpoint=endpoint, token=TOKEN)
+
+    def read(name: str) -> bytes:
+        return Path(api.hf_hub_download("me/peft", name, cache_dir=tmp_path / f"c-{name}")).read_bytes()
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert read(name) == peft_files[name]
+    text = read("README.md").decode()
+    front = text.split("---")[1]
+    assert "license: apache-2.0" in front and "library_name: peft" in front and "model-index:" in front
+    assert "base_model: org/tiny-llama" in front and "- lora" in front and "- compeft" in front
+    assert "# My adapter" in text and "Trained with care." in text
+    assert text.count("compeft:begin") == 1 and text.count("compeft:end") == 1  # replaced, not appended
+    section = text.split("compeft:begin")[1]
+    assert "| a.cpeft.safetensors |" in section and "| b.cpeft.safetensors |" in section
+
+
+def test_a_card_whose_front_matter_cannot_be_read_is_left_alone(hub, tmp_path):
+    endpoint, _ = hub
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    api.create_repo("me/odd")
+    odd = b"---\nlicense: [unclosed\n---\nhand-written\n"
+    api.create_commit("me/odd", [CommitOperationAdd("README.md", odd)], commit_message="card")
+    cf.push(adapter_file(tmp_path), "me/odd", endpoint=endpoint, token=TOKEN)
+    assert Path(api.hf_hub_download("me/odd", "README.md", cache_dir=tmp_path / "c")).read_bytes() == odd
+    assert C.HUB_INDEX_FILE in api.list_repo_files("me/odd")
+
+
+def test_files_named_as_peft_or_transformers_files_are_not_pushed(hub, tmp_path):
+    endpoint, _ = hub
+    f = adapter_file(tmp_path, name="adapter_model.safetensors")
+    with pytest.raises(cf.InvalidArgument, match="rename it"):
+        cf.push(f, "me/x", endpoint=endpoint, token=TOKEN)
+
+
+@pytest.mark.parametrize("front", ["[" * 5000 + "]" * 5000, "a: &a [1]\nb: [*a, *a]\nc: !!python/object:os.system x",
+                                   "- just\n- a list"])
+def test_hostile_card_front_matter_is_left_alone(front):
+    """A card's front matter is a stranger's YAML: deeply nested, tagged for code, or not a
+    mapping, the card is not touched (and nothing is run)."""
+    from compeft_format.hub.card import merge_card
+
+    text = f"---\n{front}\n---\nbody\n"
+    assert merge_card(text, "me/x", {"tags": ["compeft"]}, "section") is None

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -45,11 +45,11 @@ from ..errors import (
 )
 from ..fileio import atomic_write, atomic_write_bytes
 from ..manifest import Requirement
-from ..peft_io import ADAPTER_CONFIG, write_peft_folder
+from ..peft_io import write_peft_folder
 from ..reader import CompeftFile
 from ..report import report
 from . import download as dl
-from .card import model_card
+from .card import front_matter, merge_card, section
 from .index import Index, IndexEntry
 from .paths import printable
 
@@ -57,6 +57,12 @@ PathLike = str | os.PathLike[str]
 
 #: Commits a push tries when other pushes keep moving the branch head.
 PUSH_ATTEMPTS = 5
+#: the largest model card push reads to merge its section into
+MAX_CARD_BYTES = 1 << 20
+#: names a pushed file may not take: peft and transformers read them as their own
+RESERVED_NAMES = frozenset({"adapter_model.safetensors", "adapter_model.bin", "adapter_config.json",
+                            "model.safetensors", "pytorch_model.bin", "config.json", "README.md", C.HUB_INDEX_FILE})
+SHARD_NAME = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
 _R = TypeVar("_R")
 
 
@@ -129,20 +135,46 @@ def _prepare(path: Path) -> _Artifact:
         return _Artifact(path, entry, report(f), f.manifest.adapter.peft_config, sig, list(f.manifest.requires))
 
 
+def _head_file(endpoint: str | None, repo_id: str, head: str, name: str, max_bytes: int, token: str | None,
+               what: str, revision: str | None) -> bytes | None:
+    """The bytes of ``name`` at commit ``head``, at most ``max_bytes`` of them; None when the
+    commit has no such file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            got = dl.fetch(dl.resolve_url(dl.endpoint_url(endpoint), repo_id, head, name), Path(tmp) / "file",
+                           max_bytes=max_bytes, token=token, what=f"{what}: {name}", repo_id=repo_id,
+                           revision=revision)
+        except HubEntryNotFound:
+            return None
+        return got.path.read_bytes()
+
+
 def _head_index(api: Any, endpoint: str | None, repo_id: str, revision: str | None, token: str | None,
                 what: str) -> tuple[str, Index]:
     """The head commit of ``revision`` (default ``main``) and the index it holds (an empty one
     when it holds none). An index that is not valid is refused, not replaced: it lists artifacts
     of others."""
     head = dl.checked_commit(api.model_info(repo_id, revision=revision or "main").sha, what, repo_id, revision)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            got = dl.fetch(dl.resolve_url(dl.endpoint_url(endpoint), repo_id, head, C.HUB_INDEX_FILE),
-                           Path(tmp) / C.HUB_INDEX_FILE, max_bytes=dl.MAX_INDEX_BYTES, token=token,
-                           what=f"{what}: {C.HUB_INDEX_FILE}", repo_id=repo_id, revision=revision)
-        except HubEntryNotFound:  # no index yet: the usual case for a new repository
-            return head, Index()
-        return head, Index.parse(got.path.read_bytes(), f"{what}: the repository's index")
+    data = _head_file(endpoint, repo_id, head, C.HUB_INDEX_FILE, dl.MAX_INDEX_BYTES, token, what, revision)
+    if data is None:  # no index yet: the usual case for a new repository
+        return head, Index()
+    return head, Index.parse(data, f"{what}: the repository's index")
+
+
+def _card(endpoint: str | None, repo_id: str, head: str, index: Index, arts: list[_Artifact], token: str | None,
+          what: str, revision: str | None) -> bytes | None:
+    """The model card after this push (``card.merge_card``): the owner's text and front matter
+    kept, the compeft section listing every artifact of ``index``. None to leave the card as it
+    is (its front matter cannot be read, or it is not UTF-8 text)."""
+    existing = _head_file(endpoint, repo_id, head, "README.md", MAX_CARD_BYTES, token, what, revision)
+    try:
+        text = None if existing is None else existing.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    pushed = {a.entry.path: a.report for a in arts}
+    data = front_matter(index.artifacts, [a.report for a in arts])
+    card = merge_card(text, repo_id, data, section(repo_id, index.artifacts, pushed))
+    return None if card is None else card.encode("utf-8")
 
 
 def _check_requirements(arts: list[_Artifact], api: Any, endpoint: str | None, repo_id: str, revision: str | None,
@@ -169,9 +201,12 @@ def _check_requirements(arts: list[_Artifact], api: Any, endpoint: str | None, r
 def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | None = None,
          private: bool = False, message: str | None = None, endpoint: str | None = None,
          token: str | None = None) -> PushResult:
-    """Upload compressed file(s) to ``repo_id`` in one commit, with a model card, the adapter's
-    ``adapter_config.json`` (when there is one file and it carries one) and an updated
-    ``compeft-index.json``.
+    """Upload compressed file(s) to ``repo_id`` in one commit, with an updated
+    ``compeft-index.json`` and model card. The card's compeft section lists every artifact of the
+    index; the rest of an existing card (its text, licence, evaluation results) is kept, and a card
+    whose front matter cannot be read is left as it is. Nothing else of the repository is written:
+    a PEFT adapter's ``adapter_config.json`` and weights stay as they are, and no file may take a
+    name peft or transformers reads (``RESERVED_NAMES``).
 
     Files are verified before anything is sent; the repository (and the branch ``revision``) is
     created when missing. A file's detached signature (``<file>.sig``, ``signing``) is uploaded
@@ -185,6 +220,10 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not files:
         raise InvalidArgument("nothing to push")
+    for p in files:
+        if p.name in RESERVED_NAMES or SHARD_NAME.fullmatch(p.name):
+            raise InvalidArgument(f"{p.name} is a name peft or transformers reads as their own weights or files; "
+                                  "rename it (e.g. to NAME.cpeft.safetensors) before pushing it", path=str(p))
     arts = [_prepare(p) for p in files]
     api = HfApi(endpoint=dl.endpoint_url(endpoint), token=token)
     what = f"push to {repo_id}"
@@ -206,15 +245,13 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
             # (412), and the merge is done again on the new head.
             head, old = _head_index(api, endpoint, repo_id, revision, token, what)
             index = old.link([(a.entry, a.requires) for a in arts])
-            entries = [next(e for e in index.artifacts if e.path == a.entry.path) for a in arts]
             ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
             ops += [CommitOperationAdd(path_in_repo=a.entry.signature, path_or_fileobj=a.signature.to_bytes())
                     for a in arts if a.signature is not None and a.entry.signature is not None]
             ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
-            ops.append(CommitOperationAdd("README.md", model_card(repo_id, entries, [a.report for a in arts]).encode()))
-            if len(arts) == 1 and arts[0].peft_config is not None:
-                ops.append(CommitOperationAdd(ADAPTER_CONFIG,
-                                              json.dumps(arts[0].peft_config, indent=2, sort_keys=True).encode()))
+            card = _card(endpoint, repo_id, head, index, arts, token, what, revision)
+            if card is not None:
+                ops.append(CommitOperationAdd("README.md", card))
             try:
                 info = api.create_commit(repo_id, operations=ops, revision=revision, parent_commit=head,
                                          commit_message=message or f"Upload {', '.join(p.name for p in files)} with compeft")
