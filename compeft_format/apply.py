@@ -59,7 +59,8 @@ def _layout(manifest: Manifest, *, deltas: bool = False) -> AdapterLayout:
     if lay.unsupported:
         kr = lay.unsupported[0]
         what = f"{kr.role.name} tensors" + (f" of a live model (adapter name {kr.adapter!r} in the key)" if kr.adapter else "")
-        raise UnsupportedAdapter(f"tensor {kr.key!r}: {what} cannot be applied by this library")
+        raise UnsupportedAdapter(f"tensor {kr.key!r}: {what} cannot be applied by this library; write the adapter out "
+                                 "with compeft decompress and load that folder with peft (PeftModel.from_pretrained)")
     return lay
 
 
@@ -324,6 +325,12 @@ def _load_peft(model: Any, f: CompeftFile, opts: _Options) -> Any:
                                  + ("; use merge_adapter" if config is None else ""))
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
         raise InvalidArgument(f"the model already has an adapter named {adapter_name!r}")
+    if isinstance(model, PeftModel):
+        held = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
+        if held and held != [str(config.get("peft_type"))]:
+            raise UnsupportedAdapter(f"{f.path} is a {config.get('peft_type')} adapter and the model holds "
+                                     f"{', '.join(held)} adapter(s): peft keeps adapters of one type in a PeftModel; "
+                                     "load it into another copy of the base model")
     base = base_model_of(model)
     lay = _layout(m)
     _check_model(base, lay, config)
@@ -501,16 +508,15 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
         for mod in lay.lora:
             name = f"{mod}.weight"
             assert config is not None
+            # in the (out, in) orientation, which a Conv1D weight (fan_in_fan_out) stores transposed
             w = params[name].to(torch.float32)
+            w = w.T if transposed[mod] else w
             a, b = by_target[mod]["lora_A"], by_target[mod]["lora_B"]
-            delta = scale * lora_scaling(config, mod, a.shape[0]) * (b @ a)
-            if transposed[mod]:
-                delta = delta.T
-            merged = w + delta
-            if "magnitude" in by_target[mod]:
+            merged = w + scale * lora_scaling(config, mod, a.shape[0]) * (b @ a)
+            if "magnitude" in by_target[mod]:  # DoRA: each output row renormalised to its magnitude
                 norm = merged.norm(p=2, dim=1)
                 merged = merged * (by_target[mod]["magnitude"] / norm).unsqueeze(1)
-            new[name] = merged
+            new[name] = merged.T if transposed[mod] else merged
         for mod in lay.ia3:
             name = f"{mod}.weight"
             new[name] = params[name].to(torch.float32) * by_target[mod]["ia3"]

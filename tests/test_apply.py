@@ -338,3 +338,38 @@ def test_merges_refuse_a_second_merge_of_one_file_and_unmerge_in_order(tmp_path)
     wrapped = cf.load_adapter(base_model(), paths[0])
     with pytest.raises(cf.UnsupportedModel, match="PeftModel"):
         cf.merge_adapter(wrapped, paths[1])
+
+
+def test_dora_on_conv1d_merges_as_peft_applies_it(tmp_path):
+    """GPT-2 stores its projections as Conv1D weights, (in, out): DoRA's magnitudes renormalise
+    output rows, so the merge works in the (out, in) orientation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
+
+    pm = get_peft_model(gpt2(), LoraConfig(r=4, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    pm.save_pretrained(tmp_path / "dora")
+    path = tmp_path / "dora.cpeft.safetensors"
+    cf.save(cf.compress_peft(tmp_path / "dora", density=0.5), path)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        want = cf.load_adapter(gpt2(), path)(ids).logits
+        model = gpt2()
+        cf.merge_adapter(model, path)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_of_another_peft_type_is_refused_with_what_to_do(tmp_path):
+    lora = compressed(tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), name="lora")
+    ia3 = compressed(tmp_path, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                     name="ia3")
+    model = cf.load_adapter(base_model(), lora)
+    with pytest.raises(cf.UnsupportedAdapter, match="IA3 adapter and the model holds LORA"):
+        cf.load_adapter(model, ia3, adapter_name="ia3")
+    assert list(model.peft_config) == ["default"]
