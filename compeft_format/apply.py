@@ -326,10 +326,10 @@ def _load_peft(model: Any, f: CompeftFile, opts: _Options) -> Any:
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
         raise InvalidArgument(f"the model already has an adapter named {adapter_name!r}")
     if isinstance(model, PeftModel):
-        held = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
-        if held and held != [str(config.get("peft_type"))]:
+        types = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
+        if types and types != [str(config.get("peft_type"))]:
             raise UnsupportedAdapter(f"{f.path} is a {config.get('peft_type')} adapter and the model holds "
-                                     f"{', '.join(held)} adapter(s): peft keeps adapters of one type in a PeftModel; "
+                                     f"{', '.join(types)} adapter(s): peft keeps adapters of one type in a PeftModel; "
                                      "load it into another copy of the base model")
     base = base_model_of(model)
     lay = _layout(m)

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "may write (see docs/serving.md)")
     sv.add_argument("--user", default="local", help="the namespace whoami reports")
     sv.add_argument("--lfs", action="store_true",
-                    help="answer uploadMode lfs for binary files (clients need HF_HUB_DISABLE_XET=1)")
+                    help="answer uploadMode lfs for binary files (compeft push falls back from Xet by itself; "
+                         "other huggingface_hub clients need HF_HUB_DISABLE_XET=1)")
     sv.add_argument("--max-workers", type=int, default=64,
                     help="connections served at once; more are answered 503 with Retry-After (default 64)")
     sv.add_argument("--timeout", type=float, default=30.0,
@@ -486,9 +487,12 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def _quiet_hub_logging() -> None:
     """The CLI reports failures itself, on one line; huggingface_hub's warnings would add more."""
+    from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # progress bars are for people watching a terminal
+        disable_progress_bars()
 
 
 def cmd_push(a: argparse.Namespace) -> int:

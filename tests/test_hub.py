@@ -818,6 +818,44 @@ def test_files_named_as_peft_or_transformers_files_are_not_pushed(hub, tmp_path)
         cf.push(f, "me/x", endpoint=endpoint, token=TOKEN)
 
 
+@pytest.mark.parametrize("xet", ["1", ""], ids=["xet-disabled", "xet-as-installed"])
+def test_compeft_push_uploads_to_an_lfs_server_whether_or_not_xet_is_on(tmp_path, xet):
+    """huggingface_hub uploads through Xet when hf_xet is installed, which this server does not
+    serve: push falls back to the LFS batch API by itself."""
+    from huggingface_hub.utils import is_package_available
+
+    assert xet or is_package_available("hf_xet")  # the case is real: the client would try Xet
+    root = tmp_path / "hub"
+    server = make_server(root, token=TOKEN, lfs=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        f = adapter_file(tmp_path)
+        env = {"HF_HUB_DISABLE_XET": xet} if xet else {}
+        base_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+        p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "push", str(f), "me/lfs", "--endpoint",
+                            endpoint, "--token", TOKEN], capture_output=True, text=True, env={**base_env, **env},
+                           cwd=ROOT, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert p.stderr == ""  # no progress bars or warnings when stderr is not a terminal
+        res = cf.pull("me/lfs", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+        assert res.paths[0].read_bytes() == f.read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_push_without_a_token_says_so(hub, tmp_path):
+    endpoint, _ = hub
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "push", str(adapter_file(tmp_path)), "me/x",
+                        "--endpoint", endpoint], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**env, "HF_HOME": str(tmp_path / "hf-home")})
+    assert p.returncode == 1 and "HUB_AUTH" in p.stderr and "none was given" in p.stderr
+    p = cli("push", str(adapter_file(tmp_path)), "me/x", "--endpoint", endpoint, "--token", "wrong")
+    assert p.returncode == 1 and "refused the token" in p.stderr
+
+
 @pytest.mark.parametrize("front", ["[" * 5000 + "]" * 5000, "a: &a [1]\nb: [*a, *a]\nc: !!python/object:os.system x",
                                    "- just\n- a list"])
 def test_hostile_card_front_matter_is_left_alone(front):

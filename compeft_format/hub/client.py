@@ -67,8 +67,10 @@ _R = TypeVar("_R")
 
 
 @contextlib.contextmanager
-def hub_errors(what: str, repo_id: str | None = None, revision: str | None = None) -> Iterator[None]:
-    """Translate huggingface_hub and transport failures into typed compeft errors."""
+def hub_errors(what: str, repo_id: str | None = None, revision: str | None = None, *,
+               token_given: bool = True) -> Iterator[None]:
+    """Translate huggingface_hub and transport failures into typed compeft errors;
+    ``token_given`` says whether a token was sent (a refusal then names the missing token)."""
     from huggingface_hub import errors as hfe
 
     ctx: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
@@ -86,6 +88,10 @@ def hub_errors(what: str, repo_id: str | None = None, revision: str | None = Non
         raise HubEntryNotFound(f"{what}: file not found", **ctx) from None
     except hfe.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403) and not token_given:
+            raise HubAuthError(f"{what}: the Hub needs a token for this (HTTP {status}) and none was given: pass "
+                               "--token (token=), set HF_TOKEN, or log in with hf auth login", status=status,
+                               **ctx) from None
         if status in (401, 403):
             raise HubAuthError(f"{what}: the Hub refused the token (HTTP {status})", status=status, **ctx) from None
         first = (str(e).splitlines() or [""])[0]  # the server's words: one printable line, cut short
@@ -227,7 +233,11 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
     arts = [_prepare(p) for p in files]
     api = HfApi(endpoint=dl.endpoint_url(endpoint), token=token)
     what = f"push to {repo_id}"
-    with hub_errors(what, repo_id, revision):
+    from huggingface_hub import get_token
+
+    streamed = False  # artifacts handed over as open files: huggingface_hub then uploads them without Xet
+    with hub_errors(what, repo_id, revision, token_given=bool(token or get_token())), \
+            contextlib.ExitStack() as opened:
         if any(a.requires for a in arts):
             _check_requirements(arts, api, endpoint, repo_id, revision, token, what)
         try:
@@ -245,7 +255,9 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
             # (412), and the merge is done again on the new head.
             head, old = _head_index(api, endpoint, repo_id, revision, token, what)
             index = old.link([(a.entry, a.requires) for a in arts])
-            ops = [CommitOperationAdd(path_in_repo=a.path.name, path_or_fileobj=str(a.path)) for a in arts]
+            ops = [CommitOperationAdd(path_in_repo=a.path.name,
+                                      path_or_fileobj=opened.enter_context(open(a.path, "rb")) if streamed
+                                      else str(a.path)) for a in arts]
             ops += [CommitOperationAdd(path_in_repo=a.entry.signature, path_or_fileobj=a.signature.to_bytes())
                     for a in arts if a.signature is not None and a.entry.signature is not None]
             ops.append(CommitOperationAdd(C.HUB_INDEX_FILE, index.to_json().encode()))
@@ -258,6 +270,11 @@ def push(paths: PathLike | Sequence[PathLike], repo_id: str, *, revision: str | 
                 break
             except Exception as e:
                 status = getattr(getattr(e, "response", None), "status_code", None)
+                if "xet-write-token" in str(e) and not streamed:
+                    # a Hub-compatible server without Xet storage (compeft hub serve --lfs): the
+                    # same commit again, with the files uploaded through the LFS batch API
+                    streamed = True
+                    continue
                 if status not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
                     raise
     return PushResult(repo_id=repo_id, commit=info.oid, url=info.commit_url, files=[p.name for p in files])
