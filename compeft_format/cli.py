@@ -109,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="replace an existing output folder (nothing of it is kept)")
     d.add_argument("--json", action="store_true", help="print the files written as JSON")
 
+    mg = sub.add_parser("merge", help="merge adapters (compressed files or PEFT folders) into one compressed file")
+    mg.add_argument("sources", nargs="+", metavar="ADAPTER", help="two or more: all LoRA or all (IA)3, one base")
+    mg.add_argument("-o", "--output", required=True, help="the merged file (.cpeft.safetensors)")
+    mg.add_argument("--method", choices=("task-arithmetic", "ties", "dare"), default="task-arithmetic")
+    mg.add_argument("--weights", default=None, metavar="W1,W2,...",
+                    help="one per adapter (default 1 each): task arithmetic and DARE scale each update by it, TIES "
+                         "weighs each in its sign election and mean")
+    mg.add_argument("--keep", type=_number, default=0.2, metavar="F",
+                    help="TIES: the fraction of each update kept by magnitude; DARE: the chance each entry is kept "
+                         "(default 0.2)")
+    mg.add_argument("--rank", type=int, default=None,
+                    help="TIES and DARE: rank of the merged LoRA (default the sum of the ranks)")
+    mg.add_argument("--seed", type=int, default=0, help="DARE's random drops")
+    mg.add_argument("--density", type=_number, default=C.DEFAULT_DENSITY,
+                    help=f"ComPEFT density of the merged file (default {C.DEFAULT_DENSITY}; 1 with --mode prune "
+                         "keeps every value)")
+    mg.add_argument("--mode", choices=C.MODES, default=C.MODE_TERNARY)
+    mg.add_argument("--force", action="store_true", help="replace the output file when it exists")
+    mg.add_argument("--json", action="store_true")
+
     ad = sub.add_parser("apply-delta", help="rebuild a full fine-tune: a base model folder plus a file's deltas")
     ad.add_argument("file", help="a compeft file of deltas (compress --reference BASE)")
     ad.add_argument("--base", required=True, metavar="MODEL",
@@ -377,6 +397,34 @@ def cmd_decompress(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .compress import compress
+    from .merge import merge
+    from .peft_io import check_output
+    from .report import inspect
+    from .writer import save
+
+    check_output(a.output, overwrite=a.force, folder=False)
+    weights = None
+    if a.weights is not None:
+        try:
+            weights = [float(x) for x in a.weights.split(",")]
+        except ValueError:
+            raise InvalidArgument(f"--weights must be numbers separated by commas, got {a.weights!r}") from None
+    sd, config, base = merge(a.sources, method=a.method, weights=weights, density=a.keep, rank=a.rank, seed=a.seed)
+    ca = compress(sd, peft_config=config, base=base, density=a.density, mode=a.mode,
+                  source=f"merge ({a.method}) of " + ", ".join(Path(s).name for s in a.sources))
+    save(ca, a.output)
+    r = inspect(a.output)
+    if a.json:
+        print(json.dumps({"path": a.output, "method": a.method, "sources": a.sources, "params": r["params"],
+                          "file_bytes": r["file_bytes"], "rank": config.get("r")}))
+    else:
+        print(f"{a.output}: {a.method} of {len(a.sources)} adapters, {r['params']:,} params, {r['file_bytes']:,} "
+              f"bytes")
+    return 0
+
+
 def cmd_apply_delta(a: argparse.Namespace) -> int:
     from .delta import apply_delta
 
@@ -546,7 +594,7 @@ def cmd_hub(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "apply-delta": cmd_apply_delta, "validate": cmd_validate, "inspect": cmd_inspect,
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "apply-delta": cmd_apply_delta, "merge": cmd_merge, "validate": cmd_validate, "inspect": cmd_inspect,
             "check-base": cmd_check_base, "push": cmd_push, "pull": cmd_pull, "hub": cmd_hub,
             "verify": cmd_validate, "keygen": cmd_keygen, "sign": cmd_sign}
 
