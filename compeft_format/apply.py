@@ -217,7 +217,8 @@ def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default", r
     Args:
         model: a transformers model (its layers may be quantised ones peft supports), or a
             ``peft.PeftModel`` that already holds other adapters.
-        path: the compressed file.
+        path: the compressed file, or a compeft repository on the Hub (``namespace/name[@rev]``,
+            ``hf://namespace/name[@rev]/FILE``; pulled and verified first, ``hub.source``).
         requires: files among which to find the artifacts ``path`` requires (spec 3.6); one not
             among them is looked for beside ``path`` (``requirements.find``). An artifact the model
             holds already is not applied again.
@@ -241,10 +242,24 @@ def load_adapter(model: Any, path: PathLike, *, adapter_name: str = "default", r
     """
     opts = _Options(adapter_name=adapter_name, candidates=tuple(Path(p) for p in requires), device=device,
                     dtype=dtype, activate=activate, is_trainable=is_trainable, base_check=_BaseCheck(model, check_base))
-    result, _ = _load(model, Path(path), opts, chain=())
+    result, _ = _load(model, _local_file(path), opts, chain=())
     if opts.base_check.unchecked:
         _unchecked_warning(opts.base_check.unchecked)
     return result
+
+
+def _local_file(path: PathLike) -> Path:
+    """``path``, or the one verified artifact of the Hub repository it names (``hub.source``)."""
+    from .hub import source
+
+    ref = source.parse(path)
+    if ref is None:
+        return Path(path)
+    found = source.artifacts(ref)
+    if len(found) != 1:
+        raise InvalidArgument(f"{ref} holds {len(found)} artifacts ({', '.join(p.name for p in found)}): name one, "
+                              f"hf://{ref.repo_id}@{ref.revision}/FILE")
+    return found[0]
 
 
 def _load(model: Any, path: Path, opts: _Options, *, chain: tuple[str, ...],

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--json", action="store_true")
 
     v = sub.add_parser("validate", aliases=["verify"], help="check files fully; exit 0 when all are valid")
-    v.add_argument("files", nargs="+")
+    v.add_argument("files", nargs="+", help="files, or Hub repositories (namespace/name[@rev], hf://...)")
     v.add_argument("--json", action="store_true", help="one JSON object per file")
     v.add_argument("--key", action="append", default=None, metavar="KEY.pub",
                    help="also require each file's signature (FILE.sig) by this public key; repeat to trust several")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--json", action="store_true", help="one JSON object per file")
 
     i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios; exit 1 if a file is not valid")
-    i.add_argument("files", nargs="+", metavar="FILE")
+    i.add_argument("files", nargs="+", metavar="FILE", help="files, or Hub repositories (namespace/name[@rev], hf://...)")
     i.add_argument("--json", action="store_true", help="a JSON object per file (a list for several files)")
 
     pu = sub.add_parser("push", help="upload compressed file(s) to a Hub repository in one commit")
@@ -326,9 +326,24 @@ def _compress_batch(a: argparse.Namespace, found: dict[str, Path]) -> int:
     return 1 if failed else 0
 
 
+def _hub_paths(spec: str) -> list[Path]:
+    """Local paths for a command's input: ``spec`` itself, or what the Hub repository it names
+    holds, downloaded and checked (``hub.source``; endpoint and token from HF_ENDPOINT, HF_TOKEN)."""
+    from .hub import source
+
+    if source.parse(spec) is None:
+        return [Path(spec)]
+    _quiet_hub_logging()
+    return source.local(spec)
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     from .batch import several_adapters
 
+    sources = _hub_paths(a.src)
+    if len(sources) != 1:
+        raise InvalidArgument(f"{a.src} holds {len(sources)} compressed artifacts; they are compressed already")
+    a.src = str(sources[0])
     found = several_adapters(a.src)
     if found is not None:
         return _compress_batch(a, found)
@@ -437,14 +452,28 @@ def cmd_apply_delta(a: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(specs: list[str]) -> list[tuple[str, CompeftError | None]]:
+    """Each file as given, or the verified artifacts of each Hub repository named; a repository
+    that cannot be read stands for itself with its error."""
+    out: list[tuple[str, CompeftError | None]] = []
+    for spec in specs:
+        try:
+            out += [(str(p), None) for p in _hub_paths(spec)]
+        except CompeftError as e:
+            out.append((spec, e))
+    return out
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     from . import signing
     from .reader import CompeftFile
 
     keys = None if a.key is None else signing.trusted_keys(a.key)
     bad = 0
-    for path in a.files:
+    for path, failed in _expand(a.files):
         try:
+            if failed is not None:
+                raise failed
             signer = None
             if keys is None:
                 with CompeftFile(path) as f:
@@ -511,8 +540,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     reports: list[dict[str, Any]] = []
     bad = 0
-    for path in a.files:
+    for path, failed in _expand(a.files):
         try:
+            if failed is not None:
+                raise failed
             r = inspect(path)
             verify(path)
             r["valid"] = True
