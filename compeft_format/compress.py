@@ -229,6 +229,14 @@ def _from_peft_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
     return dict(get_peft_model_state_dict(model, adapter_name=name)), configs[name]
 
 
+def _string_map(meta: Mapping[str, str] | None) -> dict[str, str] | None:
+    if meta is None:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise InvalidArgument("source_metadata maps strings to strings, as safetensors metadata does")
+    return dict(sorted(meta.items()))
+
+
 def now_utc() -> str:
     """The time a file records as made: now, or ``SOURCE_DATE_EPOCH`` (seconds since 1970, UTC)
     when the environment sets it (reproducible builds), as ``YYYY-MM-DDTHH:MM:SSZ``.
@@ -263,6 +271,7 @@ def compress(
     training: Mapping[str, Any] | None = None,
     source: str | None = None,
     created_at: str | None = None,
+    source_metadata: Mapping[str, str] | None = None,
     **parameters: Any,
 ) -> CompressedAdapter:
     """Compress an adapter's tensors with ComPEFT.
@@ -293,6 +302,9 @@ def compress(
         source, created_at: provenance (``created_at`` defaults to now, UTC, or to the time
             ``SOURCE_DATE_EPOCH`` gives in the environment, for files that are the same byte for
             byte from run to run).
+        source_metadata: the safetensors ``__metadata__`` of a single-file source (kohya ``ss_*``,
+            ``modelspec.*``), recorded as ``provenance.source_metadata`` (format 1.5) so that a
+            single-file output gets it back; strings only.
 
     Returns:
         A ``CompressedAdapter``; ``save`` writes it to a file.
@@ -469,6 +481,7 @@ def compress(
             created_at=created_at or now_utc(),
             source=source,
             training=training_json,
+            source_metadata=_string_map(source_metadata),
         ),
         requires=requirements,
     )

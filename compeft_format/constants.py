@@ -11,7 +11,7 @@ from __future__ import annotations
 # --- identification (spec section 2) ----------------------------------------------------------
 FORMAT_NAME = "compeft"
 FORMAT_VERSION_MAJOR = 1
-FORMAT_VERSION_MINOR = 4
+FORMAT_VERSION_MINOR = 5
 FORMAT_VERSION = f"{FORMAT_VERSION_MAJOR}.{FORMAT_VERSION_MINOR}"
 #: The minor version that added recovery artifacts, ``requires`` and ``provenance.training``
 #: (spec 3.6). Files of an earlier minor version hold no such members: a reader ignores members of
@@ -20,6 +20,12 @@ MINOR_RECOVERY = 4
 #: What a writer of this version writes for a manifest that uses none of the members of
 #: ``MINOR_RECOVERY`` (spec 8.1): such a file is byte for byte what a 1.3 writer wrote.
 FORMAT_VERSION_WITHOUT_RECOVERY = f"{FORMAT_VERSION_MAJOR}.{MINOR_RECOVERY - 1}"
+#: What a writer writes for a manifest that uses a member of ``MINOR_RECOVERY`` and none of
+#: ``MINOR_SOURCE_METADATA``: byte for byte what a 1.4 writer wrote.
+FORMAT_VERSION_RECOVERY = f"{FORMAT_VERSION_MAJOR}.{MINOR_RECOVERY}"
+#: The minor version that added ``provenance.source_metadata`` (spec 3.5): the ``__metadata__`` of
+#: a single-file source (kohya ``ss_*``, ``modelspec.*``), which a single-file output gets back.
+MINOR_SOURCE_METADATA = 5
 
 #: The safetensors header member that holds the metadata; no stream can have this name.
 SAFETENSORS_METADATA = "__metadata__"

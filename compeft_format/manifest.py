@@ -217,11 +217,16 @@ class ProvenanceInfo:
     source: str | None = None
     #: (1.4) how the artifact was trained (informative, any members; written when not None)
     training: dict[str, Any] | None = None
+    #: (1.5) the safetensors ``__metadata__`` of a single-file source, string to string
+    #: (informative; written when not None)
+    source_metadata: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"tool": self.tool, "created_at": self.created_at, "source": self.source}
         if self.training is not None:
             d["training"] = self.training
+        if self.source_metadata is not None:
+            d["source_metadata"] = self.source_metadata
         return d
 
 
@@ -294,12 +299,14 @@ class Manifest:
 
     @property
     def format_version(self) -> str:
-        """The version a writer gives a file of this manifest (spec 8.1): this library's when the
-        manifest uses a member 1.4 added (a recovery artifact, ``requires``,
-        ``provenance.training``), else 1.3."""
+        """The version a writer gives a file of this manifest (spec 8.1): 1.5 when it uses the
+        member 1.5 added (``provenance.source_metadata``), else 1.4 when it uses one 1.4 added (a
+        recovery artifact, ``requires``, ``provenance.training``), else 1.3."""
+        if self.provenance.source_metadata is not None:
+            return C.FORMAT_VERSION
         uses = (self.adapter.kind == C.ADAPTER_KIND_RECOVERY or self.adapter.recovery is not None
                 or bool(self.requires) or self.provenance.training is not None)
-        return C.FORMAT_VERSION if uses else C.FORMAT_VERSION_WITHOUT_RECOVERY
+        return C.FORMAT_VERSION_RECOVERY if uses else C.FORMAT_VERSION_WITHOUT_RECOVERY
 
     def to_json(self) -> str:
         """The manifest text (spec 6.5: compact, UTF-8, no NaN)."""
@@ -330,7 +337,7 @@ class Manifest:
             adapter=_parse_adapter(o.get("adapter", {}), cpet),
             base_model=BaseBinding.from_json(o.get("base_model", {})),
             compression=_parse_compression(o.get("compression", {})),
-            provenance=_parse_provenance(o.get("provenance", {}), cpet),
+            provenance=_parse_provenance(o.get("provenance", {}), cpet, minor >= C.MINOR_SOURCE_METADATA),
             library_version=as_opt_str(o.get("library_version", ""), "library_version") or "",
             required_features=list(req),
             requires=_parse_requires(o.get("requires", []), cpet),
@@ -640,13 +647,16 @@ def _informative(x: Any) -> dict[str, Any] | None:
     return x if isinstance(x, dict) else None
 
 
-def _parse_provenance(p: Any, cpet: bool) -> ProvenanceInfo:
+def _parse_provenance(p: Any, cpet: bool, source_metadata: bool) -> ProvenanceInfo:
     p = as_object(p, "provenance")
+    meta = _informative(p.get("source_metadata")) if source_metadata else None
     return ProvenanceInfo(
         tool=as_str(p.get("tool", ""), "provenance.tool"),
         created_at=as_opt_str(p.get("created_at"), "provenance.created_at"),
         source=as_opt_str(p.get("source"), "provenance.source"),
         training=_informative(p.get("training")) if cpet else None,
+        # informative: its string members are kept, anything else is ignored
+        source_metadata=None if meta is None else {k: v for k, v in meta.items() if isinstance(v, str)},
     )
 
 

@@ -184,6 +184,9 @@ def compress_peft(src: PathLike, method: CompeftConfig | None = None, /, *,
         kwargs["base"] = dataclasses.replace(base, **named)
     kwargs.setdefault("source", Path(src).name)
     kwargs.setdefault("peft_config", config)
+    if Path(src).is_file() and Path(src).name.endswith(".safetensors") and "source_metadata" not in kwargs:
+        _, meta, _ = read_safetensors_header(src)  # a single-file adapter's metadata goes with it
+        kwargs["source_metadata"] = {k: v for k, v in meta.items() if k != "format"} or None
     return compress(sd, method, **kwargs)
 
 
@@ -213,14 +216,17 @@ def decompress_to_file(src: PathLike, out: PathLike, *, dtype: str | torch.dtype
                        overwrite: bool = False) -> Path:
     """Verify a compeft file fully, then write its tensors to one ``.safetensors`` file
     (atomically): the state dict itself, as a single-file LoRA or a full fine-tune's deltas are
-    kept. An existing file is replaced only with ``overwrite``."""
+    kept, with the source file's metadata (``provenance.source_metadata``: kohya's ``ss_*``,
+    ``modelspec.*``) when the file records it. An existing file is replaced only with
+    ``overwrite``."""
     dest = check_output(out, overwrite=overwrite, folder=False)
     with CompeftFile(src) as f:
         sd = {k: v.contiguous() for k, v in f.state_dict(dtype=dtype, verify=True).items()}
+        metadata = {"format": "pt", **(f.manifest.provenance.source_metadata or {})}
 
     def write(tmp: str) -> None:
         try:
-            save_file(sd, tmp, metadata={"format": "pt"})
+            save_file(sd, tmp, metadata=metadata)
         except SafetensorError as e:
             raise IOFailure(f"cannot write {dest}: {e}", path=str(dest)) from None
 

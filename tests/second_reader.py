@@ -1,4 +1,4 @@
-"""Independent reader of the compeft 1.4 format, written from spec/FORMAT.md alone (without the
+"""Independent reader of the compeft 1.5 format, written from spec/FORMAT.md alone (without the
 reference implementation) so that the conformance vectors can be checked against the spec text.
 It also computes the base-model fingerprints of spec 3.4 (`fingerprint`). `read_manifest` returns a
 valid file's manifest as the spec says to interpret it (the members of 3.6 only from version 1.4)."""
@@ -498,14 +498,18 @@ def read(path):
 
 def read_manifest(path):
     """A valid file's version and manifest as a reader interprets them: `adapter.kind` as 3.5 says;
-    `adapter.recovery`, `requires` and `provenance.training` dropped from files before 1.4 (3.6)."""
+    `adapter.recovery`, `requires` and `provenance.training` dropped from files before 1.4 (3.6),
+    `provenance.source_metadata` from files before 1.5 (3.5)."""
     _, version, m = _read(path)
     v14 = tuple(int(x) for x in version.split(".")) >= (1, 4)
+    v15 = tuple(int(x) for x in version.split(".")) >= (1, 5)
     ad = dict(m.get("adapter", {}), kind=_kind(m, v14))
     pr = dict(m.get("provenance", {}))
     if not v14:
         ad.pop("recovery", None)
         pr.pop("training", None)
+    if not v15:  # provenance.source_metadata (1.5) is an unknown member before 1.5
+        pr.pop("source_metadata", None)
     return version, dict(m, adapter=ad, provenance=pr, requires=m.get("requires", []) if v14 else [])
 
 

@@ -204,3 +204,59 @@ def test_one_failing_adapter_is_named_and_the_others_are_written(tmp_path, capsy
     assert main(["compress", str(src), "-o", str(out), "--jobs", "1", "--quiet", "--reference", "zero"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert any("a.cpeft.safetensors exists" in line for line in err) and len(err) == 4
+
+
+def test_a_single_file_lora_keeps_its_metadata_through_compress_and_decompress(tmp_path, capsys):
+    """A kohya-style single-file LoRA: its ss_* and modelspec.* metadata is recorded (format 1.5)
+    and written back by decompress -o FILE.safetensors."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    src = tmp_path / "style.safetensors"
+    sd = {}
+    for blk in range(2):
+        stem = f"lora_unet_down_blocks_0_attentions_{blk}_proj_in"
+        sd[f"{stem}.lora_down.weight"] = torch.randn(4, 64, dtype=torch.float16)
+        sd[f"{stem}.lora_up.weight"] = torch.randn(64, 4, dtype=torch.float16) * 0.01
+        sd[f"{stem}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+    meta = {"ss_network_dim": "4", "ss_network_module": "networks.lora", "modelspec.title": "style",
+            "ss_tag_frequency": json.dumps({"set": {"cat": 3}}), "format": "pt"}
+    save_file(sd, str(src), metadata=meta)
+    packed = tmp_path / "style.cpeft.safetensors"
+    assert main(["compress", str(src), "-o", str(packed), "--density", "0.3"]) == 0
+    m = cf.verify(packed)
+    assert cf.open_file(packed).metadata["compeft.version"] == "1.5"
+    assert m.provenance.source_metadata == {k: v for k, v in meta.items() if k != "format"}
+    out = tmp_path / "back.safetensors"
+    assert main(["decompress", str(packed), "-o", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == meta
+        expected = cf.load(packed)
+        assert set(f.keys()) == set(sd) and all(torch.equal(f.get_tensor(k), expected[k]) for k in f.keys())
+    # a PEFT folder records none, and its files stay version 1.3
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    save_file({"base_model.model.m.q.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.m.q.lora_B.weight": torch.randn(64, 4)}, str(lora / "adapter_model.safetensors"))
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q"]}))
+    assert main(["compress", str(lora), "-o", str(tmp_path / "l.cpeft.safetensors")]) == 0
+    assert cf.open_file(tmp_path / "l.cpeft.safetensors").metadata["compeft.version"] == "1.3"
+
+
+def test_source_metadata_is_read_only_from_files_of_1_5():
+    """The member 1.5 added is an unknown member in a file that says it is 1.4 (spec 8.1), for the
+    library and for the second reader."""
+    import tempfile
+    from pathlib import Path
+
+    from conftest import VECTORS
+    from second_reader import read_manifest
+    from test_recovery import relabelled
+
+    vector = VECTORS / "v1_5_source_metadata.cpeft.safetensors"
+    assert cf.open_file(vector).manifest.provenance.source_metadata["ss_network_dim"] == "8"
+    assert read_manifest(vector)[1]["provenance"]["source_metadata"]["ss_network_dim"] == "8"
+    with tempfile.TemporaryDirectory() as tmp:
+        old = relabelled(vector, Path(tmp) / "old.cpeft.safetensors", "1.4")
+        assert cf.open_file(old).manifest.provenance.source_metadata is None
+        assert "source_metadata" not in read_manifest(old)[1]["provenance"]

@@ -31,7 +31,7 @@ import compeft_format as cf  # noqa: E402
 from compeft_format import constants as C  # noqa: E402
 from compeft_format.integrity import sha256_hex, tensor_sha256  # noqa: E402
 from compeft_format.manifest import decode_manifest_text, encode_manifest_text  # noqa: E402
-from compeft_format.writer import build  # noqa: E402
+from compeft_format.writer import build, write_safetensors  # noqa: E402
 
 CREATED_AT = "2026-01-01T00:00:00Z"
 
@@ -78,6 +78,11 @@ def valid_adapters() -> dict[str, cf.CompressedAdapter]:
         "v1_3_fit": cf.compress(lora, method="fit", density=0.3, adapter_kind="lora", **common),
     }
     out.update(cpet_adapters(rng, lora, common))
+    # 1.5: a single-file source's safetensors metadata (kohya ss_* keys, modelspec.*)
+    out["v1_5_source_metadata"] = cf.compress(
+        lora, method="paper", density=0.2, alpha=1.0,
+        source_metadata={"ss_network_dim": "8", "ss_network_alpha": "16", "modelspec.title": "example LoRA",
+                         "ss_tag_frequency": '{"a": {"cat": 3}}'}, **common)
     return out
 
 
@@ -159,7 +164,7 @@ class Parts:
         self.meta[C.META_MANIFEST_SHA256] = sha256_hex(text.encode())
 
     def write(self, path: Path) -> None:
-        save_file(self.streams, str(path), metadata=self.meta)
+        write_safetensors(str(path), self.streams, self.meta)  # one byte order, run after run
         path.chmod(0o644)
 
 
