@@ -249,9 +249,10 @@ def test_source_metadata_is_read_only_from_files_of_1_5():
     import tempfile
     from pathlib import Path
 
+    from test_recovery import relabelled
+
     from conftest import VECTORS
     from second_reader import read_manifest
-    from test_recovery import relabelled
 
     vector = VECTORS / "v1_5_source_metadata.cpeft.safetensors"
     assert cf.open_file(vector).manifest.provenance.source_metadata["ss_network_dim"] == "8"
