@@ -33,7 +33,8 @@ from .errors import *  # noqa: F403  (the typed errors are part of the public AP
 
 # Everything else is imported when first used (PEP 562), so that ``compeft --help`` and the
 # commands that need no tensors start without importing torch.
-_SUBMODULES = ("binding", "calibrate", "codecs", "peft_layout", "recovery", "requirements", "signing")
+_SUBMODULES = ("batch", "binding", "calibrate", "codecs", "device_decode", "merge", "peft_layout", "recovery",
+               "requirements", "signing")
 _NAMES = {
     "apply": ("MergedAdapter", "load_adapter", "merge_adapter"),
     "binding": ("BaseBinding", "Fingerprint", "ModelRef", "fingerprint"),
@@ -84,7 +85,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
-    from . import binding, calibrate, codecs, peft_layout, recovery, requirements, signing
+    from . import batch, binding, calibrate, codecs, device_decode, merge, peft_layout, recovery, requirements, signing
     from .apply import MergedAdapter, load_adapter, merge_adapter
     from .binding import BaseBinding, Fingerprint, ModelRef, fingerprint
     from .budget import Budget
@@ -103,8 +104,11 @@ if TYPE_CHECKING:
 __all__ = [
     "Budget",
     "__version__",
+    "batch",
     "binding",
     "calibrate",
+    "device_decode",
+    "merge",
     "codecs",
     "constants",
     "errors",
