@@ -389,7 +389,8 @@ def compress(
             taus[name], offsets[name] = values - _base_for(name, t, base_weights), 0.0
         else:
             offsets[name] = 1.0 if reference == C.REFERENCE_ONES else 0.0
-            taus[name] = values - np.float32(offsets[name])
+            # x - 0 is x, -0 included: the zero reference needs no second copy of the tensor
+            taus[name] = values - np.float32(offsets[name]) if offsets[name] else values
         sparse_names.append(name)
 
     shapes = {n: tuple(int(d) for d in state_dict[n].shape) for n in sparse_names}
@@ -407,7 +408,9 @@ def compress(
     if cfg.scope == C.SCOPE_GLOBAL and sparse_names:
         flat = np.concatenate([taus[n] for n in sparse_names])
         sigma_global = task_std(flat)
-        chosen = top_k_indices(np.abs(flat), kept_count(cfg.density, flat.size))
+        np.abs(flat, out=flat)  # the magnitudes in place: the signed copy is not needed again
+        chosen = top_k_indices(flat, kept_count(cfg.density, flat.size))
+        del flat
         bounds = np.cumsum([0] + [taus[n].size for n in sparse_names])
         split = np.searchsorted(chosen, bounds)
         for i, n in enumerate(sparse_names):
