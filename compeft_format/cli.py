@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace the output file when it exists")
     c.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="a folder of several adapters: compress N at a time (default: one per CPU)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--quiet", action="store_true", help="no progress bar (it shows on a terminal only)")
     c.add_argument("--created-at", default=None, metavar="TIME",
                    help="the time to record as made, YYYY-MM-DDTHH:MM:SSZ (default: now, or SOURCE_DATE_EPOCH when "
                         "set), for files that are the same byte for byte from run to run"),
@@ -239,7 +239,7 @@ def _config(a: argparse.Namespace) -> CompeftConfig:
 def _progress(items: Any, total: int, desc: str = "calibrating", unit: str = "candidate") -> Any:
     """A progress bar on stderr (tqdm, as huggingface_hub shows) when stderr is a terminal."""
     try:
-        from tqdm import tqdm  # type: ignore[import-untyped]
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         return items
     return tqdm(items, total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -284,6 +284,27 @@ def _created_at(text: str | None) -> str | None:
 
 def _ratio(x: float) -> str:
     return f"{x:.1f}x smaller" if x >= 1 else f"{1 / x:.1f}x larger" if x > 0 else "larger"
+
+
+class _Stages:
+    """A progress bar over the stages of one command (tqdm on stderr when it is a terminal and
+    ``--quiet`` is not given): the stage in hand is its description."""
+
+    def __init__(self, names: list[str], quiet: bool) -> None:
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+        self.bar = tqdm(total=len(names), unit="step", file=sys.stderr, disable=quiet or not sys.stderr.isatty(),
+                        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]", leave=False)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description_str(name)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _compress_batch(a: argparse.Namespace, found: dict[str, Path]) -> int:
@@ -354,24 +375,33 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     check_output(a.output, overwrite=a.force, folder=False)
     created_at = _created_at(a.created_at)
-    reference: str | dict | None = a.reference
-    base_weights = None
-    if reference is not None and reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
-        reference, base_weights = C.REFERENCE_BASE, read_checkpoint(reference)
     if a.max_bytes is not None and a.calibrate is None:
         raise InvalidArgument("--max-bytes needs --calibrate (the density is chosen by the loss)")
-    cfg = _config(a).replace(reference=reference)
-    sd, config = read_source(a.src)
-    calibration = None
-    if a.calibrate is not None:
-        calibration = _calibrate(a, sd, config, cfg, base=_binding(a), created_at=created_at)
-        ca = calibration.adapter
-    else:
-        ca = compress_peft(a.src, cfg, base_weights=base_weights, base=_binding(a), tensors=(sd, config),
-                           created_at=created_at)
-    manifest = save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests, positions=a.positions)
-    r = inspect(a.output)
-    fid = measure_fidelity(sd, ca, base_weights=base_weights)
+    stage = _Stages(["reading", "compressing", "writing", "measuring"], a.quiet or a.calibrate is not None)
+    try:
+        stage("reading")
+        reference: str | dict | None = a.reference
+        base_weights = None
+        if reference is not None and reference not in (C.REFERENCE_ZERO, C.REFERENCE_ONES):
+            reference, base_weights = C.REFERENCE_BASE, read_checkpoint(reference)
+        cfg = _config(a).replace(reference=reference)
+        sd, config = read_source(a.src)
+        calibration = None
+        stage("compressing")
+        if a.calibrate is not None:
+            calibration = _calibrate(a, sd, config, cfg, base=_binding(a), created_at=created_at)
+            ca = calibration.adapter
+        else:
+            ca = compress_peft(a.src, cfg, base_weights=base_weights, base=_binding(a), tensors=(sd, config),
+                               created_at=created_at)
+        stage("writing")
+        manifest = save(ca, a.output, zstd_level=a.zstd_level, tensor_digests=a.tensor_digests,
+                        positions=a.positions)
+        stage("measuring")
+        r = inspect(a.output)
+        fid = measure_fidelity(sd, ca, base_weights=base_weights)
+    finally:
+        stage.close()
     if a.json:
         out = {"path": a.output, "params": r["params"], "file_bytes": r["file_bytes"],
                "bits_per_param": r["bits_per_param"], "ratio_vs_fp16": r["ratio_vs_fp16"],
