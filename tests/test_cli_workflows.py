@@ -261,3 +261,35 @@ def test_source_metadata_is_read_only_from_files_of_1_5():
         old = relabelled(vector, Path(tmp) / "old.cpeft.safetensors", "1.4")
         assert cf.open_file(old).manifest.provenance.source_metadata is None
         assert "source_metadata" not in read_manifest(old)[1]["provenance"]
+
+
+def test_compress_shows_its_stages_on_a_terminal(lora_dir, tmp_path):
+    """On a terminal (a pseudo-terminal here, 120 columns) compress shows a progress bar of its
+    stages on stderr; --quiet hides it."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    def run_on_terminal(*args: str) -> bytes:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: compeft on the terminal
+            os.execv(sys.executable, [sys.executable, "-m", "compeft_format.cli", *args])
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        out = b""
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        assert os.waitpid(pid, 0)[1] == 0
+        return out
+
+    out = run_on_terminal("compress", str(lora_dir), "-o", str(tmp_path / "a.cpeft.safetensors"))
+    assert b"compressing: 1/4" in out and b"writing: 2/4" in out
+    out = run_on_terminal("compress", str(lora_dir), "-o", str(tmp_path / "b.cpeft.safetensors"), "--quiet")
+    assert b"compressing" not in out and b"smaller than fp16" in out
