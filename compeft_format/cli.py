@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "also matches copies of the base in another float dtype")
     c.add_argument("--positions", choices=("auto", *sorted(C.POSITION_CODINGS)), default="auto",
                    help="position coding: golomb (near the information bound), bitmap (one bit per element) or "
-                        "auto (golomb, bitmap for tensors that keep more than 40%% of their entries)")
+                        "auto (the smaller file for groups of up to 1M elements; larger ones golomb, bitmap for "
+                        "tensors that keep more than 40%% of their entries)")
     c.add_argument("--zstd-level", type=int, choices=range(1, 23), default=C.DEFAULT_ZSTD_LEVEL,
                    metavar="1..22", help="zstd level for streams that zstd shrinks")
     c.add_argument("--tensor-digests", action="store_true",

@@ -49,8 +49,9 @@ class WriterOptions:
     #: ``"json"``, ``"zstd+base64"``, ``"zstd+dict1+base64"`` or ``"auto"`` (the shortest)
     manifest_encoding: str = "auto"
     #: position coding of ternary and sparse groups: ``"golomb"`` (near the information bound),
-    #: ``"bitmap"`` (one bit per element) or ``"auto"`` (Golomb unless a tensor keeps more than
-    #: 40% of its elements)
+    #: ``"bitmap"`` (one bit per element) or ``"auto"``: for groups of up to
+    #: ``AUTO_TRIAL_ELEMENTS`` elements whichever makes the file smaller, for larger ones Golomb
+    #: unless a tensor keeps more than 40% of its elements
     positions: str = "auto"
 
     def __post_init__(self) -> None:
@@ -100,6 +101,43 @@ def plan_groups(tensors: list[CompressedTensor],
     return groups
 
 
+#: with ``positions="auto"``, a group of at most this many elements is written with whichever
+#: position coding makes it smaller; a larger one keeps the density rule of ``codecs.positions``
+#: (trying both costs a second zstd pass over its streams)
+AUTO_TRIAL_ELEMENTS = 1 << 20
+#: what each stream adds to the manifest beside its bytes (name, sizes, compression, sha256 in hex)
+STREAM_ENTRY_BYTES = 120
+
+Framed = dict[str, tuple[str, bytes, int]]
+
+
+def _encode_group(codec: Any, members: list[CompressedTensor], params: dict[str, Any],
+                  opts: WriterOptions) -> tuple[dict[str, Any], Framed]:
+    """The group's streams, framed: role -> (compression, stored bytes, raw size). With
+    ``positions="auto"`` a small group is encoded with both position codings and the smaller kept
+    (the decoded tensors are the same either way)."""
+    def encode(p: dict[str, Any]) -> Framed:
+        raw = codec.encode(members, p)
+        out: Framed = {}
+        for role in codec.roles(p):
+            comp, stored = smallest_frame(raw[role], opts.zstd_level)
+            out[role] = (comp, bytes(stored), len(raw[role]))
+        return out
+
+    def cost(f: Framed) -> int:
+        return sum(len(stored) + STREAM_ENTRY_BYTES for _, stored, _ in f.values())
+
+    framed = encode(params)
+    coding = params.get(C.PARAM_POSITIONS)
+    if opts.positions == "auto" and coding in CODINGS and sum(m.numel for m in members) <= AUTO_TRIAL_ELEMENTS:
+        other = {**params, C.PARAM_POSITIONS: C.POSITIONS_BITMAP if coding == C.POSITIONS_GOLOMB
+                 else C.POSITIONS_GOLOMB}
+        alternative = encode(other)
+        if cost(alternative) < cost(framed):
+            return other, alternative
+    return params, framed
+
+
 def _check_limits(tensors: list[CompressedTensor]) -> None:
     if len(tensors) > C.MAX_TENSORS:
         raise LimitExceeded(f"{len(tensors)} tensors, the format allows {C.MAX_TENSORS}")
@@ -126,14 +164,13 @@ def build(adapter: CompressedAdapter, options: WriterOptions | None = None,
     streams: dict[str, np.ndarray] = {}
     for gi, (params, encoding, idx) in enumerate(plan_groups(tensors, opts)):
         codec = get_codec(encoding)
-        raw = codec.encode([tensors[i] for i in idx], params)
+        params, framed = _encode_group(codec, [tensors[i] for i in idx], params, opts)
         infos = {}
-        for role in codec.roles(params):
-            comp, stored = smallest_frame(raw[role], opts.zstd_level)
+        for role, (comp, stored, raw_size) in framed.items():
             name = f"g{gi}.{role}"
             streams[name] = np.frombuffer(stored, dtype=np.uint8)
             infos[role] = StreamInfo(name=name, compression=comp, size=len(stored),
-                                     raw_size=len(raw[role]), sha256=sha256_hex(stored))
+                                     raw_size=raw_size, sha256=sha256_hex(stored))
         # one member densified at a time unless per-tensor digests need them all
         dense = [tensors[i].to_dense() for i in idx] if opts.tensor_digests else []
         digest = None

@@ -188,3 +188,26 @@ def test_a_new_encoding_is_one_class(tmp_path):
         cf.verify(path)
     with pytest.raises(TypeError, match="registered twice"):
         type("Again", (Halves,), {"name": "ternary"})
+
+
+def test_auto_positions_write_the_smaller_file(tmp_path, monkeypatch):
+    """``positions="auto"`` tries both codings on a small group and keeps the smaller file; a group
+    over ``AUTO_TRIAL_ELEMENTS`` keeps the density rule (Golomb under 40%)."""
+    import compeft_format.writer as W
+
+    torch.manual_seed(0)
+    for dim, density in ((64, 0.1), (256, 0.02), (512, 0.3), (128, 0.5)):
+        sd = {f"base_model.model.l{i}.q.lora_{ab}.weight": torch.randn((8, dim) if ab == "A" else (dim, 8))
+              for i in range(4) for ab in "AB"}
+        ca = cf.compress(sd, density=density, created_at="2020-01-01T00:00:00Z")
+        sizes = {}
+        for pos in ("auto", "golomb", "bitmap"):
+            cf.save(ca, tmp_path / pos, positions=pos)
+            sizes[pos] = (tmp_path / pos).stat().st_size
+        assert sizes["auto"] == min(sizes["golomb"], sizes["bitmap"]), (dim, density, sizes)
+        assert all(bits_equal(cf.load(tmp_path / "auto")[k], cf.load(tmp_path / "golomb")[k]) for k in sd)
+    monkeypatch.setattr(W, "AUTO_TRIAL_ELEMENTS", 0)
+    for density, coding in ((0.1, C.POSITIONS_GOLOMB), (0.6, C.POSITIONS_BITMAP)):
+        cf.save(cf.compress(sd, density=density), tmp_path / "rule", positions="auto")
+        assert {g.params["positions"] for g in cf.verify(tmp_path / "rule").groups
+                if g.encoding == C.ENC_TERNARY} == {coding}
