@@ -462,7 +462,7 @@ def generate(out: Path) -> dict[str, Any]:
     golomb = valid_adapters()["v1_ternary_golomb"]
     for version, encoding in (("1.0", C.MANIFEST_ZSTD_BASE64), ("1.1", C.MANIFEST_ZSTD_DICT1_BASE64),
                               ("1.2", C.MANIFEST_ZSTD_DICT1_BASE64)):
-        parts = Parts(*build(golomb, manifest_encoding=encoding))
+        parts = Parts(*build(golomb, manifest_encoding=encoding, **VALID_OPTIONS["v1_ternary_golomb"]))
         parts.meta[C.META_VERSION] = version
         name = f"v{version.replace('.', '_')}_ternary_golomb.cpeft.safetensors"
         parts.write(out / name)
