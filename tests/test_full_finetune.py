@@ -124,3 +124,24 @@ def test_the_weights_file_of_a_peft_folder_is_refused_alone(tmp_path, capsys):
     assert main(["compress", str(d / "adapter_model.safetensors"), "-o", str(tmp_path / "a.cpeft.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "give its folder" in err and str(d) in err
+
+
+def test_apply_delta_refuses_an_adapter_and_a_mismatched_base(models, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    base_dir, ft_dir, _ = models
+    lora = tmp_path / "lora.cpeft.safetensors"
+    cf.save(cf.compress({"base_model.model.x.lora_A.weight": torch.randn(4, 8),
+                         "base_model.model.x.lora_B.weight": torch.randn(8, 4)}), lora)
+    capsys.readouterr()
+    assert main(["apply-delta", str(lora), "--base", str(base_dir), "-o", str(tmp_path / "o")]) == 1
+    assert "not the deltas of a full fine-tune" in capsys.readouterr().err
+    # a delta for a tensor the base lacks: refused, nothing written
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    save_file({"other.weight": torch.zeros(3)}, str(odd / "model.safetensors"))
+    packed = tmp_path / "d.cpeft.safetensors"
+    assert main(["compress", str(ft_dir), "-o", str(packed), "--reference", str(base_dir)]) == 0
+    capsys.readouterr()
+    assert main(["apply-delta", str(packed), "--base", str(odd), "-o", str(tmp_path / "o")]) == 1
+    assert "MODEL_MISMATCH" in capsys.readouterr().err and not (tmp_path / "o").exists()
