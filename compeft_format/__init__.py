@@ -23,11 +23,9 @@ Recovery modules (CPET / CA-LoRA) and an adapter that requires them (spec 3.6):
     >>> cf.recovery.get_recovery(model).remove()                        # the recovery modules out again
 """
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import constants, errors
+from . import constants, errors, lazy
 from ._version import __version__
 from .errors import *  # noqa: F403  (the typed errors are part of the public API)
 
@@ -51,39 +49,6 @@ _NAMES = {
     "report": ("inspect", "ternary_bound_bits"),
     "writer": ("WriterOptions", "save"),
 }
-_WHERE = {name: module for module, names in _NAMES.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    import importlib
-
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """The package's module type: ``compress`` names the function, also once the submodule of
-    that name is imported (the import system would set the attribute to the submodule)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "compress" and isinstance(value, types.ModuleType):
-            value = value.compress
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:
     from . import batch, binding, calibrate, codecs, device_decode, merge, peft_layout, recovery, requirements, signing
     from .apply import MergedAdapter, load_adapter, merge_adapter
@@ -166,3 +131,5 @@ __all__ = [
     "Index",
     "IndexEntry",
 ] + errors.__all__
+
+lazy.install(__name__, _NAMES, submodules=_SUBMODULES, functions=("compress",))

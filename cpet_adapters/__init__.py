@@ -12,9 +12,9 @@ Example:
     >>> model = cpet.load_into("./smollm2-int4", "./out/task.cpeft.safetensors")
 """
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from compeft_format import lazy
 
 from .config import TrainConfig
 
@@ -27,33 +27,6 @@ _NAMES = {
     "recipe": ("Recipe", "Step"),
     "train": ("TrainResult", "evaluate", "load_model", "train"),
 }
-_WHERE = {name: module for module, names in _NAMES.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    import importlib
-
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-class _Package(types.ModuleType):
-    """The package's module type: ``train`` names the function, also once the submodule of that
-    name is imported (the import system would set the attribute to the submodule)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "train" and isinstance(value, types.ModuleType):
-            value = value.train
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:
     from .base import DESCRIPTOR, CompressedBase, compress_base, compress_model_, load_compressed_base
     from .export import Artifact, export, load_into, trained_for
@@ -85,3 +58,5 @@ __all__ = [
     "load_into",
     "trained_for",
 ]
+
+lazy.install(__name__, _NAMES, functions=("train",))
