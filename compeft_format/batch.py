@@ -23,21 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 from . import constants as C
 from .errors import CompeftError, InvalidArgument, IOFailure
+from .peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, is_model_checkpoint
 
 if TYPE_CHECKING:
     from .compress import CompeftConfig
 
 PathLike = str | os.PathLike[str]
 SUFFIX = ".cpeft.safetensors"
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def _is_adapter_folder(p: Path) -> bool:
-    return p.is_dir() and any((p / n).is_file() for n in _ADAPTER_FILES)
+    return p.is_dir() and any((p / n).is_file() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
 
 
 def _is_model_folder(p: Path) -> bool:
-    return p.is_dir() and ((p / "model.safetensors").is_file() or any(p.glob("*.safetensors.index.json")))
+    return p.is_dir() and is_model_checkpoint(p)  # as read_source, which compresses it, tells them apart
 
 
 def find_adapters(folder: PathLike) -> dict[str, Path]:

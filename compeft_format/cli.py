@@ -284,7 +284,9 @@ def _created_at(text: str | None) -> str | None:
 
 
 def _ratio(x: float) -> str:
-    return f"{x:.1f}x smaller" if x >= 1 else f"{1 / x:.1f}x larger" if x > 0 else "larger"
+    from .report import ratio_text
+
+    return ratio_text(x, 1)
 
 
 class _Stages:

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
+from . import constants as C
 from .binding import BaseBinding
+from .container import read_safetensors_header
 from .errors import ConfigMismatch, InvalidArgument, UnsupportedAdapter
 from .peft_io import read_source
 from .peft_layout import PEFT_PREFIX, lora_pairs, lora_scaling, parse_key, peft_type
@@ -61,9 +63,7 @@ def read(path: PathLike) -> Source:
     """An adapter from a compressed file (decoded, every digest checked) or a PEFT folder."""
     p = Path(path)
     if p.is_file() and p.name.endswith(".safetensors"):
-        with open(p, "rb") as fh:
-            head = fh.read(8 + 4096)
-        if b"compeft.format" in head:
+        if read_safetensors_header(p)[1].get(C.META_FORMAT) == C.FORMAT_NAME:
             with CompeftFile(p) as f:
                 m = f.manifest
                 tensors = f.state_dict(dtype=torch.float32, verify=True)

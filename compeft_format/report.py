@@ -111,11 +111,12 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
         return report(f)
 
 
-def _ratio(x: float) -> str:
-    """How the file compares with a dense one: ``3.20x smaller`` or ``1.70x larger``."""
+def ratio_text(x: float, digits: int = 2) -> str:
+    """How a file compares with a dense one, ``x`` being dense bytes / file bytes:
+    ``3.20x smaller`` or ``1.70x larger``."""
     if x >= 1:
-        return f"{x:.2f}x smaller"
-    return f"{1 / x:.2f}x larger" if x > 0 else "larger"
+        return f"{x:.{digits}f}x smaller"
+    return f"{1 / x:.{digits}f}x larger" if x > 0 else "larger"
 
 
 def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
@@ -143,8 +144,8 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
         f"mode={c['mode']} reference={c['reference']} kept={c['kept']}/{c['candidates']}",
         f"  params {r['params']:,}  file {r['file_bytes']:,} B (header {r['header_bytes']:,} B, "
         f"streams {r['stream_bytes']:,} B)  {r['bits_per_param']:.4f} bits/param",
-        f"  vs fp16 safetensors ({r['fp16_safetensors_bytes']:,} B): {_ratio(r['ratio_vs_fp16'])}; "
-        f"vs fp32 ({r['fp32_safetensors_bytes']:,} B): {_ratio(r['ratio_vs_fp32'])}",
+        f"  vs fp16 safetensors ({r['fp16_safetensors_bytes']:,} B): {ratio_text(r['ratio_vs_fp16'])}; "
+        f"vs fp32 ({r['fp32_safetensors_bytes']:,} B): {ratio_text(r['ratio_vs_fp32'])}",
     ]
     peft = r["adapter"].get("peft_config")
     if isinstance(peft, dict):
@@ -194,4 +195,4 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["inspect", "report", "format_report", "ternary_bound_bits", "dense_safetensors_size"]
+__all__ = ["inspect", "report", "format_report", "ratio_text", "ternary_bound_bits", "dense_safetensors_size"]
