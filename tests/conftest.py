@@ -186,3 +186,33 @@ def write_classes(path: Path, n: int, seed: int = 0) -> Path:
             words.insert(rng.randrange(6), rng.choice(CLASS_WORDS[:3] if y else CLASS_WORDS[3:6]))
             f.write(json.dumps({"text": " ".join(words), "label": ["neg", "pos"][y]}) + "\n")
     return path
+
+
+def write_lora_folder(path: Path, *, layers: int, dim: int, seed: int = 0) -> Path:
+    """A PEFT LoRA folder (r=8 on q_proj and v_proj of ``layers`` layers of width ``dim``, fp16,
+    factors * 0.02) for a base named org/tiny."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    path.mkdir()
+    sd = {}
+    for i in range(layers):
+        for p in ("q_proj", "v_proj"):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{p}"
+            sd[f"{pre}.lora_A.weight"] = torch.randn(8, dim, dtype=torch.float16) * 0.02
+            sd[f"{pre}.lora_B.weight"] = torch.randn(dim, 8, dtype=torch.float16) * 0.02
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+           "base_model_name_or_path": "org/tiny", "revision": None, "task_type": "CAUSAL_LM"}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every trainable parameter (a PeftModel's adapter), as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model

@@ -8,6 +8,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import compeft_format as cf
+from conftest import perturb_trainable
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -20,13 +21,7 @@ def base_model(seed: int = 0, cfg: LlamaConfig = CFG) -> LlamaForCausalLM:
 
 
 def trained(peft_config, seed: int, scale: float = 0.05):
-    pm = get_peft_model(base_model(), peft_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return pm
+    return perturb_trainable(get_peft_model(base_model(), peft_config), seed, scale)
 
 
 def compressed(tmp_path, peft_config, seed: int = 1, density: float = 0.3, name: str = "a", **kw):
@@ -350,11 +345,7 @@ def test_dora_on_conv1d_merges_as_peft_applies_it(tmp_path):
         return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
 
     pm = get_peft_model(gpt2(), LoraConfig(r=4, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    pm.save_pretrained(tmp_path / "dora")
+    perturb_trainable(pm, seed=1).save_pretrained(tmp_path / "dora")
     path = tmp_path / "dora.cpeft.safetensors"
     cf.save(cf.compress_peft(tmp_path / "dora", density=0.5), path)
     ids = torch.tensor([[1, 5, 9, 3, 7]])

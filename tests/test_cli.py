@@ -12,25 +12,12 @@ from safetensors.torch import load_file, save_file
 
 import compeft_format as cf
 from compeft_format.cli import main
-from conftest import VECTORS, bits_equal
+from conftest import VECTORS, bits_equal, write_lora_folder
 
 
 @pytest.fixture
 def lora_dir(tmp_path):
-    torch.manual_seed(0)
-    d = tmp_path / "my-lora"
-    d.mkdir()
-    sd = {}
-    for i in range(4):
-        for p in ("q_proj", "v_proj"):
-            pre = f"base_model.model.model.layers.{i}.self_attn.{p}"
-            sd[f"{pre}.lora_A.weight"] = torch.randn(8, 256, dtype=torch.float16) * 0.02
-            sd[f"{pre}.lora_B.weight"] = torch.randn(256, 8, dtype=torch.float16) * 0.02
-    save_file(sd, str(d / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-           "base_model_name_or_path": "org/tiny", "revision": None, "task_type": "CAUSAL_LM"}
-    (d / "adapter_config.json").write_text(json.dumps(cfg))
-    return d
+    return write_lora_folder(tmp_path / "my-lora", layers=4, dim=256)
 
 
 def test_compress_validate_inspect_decompress(lora_dir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,16 +37,29 @@ def adapter_file(tmp_path: Path, seed: int = 0, name: str = "adapter.cpeft.safet
     return path
 
 
+@contextlib.contextmanager
+def serving(root: Path, **options):
+    """An in-process server with a write token on 127.0.0.1: its endpoint URL and storage root."""
+    server = make_server(root, token=TOKEN, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def hub(tmp_path):
-    """An in-process server with a write token; yields its endpoint URL and storage root."""
-    root = tmp_path / "hub"
-    server = make_server(root, token=TOKEN)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
-    server.server_close()
+    with serving(tmp_path / "hub") as served:
+        yield served
+
+
+@pytest.fixture
+def lfs_hub(tmp_path):
+    """A server that asks for LFS uploads of binary files (``hub serve --lfs``)."""
+    with serving(tmp_path / "hub", lfs=True) as served:
+        yield served
 
 
 def free_port() -> int:
@@ -125,26 +139,19 @@ def test_branches_tags_and_index_merging(hub, tmp_path):
     assert titles[0].startswith("Upload b.cpeft.safetensors") and titles[-1] == "initial commit"
 
 
-def test_lfs_upload_path(tmp_path):
+def test_lfs_upload_path(lfs_hub, tmp_path):
     """Binary files go through the LFS batch API (upload, verify) when the server asks for LFS."""
-    root = tmp_path / "hub"
-    server = make_server(root, token=TOKEN, lfs=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        f = adapter_file(tmp_path)
-        p = cli("push", str(f), "me/lfs", "--endpoint", endpoint, "--token", TOKEN,
-                env={"HF_HUB_DISABLE_XET": "1"}, check=True)
-        commit = p.stdout.split()[-1]
-        files = json.loads((root / "repos" / "models" / "me" / "lfs" / "commits" / f"{commit}.json").read_text())["files"]
-        assert files[f.name]["lfs"] is True and files["README.md"]["lfs"] is False
-        tree = {e.path: e for e in HfApi(endpoint=endpoint, token=TOKEN).list_repo_tree("me/lfs")}
-        assert tree[f.name].lfs.sha256 == cf.hub.file_sha256(f)
-        res = cf.pull("me/lfs", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
-        assert res.paths[0].read_bytes() == f.read_bytes()
-    finally:
-        server.shutdown()
-        server.server_close()
+    endpoint, root = lfs_hub
+    f = adapter_file(tmp_path)
+    p = cli("push", str(f), "me/lfs", "--endpoint", endpoint, "--token", TOKEN,
+            env={"HF_HUB_DISABLE_XET": "1"}, check=True)
+    commit = p.stdout.split()[-1]
+    files = json.loads((root / "repos" / "models" / "me" / "lfs" / "commits" / f"{commit}.json").read_text())["files"]
+    assert files[f.name]["lfs"] is True and files["README.md"]["lfs"] is False
+    tree = {e.path: e for e in HfApi(endpoint=endpoint, token=TOKEN).list_repo_tree("me/lfs")}
+    assert tree[f.name].lfs.sha256 == cf.hub.file_sha256(f)
+    res = cf.pull("me/lfs", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert res.paths[0].read_bytes() == f.read_bytes()
 
 
 def test_altered_blob_is_caught(hub, tmp_path):
@@ -819,30 +826,21 @@ def test_files_named_as_peft_or_transformers_files_are_not_pushed(hub, tmp_path)
 
 
 @pytest.mark.parametrize("xet", ["1", ""], ids=["xet-disabled", "xet-as-installed"])
-def test_compeft_push_uploads_to_an_lfs_server_whether_or_not_xet_is_on(tmp_path, xet):
+def test_compeft_push_uploads_to_an_lfs_server_whether_or_not_xet_is_on(lfs_hub, tmp_path, xet):
     """huggingface_hub uploads through Xet when hf_xet is installed, which this server does not
     serve: push falls back to the LFS batch API by itself."""
     from huggingface_hub.utils import is_package_available
 
     assert xet or is_package_available("hf_xet")  # the case is real: the client would try Xet
-    root = tmp_path / "hub"
-    server = make_server(root, token=TOKEN, lfs=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        f = adapter_file(tmp_path)
-        env = {"HF_HUB_DISABLE_XET": xet} if xet else {}
-        base_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
-        p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "push", str(f), "me/lfs", "--endpoint",
-                            endpoint, "--token", TOKEN], capture_output=True, text=True, env={**base_env, **env},
-                           cwd=ROOT, timeout=120)
-        assert p.returncode == 0, p.stderr
-        assert p.stderr == ""  # no progress bars or warnings when stderr is not a terminal
-        res = cf.pull("me/lfs", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
-        assert res.paths[0].read_bytes() == f.read_bytes()
-    finally:
-        server.shutdown()
-        server.server_close()
+    endpoint, _ = lfs_hub
+    f = adapter_file(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"} | ({"HF_HUB_DISABLE_XET": xet} if xet else {})
+    p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "push", str(f), "me/lfs", "--endpoint", endpoint,
+                        "--token", TOKEN], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""  # no progress bars or warnings when stderr is not a terminal
+    res = cf.pull("me/lfs", endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert res.paths[0].read_bytes() == f.read_bytes()
 
 
 def test_a_push_without_a_token_says_so(hub, tmp_path):

@@ -16,6 +16,7 @@ import compeft_format as cf
 from compeft_format.cli import main
 from compeft_format.hub import source
 from compeft_format.hub.server import make_server
+from conftest import perturb_trainable
 
 TOKEN = "s3cret"
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -42,11 +43,7 @@ def base_model():
 
 def lora_folder(tmp_path, seed: int = 1):
     pm = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
-    pm.save_pretrained(tmp_path / f"lora{seed}")
+    perturb_trainable(pm, seed).save_pretrained(tmp_path / f"lora{seed}")
     return tmp_path / f"lora{seed}"
 
 

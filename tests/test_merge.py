@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import compeft_format as cf
 from compeft_format.cli import main
 from compeft_format.merge import combine, merge
+from conftest import perturb_trainable
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -22,13 +23,7 @@ def base_model():
 
 
 def adapter(tmp_path, name: str, config, seed: int, compressed: bool = True):
-    pm = get_peft_model(base_model(), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.save_pretrained(tmp_path / name)
+    perturb_trainable(get_peft_model(base_model(), config), seed).save_pretrained(tmp_path / name)
     if not compressed:
         return tmp_path / name
     out = tmp_path / f"{name}.cpeft.safetensors"
