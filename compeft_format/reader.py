@@ -296,8 +296,8 @@ def _decode_files(files: list[CompeftFile], dtype: str | torch.dtype | None,
             itemsizes = [to_torch(dtype or m.dtype).itemsize for m in members]
             f.budget.check_bytes(decode_need(members, list(range(len(members))), list(g.streams.values()), itemsizes),
                                  f"{f.path}: decoding group {gi}")
-            if tdt is None:
-                other.append((f, gi, out, {}))
+            if tdt is None:  # its streams read (and their digests checked) now, decoded after every file's
+                other.append((f, gi, out, f._host_streams(gi)))
                 continue
             planned.append((gi, tdt))
             sizes[tdt] = sizes.get(tdt, 0) + sum(m.numel for m in members)
@@ -312,9 +312,6 @@ def _decode_files(files: list[CompeftFile], dtype: str | torch.dtype | None,
                 flat.append(t)
                 out[idx[j]] = t.view(m.shape)
             jobs.append(device_decode.GroupJob(g.encoding, g.params, members, f._host_streams(gi), tdt, flat))
-        for o in other:  # the digests of the other groups' streams too, before anything is decoded
-            if o[0] is f:
-                o[3].update(f._host_streams(o[1]))
         decoded.append(out)
     for f, gi, out, streams in other:
         idx = f._members[gi]
