@@ -32,6 +32,7 @@ import torch
 from . import constants as C
 from .codecs import get_codec
 from .codecs.bits import check_bit_stream
+from .codecs.native import INT_OF_SIZE
 from .codecs.positions import golomb_m, golomb_widths
 from .codecs.ternary import member_levels
 from .device import as_tensor, to_device
@@ -48,7 +49,6 @@ _KERNEL_ENCODINGS = (C.ENC_TERNARY, C.ENC_SPARSE)
 _KERNEL_CODINGS = (C.POSITIONS_BITMAP, C.POSITIONS_GOLOMB)
 #: kernel dtype codes (``codecs.kernels.F32`` ...)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_INT_OF = {4: (torch.int32, np.int32), 2: (torch.int16, np.int16)}
 
 
 def kernels(device: str | torch.device) -> ModuleType | None:
@@ -244,7 +244,7 @@ def _view(buf: torch.Tensor, run: tuple[int, int], dtype: torch.dtype = torch.ui
 
 def _levels(job: GroupJob) -> np.ndarray:
     """(members, 3) int64 level columns of the member table (module ``codecs.kernels``)."""
-    tint, _ = _INT_OF[job.dtype.itemsize]
+    tint = INT_OF_SIZE[job.dtype.itemsize]
     if job.encoding == C.ENC_TERNARY:
         return member_levels(job.members, job.dtype).view(tint).to(torch.int64).numpy()
     out = np.zeros((len(job.members), 3), dtype=np.int64)
@@ -293,7 +293,7 @@ class _Batch:
         else:
             vdt = to_torch(batch[0].params[C.PARAM_VALUE_DTYPE])
             self.signs, self.nsigns = _view(buf, entries), 0
-            self.values = _view(buf, entries, _INT_OF[vdt.itemsize][0])
+            self.values = _view(buf, entries, INT_OF_SIZE[vdt.itemsize])
             val = _DTYPE_CODE[vdt]
         self.block = 8192 if k.INTERPRETED else 1024
         self.const = {"ITERS": max(1, (len(self.rows) - 1).bit_length()) + 1, "BLOCK": self.block,
