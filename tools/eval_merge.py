@@ -69,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(label: str, adapter: Path | None, inputs: str, nbytes: int | None) -> None:
         row: dict[str, Any] = {"variant": label, "inputs": inputs, "bytes": nbytes}
         t0 = time.time()
-        for name, task in tasks.items():
-            model = load_model(mdir)
-            if adapter is not None:
-                if adapter.is_dir():
-                    from peft import PeftModel
+        model = load_model(mdir)  # one model with the adapter, scored on every task
+        if adapter is not None:
+            if adapter.is_dir():
+                from peft import PeftModel
 
-                    model = PeftModel.from_pretrained(model, adapter)
-                else:
-                    model = cf.load_adapter(model, adapter)
+                model = PeftModel.from_pretrained(model, adapter)
+            else:
+                model = cf.load_adapter(model, adapter)
+        for name, task in tasks.items():
             row[name] = score(model, task.test, task.label_ids, a.batch, pad)[0]
         row["mean"] = sum(row[n] for n in tasks) / len(tasks)
         row["seconds"] = round(time.time() - t0, 1)
