@@ -43,7 +43,7 @@ from .codecs import get_codec
 from .compressed import CompressedAdapter, CompressedTensor
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES, name_of
 from .errors import InvalidArgument, NonFiniteInput, UnsupportedDtype
-from .fidelity import compare_task_vectors
+from .fidelity import Lazy, compare_task_vectors
 from .manifest import AdapterInfo, CompressionInfo, ProvenanceInfo, Requirement
 from .peft_layout import DEFAULT_DENSE_PATTERNS, config_dict, lora_matrices, lora_pairs, peft_type, sparsifiable
 from .recovery import RecoveryConfig
@@ -182,6 +182,64 @@ def top_k_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     return np.flatnonzero(above).astype(np.int64)
 
 
+#: elements per chunk of the passes over a whole task vector (1 MiB of float32)
+CHUNK = 1 << 18
+#: elements per chunk of the float64 passes of ``task_std`` (512 KiB)
+STD_CHUNK = 1 << 16
+_MAGNITUDE_BITS = np.uint32(0x7FFFFFFF)
+
+
+def _top_count(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry of a histogram, and how many entries lie above it."""
+    from_top = np.cumsum(hist[::-1])
+    j = int(np.searchsorted(from_top, k))
+    return hist.size - 1 - j, int(from_top[j]) - int(hist[hist.size - 1 - j])
+
+
+def top_k_by_magnitude(values: np.ndarray, k: int) -> np.ndarray:
+    """``top_k_indices(np.abs(values), k)`` for a flat finite float32 array, without a copy of it.
+
+    A non-negative binary32 value orders as its bit pattern does, so the k-th largest magnitude is
+    found by two histogram passes over the bits (high half, then the low half within the one high
+    bin that holds it); a third pass collects the entries above it and the ties, lowest index
+    first. Each pass works on chunks of ``CHUNK`` elements.
+    """
+    n = values.size
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    if values.dtype != np.float32 or values.ndim != 1:
+        raise InvalidArgument("top_k_by_magnitude takes a flat float32 array")
+    spans = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+    def bits(i: int, j: int) -> np.ndarray:
+        return values[i:j].view(np.uint32) & _MAGNITUDE_BITS
+
+    high = np.zeros(1 << 15, dtype=np.int64)
+    for i, j in spans:
+        high += np.bincount(bits(i, j) >> 16, minlength=1 << 15)
+    hi, above = _top_count(high, k)
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for i, j in spans:
+        b = bits(i, j)
+        low += np.bincount(b[(b >> 16) == hi] & 0xFFFF, minlength=1 << 16)
+    lo, above_low = _top_count(low, k - above)
+    threshold = np.uint32((hi << 16) | lo)
+    need = k - above - above_low
+    parts: list[np.ndarray] = []
+    for i, j in spans:
+        b = bits(i, j)
+        parts.append(np.flatnonzero(b > threshold) + i)
+        if need > 0:
+            tied = np.flatnonzero(b == threshold)[:need] + i
+            parts.append(tied)
+            need -= tied.size
+    out = np.concatenate(parts).astype(np.int64, copy=False)
+    out.sort()
+    return out
+
+
 def task_std(values: np.ndarray) -> float:
     """Standard deviation of the dense task vector, unbiased (torch.std's default, as the paper's
     code). One element: its magnitude; none: 0."""
@@ -190,19 +248,49 @@ def task_std(values: np.ndarray) -> float:
         return 0.0
     if n == 1:
         return float(abs(values[0]))
-    return float(np.std(values, dtype=np.float64, ddof=1))
+    step = STD_CHUNK
+    if n <= step:
+        return float(np.std(values, dtype=np.float64, ddof=1))
+    # in chunks, so a large vector needs no float64 copy of itself
+    spans = range(0, n, step)
+    mean = math.fsum(float(np.sum(values[i:i + step], dtype=np.float64)) for i in spans) / n
+    squares = math.fsum(float(np.sum(np.square(values[i:i + step].astype(np.float64) - mean))) for i in spans)
+    return math.sqrt(squares / (n - 1))
 
 
-def _as_f32(name: str, t: Any) -> np.ndarray:
+def _check_dtype(name: str, t: Any) -> None:
     if not isinstance(t, torch.Tensor):
         raise UnsupportedDtype(f"tensor {name!r} is a {type(t).__name__}, not a torch tensor", tensor=name)
     if t.dtype not in DTYPE_NAMES:
         raise UnsupportedDtype(f"tensor {name!r} has dtype {t.dtype}; only float32, float16 and bfloat16 can be "
                                "compressed", tensor=name)
-    a = t.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
-    if not np.isfinite(a).all():
-        raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
-    return a
+
+
+def _to_f32(name: str, t: Any, out: np.ndarray) -> np.ndarray:
+    """``t`` flat in float32, written into ``out``; NaN and Inf refused."""
+    _check_dtype(name, t)
+    torch.from_numpy(out).copy_(t.detach().reshape(-1))
+    for i in range(0, out.size, CHUNK):
+        if not np.isfinite(out[i:i + CHUNK]).all():
+            raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
+    return out
+
+
+def _as_f32(name: str, t: Any) -> np.ndarray:
+    _check_dtype(name, t)
+    return _to_f32(name, t, np.empty(t.numel(), dtype=np.float32))
+
+
+def _task_vector(name: str, t: torch.Tensor, out: np.ndarray, base_weights: Mapping[str, torch.Tensor] | None,
+                 offset: float) -> np.ndarray:
+    """The task vector of ``t`` written into ``out``: ``t`` minus its base weights, or minus ``offset``
+    (x - 0 is x, -0 included: the zero reference leaves it as it is)."""
+    _to_f32(name, t, out)
+    if base_weights is not None:
+        np.subtract(out, _base_for(name, t, base_weights), out=out)
+    elif offset:
+        np.subtract(out, np.float32(offset), out=out)
+    return out
 
 
 def _base_for(name: str, t: torch.Tensor, base: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -372,52 +460,56 @@ def compress(
     names = sorted(state_dict)
     dense: dict[str, CompressedTensor] = {}
     sparse_names: list[str] = []
-    taus: dict[str, np.ndarray] = {}
     offsets: dict[str, float] = {}
     for name in names:
         t = state_dict[name]
-        values = _as_f32(name, t)
+        _check_dtype(name, t)
         tdtype = target or name_of(t.dtype)
         shape = tuple(int(d) for d in t.shape)
-        if _keep_dense(name, values.size, patterns, cfg.min_sparse_numel):
+        if _keep_dense(name, t.numel(), patterns, cfg.min_sparse_numel):
             src = t.detach().to("cpu")
             if base_weights is not None:
-                src = torch.from_numpy(values - _base_for(name, t, base_weights))
+                src = torch.from_numpy(_as_f32(name, t) - _base_for(name, t, base_weights))
+            elif not bool(torch.isfinite(src).all()):
+                raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
             dense[name] = CompressedTensor.dense(name, shape, tdtype, _finite_cast(name, src.reshape(-1), tdtype).clone())
             continue
-        if base_weights is not None:
-            taus[name], offsets[name] = values - _base_for(name, t, base_weights), 0.0
-        else:
-            offsets[name] = 1.0 if reference == C.REFERENCE_ONES else 0.0
-            # x - 0 is x, -0 included: the zero reference needs no second copy of the tensor
-            taus[name] = values - np.float32(offsets[name]) if offsets[name] else values
+        offsets[name] = 1.0 if reference == C.REFERENCE_ONES and base_weights is None else 0.0
         sparse_names.append(name)
 
+    # Every task vector is a view into one float32 buffer, in name order: one top-k runs over it
+    # with no further copy of the adapter (the peak is about this buffer and the input).
     shapes = {n: tuple(int(d) for d in state_dict[n].shape) for n in sparse_names}
+    bounds = np.cumsum([0] + [math.prod(shapes[n]) for n in sparse_names])
+    buffer = np.empty(int(bounds[-1]), dtype=np.float32)
+    taus = {n: buffer[bounds[i]:bounds[i + 1]] for i, n in enumerate(sparse_names)}
+    for n in sparse_names:
+        _task_vector(n, state_dict[n], taus[n], base_weights, offsets[n])
+
+    def original(n: str) -> np.ndarray:
+        """The task vector of ``n`` as given (``taus`` holds it balanced)."""
+        return _task_vector(n, state_dict[n], np.empty(taus[n].size, np.float32), base_weights, offsets[n])
+
     pairs = [(a, b, *m) for _, a, b in lora_pairs(sparse_names) if (m := lora_matrices(shapes[a], shapes[b]))]
-    original = dict(taus)
     if cfg.balance == C.BALANCE_RANK:
         for a, b, sa, sb in pairs:
-            taus[a], taus[b] = _balance(taus[a].reshape(sa), taus[b].reshape(sb))
+            taus[a][:], taus[b][:] = _balance(taus[a].reshape(sa), taus[b].reshape(sb))
 
     # selection: the kept indices of each candidate, and the sigma the paper's scale comes from
     keep: dict[str, np.ndarray] = {}
     sigma: dict[str, float] = {}
     sigma_global: float | None = None
-    candidates = sum(taus[n].size for n in sparse_names)
+    candidates = buffer.size
     if cfg.scope == C.SCOPE_GLOBAL and sparse_names:
-        flat = np.concatenate([taus[n] for n in sparse_names])
-        sigma_global = task_std(flat)
-        np.abs(flat, out=flat)  # the magnitudes in place: the signed copy is not needed again
-        chosen = top_k_indices(flat, kept_count(cfg.density, flat.size))
-        del flat
-        bounds = np.cumsum([0] + [taus[n].size for n in sparse_names])
+        sigma_global = task_std(buffer)
+        chosen = top_k_by_magnitude(buffer, kept_count(cfg.density, buffer.size))
         split = np.searchsorted(chosen, bounds)
         for i, n in enumerate(sparse_names):
             keep[n], sigma[n] = chosen[split[i]:split[i + 1]] - bounds[i], sigma_global
+        del chosen
     else:
         for n in sparse_names:
-            keep[n] = top_k_indices(np.abs(taus[n]), kept_count(cfg.density, taus[n].size))
+            keep[n] = top_k_by_magnitude(taus[n], kept_count(cfg.density, taus[n].size))
             sigma[n] = task_std(taus[n])
     # An entry whose task value is exactly zero has sign 0 in the paper's formula: it is not stored.
     for n in sparse_names:
@@ -452,9 +544,9 @@ def compress(
     if not sparse_names:  # every tensor kept as it is: nothing was refined or lost
         options = None
     fidelity = None
-    if options is not None:  # what the decoded tensors (in their target dtypes) give
-        approx = {n: sparse[n].to_dense().float().numpy() - np.float32(offsets[n]) for n in sparse_names}
-        fidelity = compare_task_vectors(original, approx, shapes, cfg_json).summary()
+    if options is not None:  # what the decoded tensors (in their target dtypes) give, a module at a time
+        approx = Lazy(sparse_names, lambda n: sparse[n].to_dense().float().numpy() - np.float32(offsets[n]))
+        fidelity = compare_task_vectors(Lazy(sparse_names, original), approx, shapes, cfg_json).summary()
 
     tensors = {n: (sparse.get(n) or dense[n]) for n in names}
     return CompressedAdapter(

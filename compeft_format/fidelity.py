@@ -12,7 +12,7 @@ original's was not is **emptied**: it no longer does anything.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,18 +80,45 @@ class Fidelity:
                                for m in self.modules]}
 
 
-def _f64(x: np.ndarray | torch.Tensor) -> np.ndarray:
+class Lazy(Mapping[str, Any]):
+    """Tensors by name, each made by ``make(name)`` when it is read and not kept: a comparison
+    over a whole adapter holds one module's tensors at a time."""
+
+    def __init__(self, names: Iterable[str], make: Callable[[str], Any]) -> None:
+        self._names = list(dict.fromkeys(names))
+        self._known = set(self._names)
+        self._make = make
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+
+def _f64(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``x`` as a float64 tensor on the CPU. The arithmetic here is torch's, not numpy's: torch
+    decodes the tensors compared, and mixing the two libraries' thread pools slows both."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
+        return x.detach().to("cpu", torch.float64)
+    return torch.tensor(np.asarray(x), dtype=torch.float64)
 
 
-def pair_error(a: np.ndarray, b: np.ndarray, a_hat: np.ndarray, b_hat: np.ndarray) -> tuple[float, float, float]:
+def pair_error(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, a_hat: np.ndarray | torch.Tensor,
+               b_hat: np.ndarray | torch.Tensor) -> tuple[float, float, float]:
     """``(||B A||_F, ||B A - B' A'||_F, ||B' A'||_F)`` from r x r Gram matrices (A: r x n, B: m x r)."""
     a, b, a_hat, b_hat = (_f64(x) for x in (a, b, a_hat, b_hat))
-    norm2 = float(np.sum((b.T @ b) * (a @ a.T)))
-    cross = float(np.sum((b.T @ b_hat) * (a @ a_hat.T)))
-    hat2 = float(np.sum((b_hat.T @ b_hat) * (a_hat @ a_hat.T)))
+    norm2 = float(torch.sum((b.T @ b) * (a @ a.T)))
+    cross = float(torch.sum((b.T @ b_hat) * (a @ a_hat.T)))
+    hat2 = float(torch.sum((b_hat.T @ b_hat) * (a_hat @ a_hat.T)))
     return math.sqrt(max(norm2, 0.0)), math.sqrt(max(norm2 - 2 * cross + hat2, 0.0)), math.sqrt(max(hat2, 0.0))
 
 
@@ -121,8 +148,8 @@ def compare_task_vectors(original: Mapping[str, np.ndarray | torch.Tensor], appr
         paired.update((a_name, b_name))
     for name in sorted(n for n in original if n not in paired and n in approx):
         o, h = _f64(original[name]).reshape(-1), _f64(approx[name]).reshape(-1)
-        modules.append(ModuleFidelity(name, "tensor", float(np.linalg.norm(o)), float(np.linalg.norm(o - h)),
-                                      float(np.linalg.norm(h))))
+        modules.append(ModuleFidelity(name, "tensor", float(torch.linalg.vector_norm(o)),
+                                      float(torch.linalg.vector_norm(o - h)), float(torch.linalg.vector_norm(h))))
     return Fidelity(modules)
 
 
@@ -142,27 +169,36 @@ def measure_fidelity(original: Mapping[str, torch.Tensor], compressed: Compresse
     deltas = compressed.adapter.representation == C.REPRESENTATION_DELTA
     if deltas and base_weights is None:
         raise InvalidArgument("this file holds deltas to a base model: pass base_weights to measure its fidelity")
-    taus: dict[str, np.ndarray] = {}
-    hats: dict[str, np.ndarray] = {}
+    names: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
     for name, t in compressed.tensors.items():
         if get_codec(t.encoding).every_element:
             continue
         if name not in original:
             raise InvalidArgument(f"the original adapter has no tensor {name!r}")
-        w = _f64(original[name])
-        if tuple(w.shape) != tuple(t.shape):
-            raise InvalidArgument(f"tensor {name!r}: the original has shape {tuple(w.shape)}, the file {t.shape}")
-        hat = _f64(t.to_dense().float()) - t.offset
+        if tuple(original[name].shape) != tuple(t.shape):
+            raise InvalidArgument(f"tensor {name!r}: the original has shape {tuple(original[name].shape)}, "
+                                  f"the file {t.shape}")
         if deltas:
             assert base_weights is not None
             if name not in base_weights:
                 raise InvalidArgument(f"base_weights has no tensor {name!r}")
-            w = w - _f64(base_weights[name])
-        else:
-            w = w - (1.0 if reference == C.REFERENCE_ONES else 0.0)
-        taus[name], hats[name], shapes[name] = w, hat, tuple(t.shape)
-    return compare_task_vectors(taus, hats, shapes, compressed.adapter.peft_config)
+        names.append(name)
+        shapes[name] = tuple(t.shape)
+
+    def tau(name: str) -> torch.Tensor:
+        w = _f64(original[name])
+        if deltas:
+            assert base_weights is not None
+            return w - _f64(base_weights[name])
+        return w - (1.0 if reference == C.REFERENCE_ONES else 0.0)
+
+    def hat(name: str) -> torch.Tensor:
+        t = compressed.tensors[name]
+        return _f64(t.to_dense().float()) - t.offset
+
+    # a module at a time: the whole adapter is never held in float64
+    return compare_task_vectors(Lazy(names, tau), Lazy(names, hat), shapes, compressed.adapter.peft_config)
 
 
-__all__ = ["Fidelity", "ModuleFidelity", "measure_fidelity", "compare_task_vectors", "pair_error"]
+__all__ = ["Fidelity", "ModuleFidelity", "Lazy", "measure_fidelity", "compare_task_vectors", "pair_error"]
