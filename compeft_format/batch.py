@@ -115,9 +115,10 @@ def compress_one(job: Job) -> Result:
         from .fidelity import measure_fidelity
         from .peft_io import check_output, compress_peft, read_checkpoint, read_source
         from .report import inspect
-        from .writer import save
+        from .writer import check_name, save
 
         check_output(job.output, overwrite=job.overwrite, folder=False)
+        check_name(job.output)
         base_weights = None if job.reference is None else read_checkpoint(job.reference)
         sd, config = read_source(job.source)
         ca = compress_peft(job.source, job.config, base_weights=base_weights, base=job.base, tensors=(sd, config),

@@ -374,9 +374,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .fidelity import measure_fidelity
     from .peft_io import check_output, compress_peft, read_checkpoint, read_source
     from .report import inspect
-    from .writer import save
+    from .writer import check_name, save
 
     check_output(a.output, overwrite=a.force, folder=False)
+    check_name(a.output)
     created_at = _created_at(a.created_at)
     if a.max_bytes is not None and a.calibrate is None:
         raise InvalidArgument("--max-bytes needs --calibrate (the density is chosen by the loss)")
@@ -450,9 +451,10 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from .merge import merge
     from .peft_io import check_output
     from .report import inspect
-    from .writer import save
+    from .writer import check_name, save
 
     check_output(a.output, overwrite=a.force, folder=False)
+    check_name(a.output)
     weights = None
     if a.weights is not None:
         try:

@@ -195,6 +195,15 @@ READER_ERROR_CODES = (
     E_TENSOR_DIGEST_MISMATCH,
 )
 
+# --- names other libraries load by themselves ---------------------------------------------------
+#: weight files peft, transformers and diffusers load from a folder by name, whatever they hold: a
+#: compeft file under one of these names would load as a set of unknown tensors (peft then only
+#: warns of missing keys, and the model behaves as its base), so none is written under them
+FOREIGN_WEIGHT_NAMES = frozenset({"adapter_model.safetensors", "model.safetensors", "pytorch_lora_weights.safetensors",
+                                  "diffusion_pytorch_model.safetensors"})
+#: their sharded forms
+FOREIGN_SHARD_PATTERN = r"(model|pytorch_model|adapter_model|diffusion_pytorch_model)-\d+-of-\d+\.(safetensors|bin)"
+
 # --- Hub repositories (spec section 12, informative) -------------------------------------------
 #: The index file a compeft Hub repository carries (``compeft push`` writes it, ``pull`` checks it).
 HUB_INDEX_FILE = "compeft-index.json"

@@ -100,6 +100,21 @@ def _parse_header(f: IO[bytes], size: int, where: str,
     return header, meta, data_start
 
 
+def _folder_hint(folder: Path) -> str:
+    """What to say of a folder given where a compeft file was wanted: that its
+    ``adapter_model.safetensors`` is a compeft file, which peft cannot load, when it is one, or
+    that it is a PEFT folder."""
+    inner = folder / "adapter_model.safetensors"
+    try:
+        if not inner.is_file() or read_safetensors_header(inner)[1].get(C.META_FORMAT) != C.FORMAT_NAME:
+            peft = (folder / "adapter_config.json").is_file()
+            return "; it is a PEFT adapter folder, which `compeft compress` compresses" if peft else ""
+    except (OSError, InputError, NotSafetensors, TruncatedFile, LimitExceeded):
+        return ""
+    return (f"; its {inner.name} is a compeft file, which peft cannot load (it would run as the base model): "
+            f"rename it to NAME.cpeft.safetensors and give that file")
+
+
 def open_regular(path: PathLike) -> tuple[IO[bytes], int]:
     """Open a regular file for reading and return it with its size. A folder, a FIFO, a device or
     a socket is refused (``InputError``) without reading from it: the file is opened
@@ -115,13 +130,13 @@ def open_regular(path: PathLike) -> tuple[IO[bytes], int]:
     except FileNotFoundError:
         raise FileNotFound(f"no such file: {p}", path=str(p)) from None
     except IsADirectoryError:
-        raise InputError(f"{p} is a directory, not a file", path=str(p)) from None
+        raise InputError(f"{p} is a directory, not a file{_folder_hint(p)}", path=str(p)) from None
     except OSError as e:
         raise IOFailure(f"cannot read {p}: {e.strerror or e}", path=str(p)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            kind = f"a directory{_folder_hint(p)}" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise InputError(f"{p} is {kind}", path=str(p))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)

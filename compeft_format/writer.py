@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +198,17 @@ def build(adapter: CompressedAdapter, options: WriterOptions | None = None,
     return manifest, streams, metadata(manifest, opts.manifest_encoding)
 
 
+def check_name(path: PathLike) -> None:
+    """Refuse a name peft, transformers or diffusers load from a folder as their own weights: they
+    would read a compeft file as unknown tensors (peft only warns of missing keys) and the model
+    would behave as its base model."""
+    name = os.path.basename(os.fspath(path))
+    if name in C.FOREIGN_WEIGHT_NAMES or re.fullmatch(C.FOREIGN_SHARD_PATTERN, name):
+        raise InvalidArgument(f"{name} is the name of a weight file peft or transformers loads by itself, and they "
+                              "cannot read a compeft file: name it NAME.cpeft.safetensors (`compeft decompress` "
+                              "writes the PEFT folder)", path=os.fspath(path))
+
+
 def save(adapter: CompressedAdapter, path: PathLike, options: WriterOptions | None = None,
          **changes: Any) -> Manifest:
     """Write a compressed adapter to ``path`` atomically (temporary file, fsync, rename).
@@ -211,9 +223,12 @@ def save(adapter: CompressedAdapter, path: PathLike, options: WriterOptions | No
         The manifest written.
 
     Raises:
-        InvalidArgument, LimitExceeded: before anything is written. FileNotFound: the folder does
-        not exist. IOFailure: the write failed; no partial file is left.
+        InvalidArgument, LimitExceeded: before anything is written (also when ``path`` is named
+        as a weight file peft, transformers or diffusers would load by themselves,
+        ``adapter_model.safetensors`` and the like). FileNotFound: the folder does not exist.
+        IOFailure: the write failed; no partial file is left.
     """
+    check_name(path)
     manifest, streams, meta = build(adapter, _options(options, changes))
 
     def write(tmp: str) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import compeft_format as cf
 from compeft_format.cli import main
+from compeft_format.peft_io import read_source
 from conftest import VECTORS, write_lora_folder
 
 
@@ -280,3 +281,45 @@ def test_compress_shows_its_stages_on_a_terminal(lora_dir, tmp_path):
     assert b"compressing: 1/4" in out and b"writing: 2/4" in out
     out = run_on_terminal("compress", str(lora_dir), "-o", str(tmp_path / "b.cpeft.safetensors"), "--quiet")
     assert b"compressing" not in out and b"smaller than fp16" in out
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "model.safetensors", "pytorch_lora_weights.safetensors",
+                                  "adapter_model-00001-of-00002.safetensors"])
+def test_a_compeft_file_is_never_written_under_a_name_peft_loads(lora_dir, tmp_path, capsys, name):
+    """peft would load such a file as unknown tensors, warn of missing keys and run the base model."""
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    assert main(["compress", str(lora_dir), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "INVALID_ARGUMENT" in err and "NAME.cpeft.safetensors" in err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert main(["merge", str(lora_dir), str(lora_dir), "-o", str(out)]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err and not out.exists()
+    sd, config = read_source(lora_dir)
+    ca = cf.compress(sd, peft_config=config)
+    with pytest.raises(cf.InvalidArgument, match="loads by itself"):
+        cf.save(ca, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_peft_folder_holding_a_compeft_file_is_named_for_what_it_is(lora_dir, tmp_path, capsys):
+    """A compeft file copied into a PEFT folder as adapter_model.safetensors (which peft would load
+    as the base model, warning only of missing keys): every command given the folder says so."""
+    packed = tmp_path / "a.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(packed), "--quiet"]) == 0
+    bad = tmp_path / "renamed"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_bytes((lora_dir / "adapter_config.json").read_bytes())
+    (bad / "adapter_model.safetensors").write_bytes(packed.read_bytes())
+    capsys.readouterr()
+    for args in (["inspect", str(bad)], ["validate", str(bad)], ["decompress", str(bad), "-o", str(tmp_path / "x")],
+                 ["compress", str(bad), "-o", str(tmp_path / "y.cpeft")]):
+        assert main(args) == 1, args
+        out = capsys.readouterr()
+        line = (out.err or out.out).strip()
+        assert "\n" not in line and "compeft file" in line, args
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.cpeft").exists()
+    with pytest.raises(cf.InputError, match="peft cannot load"):
+        cf.load(bad)
+    assert main(["inspect", str(lora_dir)]) == 1
+    assert "PEFT adapter folder, which `compeft compress` compresses" in capsys.readouterr().err

@@ -820,9 +820,11 @@ def test_a_card_whose_front_matter_cannot_be_read_is_left_alone(hub, tmp_path):
 
 def test_files_named_as_peft_or_transformers_files_are_not_pushed(hub, tmp_path):
     endpoint, _ = hub
-    f = adapter_file(tmp_path, name="adapter_model.safetensors")
-    with pytest.raises(cf.InvalidArgument, match="rename it"):
-        cf.push(f, "me/x", endpoint=endpoint, token=TOKEN)
+    for name in ("adapter_model.safetensors", "model-00001-of-00002.safetensors", "config.json"):
+        f = adapter_file(tmp_path)  # save refuses the names peft loads: a user renames the file afterwards
+        renamed = f.rename(f.with_name(name))
+        with pytest.raises(cf.InvalidArgument, match="rename it"):
+            cf.push(renamed, "me/x", endpoint=endpoint, token=TOKEN)
 
 
 @pytest.mark.parametrize("xet", ["1", ""], ids=["xet-disabled", "xet-as-installed"])

@@ -60,9 +60,9 @@ PUSH_ATTEMPTS = 5
 #: the largest model card push reads to merge its section into
 MAX_CARD_BYTES = 1 << 20
 #: names a pushed file may not take: peft and transformers read them as their own
-RESERVED_NAMES = frozenset({"adapter_model.safetensors", "adapter_model.bin", "adapter_config.json",
-                            "model.safetensors", "pytorch_model.bin", "config.json", "README.md", C.HUB_INDEX_FILE})
-SHARD_NAME = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
+RESERVED_NAMES = C.FOREIGN_WEIGHT_NAMES | {"adapter_model.bin", "adapter_config.json", "pytorch_model.bin", "config.json",
+                                          "README.md", C.HUB_INDEX_FILE}
+SHARD_NAME = re.compile(C.FOREIGN_SHARD_PATTERN)
 _R = TypeVar("_R")
 
 
