@@ -192,13 +192,17 @@ def compress_peft(src: PathLike, method: CompeftConfig | None = None, /, *,
 
 def check_output(path: PathLike, *, overwrite: bool, folder: bool) -> Path:
     """``path`` as an output the caller may write: absent (or, for a folder, an empty folder), or
-    anything but the other kind when ``overwrite``.
+    anything but the other kind when ``overwrite``, in a folder that exists.
 
     Raises:
+        FileNotFound: the folder to put it in does not exist.
         InvalidArgument: it exists and ``overwrite`` is false, or it is a folder where a file is
-            wanted (or the reverse).
+            wanted (or the reverse), or a symbolic link.
     """
     p = Path(path)
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise FileNotFound(f"the folder of the output does not exist: {parent}", path=str(parent))
     if not (p.exists() or p.is_symlink()):
         return p
     if p.is_dir() != folder or p.is_symlink():

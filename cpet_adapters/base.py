@@ -48,6 +48,7 @@ from compeft_format.errors import (
 )
 from compeft_format.fileio import atomic_folder
 from compeft_format.hf_models import is_causal_lm
+from compeft_format.peft_io import check_output
 
 from .prune import step_mask
 from .quantize import check_rtn, library_version, quantise, quiet_imports
@@ -440,16 +441,6 @@ def _source_folder(source: str | os.PathLike[str]) -> Path:
     return src
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if not out.parent.is_dir():
-        raise FileNotFound(f"the folder of the output does not exist: {out.parent}", path=str(out.parent))
-    if overwrite or not (out.exists() or out.is_symlink()):
-        return
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return
-    raise InvalidArgument(f"{out} exists and is not an empty folder; pass overwrite=True to replace it", path=str(out))
-
-
 #: ``quant_method`` of a source config whose safetensors weights are plain floats all the same: a
 #: GGUF model converted with ``from_pretrained(gguf_file=...)`` and saved keeps it in its config
 FLOAT_QUANT_METHODS = ("gguf",)
@@ -538,7 +529,7 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     src = _source_folder(source)
     out = Path(output)
     recipe = _as_recipe(recipe)
-    _check_output(out, overwrite)
+    check_output(out, overwrite=overwrite, folder=True)
     if packed is not None:
         if packed not in PACKED_FORMATS:
             raise InvalidArgument(f"packed format {packed!r} is not one of {list(PACKED_FORMATS)}")
@@ -604,7 +595,7 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     try:
         atomic_folder(out, fill, replace=overwrite)
     except InvalidArgument:  # written meanwhile by another process
-        _check_output(out, overwrite)
+        check_output(out, overwrite=overwrite, folder=True)
         raise
     return CompressedBase(out, bound[0], stats, recipe, targets)
 

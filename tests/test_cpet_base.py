@@ -464,6 +464,15 @@ def test_missing_source_existing_output_and_bad_recipe_are_typed_errors(source, 
     empty.mkdir()
     B.compress_base(source, empty, "2:4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"]
+    # the same output checks as every other command: a file is not replaced by a folder, even
+    # with overwrite, and the output's folder must exist
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    with pytest.raises(InvalidArgument, match="give the folder to write"):
+        B.compress_base(source, a_file, "int8", overwrite=True)
+    assert a_file.read_text() == "mine"
+    with pytest.raises(FileNotFound, match="folder of the output does not exist"):
+        B.compress_base(source, tmp_path / "no" / "out", "int8")
 
 
 def test_a_float_copy_of_a_gguf_model_is_compressed_and_a_quantised_checkpoint_refused(source, tmp_path):
