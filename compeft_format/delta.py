@@ -22,7 +22,7 @@ from . import binding
 from . import constants as C
 from .errors import InvalidArgument, ModelMismatch, NotSafetensors
 from .fileio import atomic_folder
-from .peft_io import check_output
+from .peft_io import check_output, no_subfolder
 from .reader import CompeftFile
 
 PathLike = str | os.PathLike[str]
@@ -40,19 +40,22 @@ def apply_delta(path: PathLike, base: PathLike, output: PathLike, *, overwrite: 
     weights are written as safetensors shards of at most ``max_shard_size`` (with an index when
     there are several), beside a copy of the base folder's other files (``config.json``, the
     tokenizer's files, ...). The folder is published whole; an existing one is replaced only with
-    ``overwrite``.
+    ``overwrite``, and only when it is a model folder (``config.json``, no subfolders) that holds
+    neither input.
 
     Returns:
         The files of ``output``.
 
     Raises:
-        InvalidArgument: the file does not store deltas, or ``output`` exists.
+        InvalidArgument: the file does not store deltas, or ``output`` exists (and may not be
+            replaced).
         BaseMismatch: the file records a base fingerprint that ``base`` does not have (unless
             ``check_base`` is false).
         ModelMismatch: a delta names a tensor ``base`` lacks, or has another shape.
         and the errors of reading the file (``open_file``) and the checkpoint.
     """
-    out = check_output(output, overwrite=overwrite, folder=True)
+    out = check_output(output, overwrite=overwrite, folder=True, inputs=[path, base],
+                       replaceable=lambda folder: (folder / "config.json").is_file() and no_subfolder(folder))
     with CompeftFile(path) as f:
         m = f.manifest
         if m.adapter.representation != C.REPRESENTATION_DELTA:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,14 +190,21 @@ def compress_peft(src: PathLike, method: CompeftConfig | None = None, /, *,
     return compress(sd, method, **kwargs)
 
 
-def check_output(path: PathLike, *, overwrite: bool, folder: bool) -> Path:
+def check_output(path: PathLike, *, overwrite: bool, folder: bool, inputs: Sequence[PathLike] = (),
+                 replaceable: Callable[[Path], bool] | None = None) -> Path:
     """``path`` as an output the caller may write: absent (or, for a folder, an empty folder), or
     anything but the other kind when ``overwrite``, in a folder that exists.
+
+    A folder is replaced whole, so with ``overwrite`` it must also hold none of the command's
+    ``inputs`` and be one the command would have written (``replaceable``, e.g. a PEFT folder for
+    ``decompress``; by default one without subfolders): ``--force`` never deletes a user's other
+    files.
 
     Raises:
         FileNotFound: the folder to put it in does not exist.
         InvalidArgument: it exists and ``overwrite`` is false, or it is a folder where a file is
-            wanted (or the reverse), or a symbolic link.
+            wanted (or the reverse), or a symbolic link; a folder that ``overwrite`` may not
+            replace.
     """
     p = Path(path)
     parent = p.absolute().parent
@@ -213,7 +220,28 @@ def check_output(path: PathLike, *, overwrite: bool, folder: bool) -> Path:
     if not overwrite:
         raise InvalidArgument(f"{p} exists{' and is not empty' if folder else ''}; pass --force (overwrite=True) "
                               f"to replace it", path=str(p))
+    if folder:
+        here = p.resolve()
+        for i in inputs:
+            q = Path(i).resolve()
+            if q == here or here in q.parents:
+                raise InvalidArgument(f"{p} holds {i}, which this command reads: --force would delete it with the "
+                                      "folder; write elsewhere", path=str(p))
+        if not (replaceable or no_subfolder)(p):
+            shown = ", ".join(sorted(e.name for e in p.iterdir())[:3])
+            raise InvalidArgument(f"{p} holds files this command did not write ({shown}, ...): --force replaces only "
+                                  "a folder of its own earlier output; give a new or empty folder", path=str(p))
     return p
+
+
+def no_subfolder(folder: Path) -> bool:
+    return not any(e.is_dir() for e in folder.iterdir())
+
+
+def holds_only(*names: str) -> Callable[[Path], bool]:
+    """A ``replaceable`` test for ``check_output``: every entry of the folder is one of ``names``."""
+    allowed = frozenset(names)
+    return lambda folder: all(e.name in allowed for e in folder.iterdir())
 
 
 def decompress_to_file(src: PathLike, out: PathLike, *, dtype: str | torch.dtype | None = None,
@@ -246,13 +274,16 @@ def decompress_to_peft(src: PathLike, out_dir: PathLike, *, dtype: str | torch.d
                        overwrite: bool = False) -> list[Path]:
     """Verify a compeft file fully, then write it out as a PEFT adapter folder, published whole
     (``fileio.atomic_folder``): an existing folder that is not empty is refused unless
-    ``overwrite``, which replaces it, so that no file of an earlier adapter stays in it. Returns
-    the paths written.
+    ``overwrite``, which replaces it, so that no file of an earlier adapter stays in it; only a
+    folder of PEFT adapter files (``adapter_config.json``, ``adapter_model.safetensors`` or
+    ``.bin``, ``README.md``) is replaced. Returns the paths written.
 
     Raises:
-        InvalidArgument: ``out_dir`` exists, is not an empty folder, and ``overwrite`` is false.
+        InvalidArgument: ``out_dir`` exists, is not an empty folder, and ``overwrite`` is false
+            or it holds other files (or ``src``).
     """
-    out = check_output(out_dir, overwrite=overwrite, folder=True)
+    out = check_output(out_dir, overwrite=overwrite, folder=True, inputs=[src],
+                       replaceable=holds_only(ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, "README.md"))
     with CompeftFile(src) as f:
         if f.manifest.adapter.representation == C.REPRESENTATION_DELTA:
             raise InvalidArgument(f"{src} stores the deltas of a full fine-tune, which no PEFT folder holds: rebuild "
@@ -266,5 +297,5 @@ def decompress_to_peft(src: PathLike, out_dir: PathLike, *, dtype: str | torch.d
 
 
 __all__ = ["read_source", "write_peft_folder", "compress_peft", "decompress_to_peft", "load_safetensors_state_dict",
-           "check_output", "decompress_to_file", "read_checkpoint", "is_model_checkpoint", "full_weights",
+           "check_output", "holds_only", "no_subfolder", "decompress_to_file", "read_checkpoint", "is_model_checkpoint", "full_weights",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_WEIGHTS_BIN"]

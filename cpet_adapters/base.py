@@ -522,14 +522,15 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     Raises:
         FileNotFound: no source folder, or no folder to put ``output`` in.
         InputError: the source is not a loadable transformers folder with safetensors weights.
-        InvalidArgument: a bad recipe or calibration, ``output`` exists and is not empty.
+        InvalidArgument: a bad recipe or calibration, ``output`` exists and is not empty (with
+            ``overwrite``: is not a compressed base, or holds the source).
         IOFailure: the output could not be written.
         and those of ``compress_model_``.
     """
     src = _source_folder(source)
     out = Path(output)
     recipe = _as_recipe(recipe)
-    check_output(out, overwrite=overwrite, folder=True)
+    check_output(out, overwrite=overwrite, folder=True, inputs=[src], replaceable=_is_compressed_base)
     if packed is not None:
         if packed not in PACKED_FORMATS:
             raise InvalidArgument(f"packed format {packed!r} is not one of {list(PACKED_FORMATS)}")
@@ -595,7 +596,7 @@ def compress_base(source: str | os.PathLike[str], output: str | os.PathLike[str]
     try:
         atomic_folder(out, fill, replace=overwrite)
     except InvalidArgument:  # written meanwhile by another process
-        check_output(out, overwrite=overwrite, folder=True)
+        check_output(out, overwrite=overwrite, folder=True, inputs=[src], replaceable=_is_compressed_base)
         raise
     return CompressedBase(out, bound[0], stats, recipe, targets)
 
@@ -639,6 +640,11 @@ def _save_compressed_tensors(model: Any, targets: Sequence[str], recipe: Recipe,
     compressor.update_config(folder)
     return {"format": "compressed-tensors", "quantization_format": fmt,
             "library_version": compressed_tensors.__version__}
+
+
+def _is_compressed_base(folder: Path) -> bool:
+    """A folder ``overwrite`` may replace: a compressed base written earlier."""
+    return (folder / DESCRIPTOR).is_file()
 
 
 def _write_descriptor(folder: Path, descriptor: Mapping[str, Any]) -> None:

@@ -86,6 +86,34 @@ def test_decompress_never_leaves_stale_files(lora_dir, tmp_path, capsys):
     assert main(["decompress", str(packed), "-o", str(empty)]) == 0  # an empty folder is fine
 
 
+def test_force_never_deletes_the_input_or_files_the_command_did_not_write(lora_dir, tmp_path, capsys):
+    """--force replaces a folder whole: only one of the command's own earlier outputs, never a
+    folder holding its input or someone's other files."""
+    work = tmp_path / "work"
+    work.mkdir()
+    packed = work / "a.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(packed), "--quiet"]) == 0
+    (work / "thesis.tex").write_text("years of work")
+    (work / "sub").mkdir()
+    capsys.readouterr()
+    assert main(["decompress", str(packed), "-o", str(work), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which this command reads" in err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    (other / "adapter_config.json").write_text("{}")
+    assert main(["decompress", str(packed), "-o", str(other), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "did not write" in err and "thesis.tex" in err
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    assert main(["decompress", str(packed), "-o", str(nested), "--force"]) == 1
+    assert sorted(p.name for p in work.iterdir()) == ["a.cpeft.safetensors", "sub", "thesis.tex"]
+    assert (other / "thesis.tex").read_text() == "years of work" and (nested / "sub").is_dir()
+    cf.verify(packed)
+
+
 def test_inspect_checks_every_file_and_says_what_it_means(lora_dir, tmp_path, capsys):
     good = tmp_path / "a.cpeft.safetensors"
     assert main(["compress", str(lora_dir), "-o", str(good)]) == 0

@@ -457,9 +457,15 @@ def test_missing_source_existing_output_and_bad_recipe_are_typed_errors(source, 
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InvalidArgument, match="overwrite"):
         B.compress_base(source, out, "int8")
+    with pytest.raises(InvalidArgument, match="did not write"):  # overwrite replaces only a compressed base
+        B.compress_base(source, out, "int8", overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    B.compress_base(source, out, "int8", overwrite=True)
-    assert not (out / "keep.txt").exists() and B.load_compressed_base(out).recipe == Recipe.parse("int8")
+    (out / "keep.txt").unlink()
+    B.compress_base(source, out, "int8")
+    B.compress_base(source, out, "2:4", overwrite=True)
+    assert B.load_compressed_base(out).recipe == Recipe.parse("2:4")
+    with pytest.raises(InvalidArgument, match="which this command reads"):
+        B.compress_base(out, out, "int8", overwrite=True)
     empty = tmp_path / "empty"
     empty.mkdir()
     B.compress_base(source, empty, "2:4")

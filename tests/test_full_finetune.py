@@ -73,8 +73,17 @@ def test_compress_then_apply_delta_rebuilds_the_fine_tune(models, tmp_path, caps
     with torch.no_grad():
         assert torch.allclose(rebuilt(ids).logits, ft(ids).logits, atol=1e-5)
 
-    # an existing folder is replaced only with --force; another base is refused by its fingerprint
+    # an existing folder is replaced only with --force, and only a model folder that holds no input;
+    # another base is refused by its fingerprint
     assert main(["apply-delta", str(packed), "--base", str(base_dir), "-o", str(out)]) == 1
+    assert main(["apply-delta", str(packed), "--base", str(base_dir), "-o", str(out), "--force"]) == 0
+    assert main(["apply-delta", str(packed), "--base", str(base_dir), "-o", str(base_dir), "--force"]) == 1
+    assert "which this command reads" in capsys.readouterr().err
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert main(["apply-delta", str(packed), "--base", str(base_dir), "-o", str(notes), "--force"]) == 1
+    assert "did not write" in capsys.readouterr().err and (notes / "todo.txt").read_text() == "mine"
     tiny_llama(5).save_pretrained(tmp_path / "other")
     assert main(["apply-delta", str(packed), "--base", str(tmp_path / "other"), "-o", str(tmp_path / "o2")]) == 1
     assert "BASE_MISMATCH" in capsys.readouterr().err and not (tmp_path / "o2").exists()
