@@ -520,11 +520,19 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
         by_target.setdefault(target, {})[kr.role.name] = tensors[key]
     new: dict[str, torch.Tensor] = {}
     with torch.no_grad():
+        # weights the file stores whole come first: a LoRA on lm_head or the embeddings goes on top
+        # of the layer's own weight that peft saved beside it (save_embedding_layers)
+        for name in lay.full:
+            stored = next(iter(by_target[name].values()))
+            if m.adapter.representation == C.REPRESENTATION_DELTA:
+                new[name] = params[name].to(torch.float32) + scale * stored
+            else:
+                new[name] = stored
         for mod in lay.lora:
             name = f"{mod}.weight"
             assert config is not None
             # in the (out, in) orientation, which a Conv1D weight (fan_in_fan_out) stores transposed
-            w = params[name].to(torch.float32)
+            w = new[name] if name in new else params[name].to(torch.float32)
             w = w.T if transposed[mod] else w
             a, b = by_target[mod]["lora_A"], by_target[mod]["lora_B"]
             merged = w + scale * lora_scaling(config, mod, a.shape[0]) * (b @ a)
@@ -534,13 +542,7 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
             new[name] = merged.T if transposed[mod] else merged
         for mod in lay.ia3:
             name = f"{mod}.weight"
-            new[name] = params[name].to(torch.float32) * by_target[mod]["ia3"]
-        for name in lay.full:
-            stored = next(iter(by_target[name].values()))
-            if m.adapter.representation == C.REPRESENTATION_DELTA:
-                new[name] = params[name].to(torch.float32) + scale * stored
-            else:
-                new[name] = stored
+            new[name] = (new[name] if name in new else params[name].to(torch.float32)) * by_target[mod]["ia3"]
         originals = {name: params[name].detach().clone() for name in new}
         for name, value in new.items():
             params[name].copy_(value.to(params[name].dtype))

@@ -42,10 +42,13 @@ LORA_RICH = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "d
                        rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, modules_to_save=["lm_head"])
 DORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=True)
 IA3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+#: peft saves lm_head's own weight beside its LoRA factors (save_embedding_layers="auto")
+LORA_LM_HEAD = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", [LORA_RICH, DORA, IA3], ids=["lora-patterns-modules_to_save", "dora", "ia3"])
+@pytest.mark.parametrize("config", [LORA_RICH, DORA, IA3, LORA_LM_HEAD],
+                         ids=["lora-patterns-modules_to_save", "dora", "ia3", "lora-lm_head"])
 def test_load_adapter_equals_peft_loading_the_decompressed_folder(tmp_path, config, device):
     path = compressed(tmp_path, config)
     dest = tmp_path / "restored"
@@ -93,7 +96,8 @@ def test_several_adapters_side_by_side_switch_and_remove(tmp_path):
     torch.testing.assert_close(logits(both), only_b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", [LORA_RICH, DORA, IA3], ids=["lora-patterns-modules_to_save", "dora", "ia3"])
+@pytest.mark.parametrize("config", [LORA_RICH, DORA, IA3, LORA_LM_HEAD],
+                         ids=["lora-patterns-modules_to_save", "dora", "ia3", "lora-lm_head"])
 def test_merge_and_unmerge(tmp_path, config):
     path = compressed(tmp_path, config)
     reference = cf.load_adapter(base_model(), path)
