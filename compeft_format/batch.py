@@ -40,24 +40,46 @@ def _is_model_folder(p: Path) -> bool:
     return p.is_dir() and is_model_checkpoint(p)  # as read_source, which compresses it, tells them apart
 
 
+#: how deep ``find_adapters`` looks into folders that hold adapters
+MAX_DEPTH = 3
+
+
 def find_adapters(folder: PathLike) -> dict[str, Path]:
     """The adapters in ``folder``, by the name their output takes: the folder's own adapter
     (``default``, as peft names the adapter it saves at the top of a multi-adapter folder), each
     sub-folder holding an adapter or a model checkpoint (its name), and each ``.safetensors``
-    state dict beside them (its name without the suffix). Compressed files and hidden entries are
-    skipped."""
+    state dict beside them (its name without the suffix). A sub-folder's own sub-folders of
+    adapters (a multi-adapter folder among others, or a folder grouping adapters) are found too,
+    down to ``MAX_DEPTH`` levels, named ``folder.adapter``. Compressed files and hidden entries are
+    skipped.
+
+    Raises:
+        InvalidArgument: two adapters would take the same name.
+    """
     root = Path(folder)
     found: dict[str, Path] = {}
+
+    def add(name: str, p: Path) -> None:
+        if name in found:
+            raise InvalidArgument(f"{found[name]} and {p} would both be compressed to {name}{SUFFIX}: rename one")
+        found[name] = p
+
+    def walk(d: Path, prefix: str, depth: int) -> None:
+        for p in sorted(d.iterdir()):
+            if p.name.startswith("."):
+                continue
+            name = prefix + p.name
+            if _is_adapter_folder(p) or _is_model_folder(p):
+                add(name, p)
+            elif p.is_file() and p.name.endswith(".safetensors") and not p.name.endswith(SUFFIX) \
+                    and p.name not in ("adapter_model.safetensors", "model.safetensors"):
+                add(name[: -len(".safetensors")], p)
+            if p.is_dir() and not p.is_symlink() and depth < MAX_DEPTH and not _is_model_folder(p):
+                walk(p, name + ".", depth + 1)
+
     if _is_adapter_folder(root):
-        found["default"] = root
-    for p in sorted(root.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if _is_adapter_folder(p) or _is_model_folder(p):
-            found[p.name] = p
-        elif p.is_file() and p.name.endswith(".safetensors") and not p.name.endswith(SUFFIX) \
-                and p.name not in ("adapter_model.safetensors", "model.safetensors"):
-            found[p.name[: -len(".safetensors")]] = p
+        add("default", root)
+    walk(root, "", 1)
     return found
 
 

@@ -68,6 +68,13 @@ def read(path: PathLike) -> Source:
                 m = f.manifest
                 tensors = f.state_dict(dtype=torch.float32, verify=True)
                 return Source(p.name, tensors, dict(m.adapter.peft_config or {}), m.base_model)
+    from .batch import several_adapters
+
+    found = several_adapters(p)
+    if found is not None:
+        names = ", ".join(list(found)[:6]) + (" ..." if len(found) > 6 else "")
+        raise InvalidArgument(f"{p} holds {len(found)} adapters ({names}): give each adapter to merge by its own "
+                              "folder", path=str(p))
     tensors, config = read_source(p)
     base = BaseBinding(id=(config or {}).get("base_model_name_or_path"))
     return Source(p.name, {k: v.to(torch.float32) for k, v in tensors.items()}, dict(config or {}), base)

@@ -195,6 +195,27 @@ def test_a_folder_of_several_adapters_compresses_them_all(tmp_path, capsys, monk
     assert cf.verify(out / "other.cpeft.safetensors").adapter.peft_config["target_modules"] == ["k_proj"]
 
 
+def test_multi_adapter_folders_among_others_keep_every_adapter(tmp_path, capsys, monkeypatch):
+    """A multi-adapter folder inside a folder of adapters, and adapters grouped in a plain folder:
+    every adapter is compressed (none is dropped), named by its path; merge refuses such a folder
+    rather than merging its top adapter alone."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    src = tmp_path / "adapters"
+    _peft_folder_with_two_adapters(src / "multi")
+    _peft_folder_with_two_adapters(src / "group" / "inner")
+    out = tmp_path / "packed"
+    assert main(["compress", str(src), "-o", str(out), "--jobs", "1", "--quiet"]) == 0
+    assert "4 of 4 adapters compressed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "group.inner.cpeft.safetensors", "group.inner.other.cpeft.safetensors",
+        "multi.cpeft.safetensors", "multi.other.cpeft.safetensors"]
+    assert cf.verify(out / "multi.other.cpeft.safetensors").adapter.peft_config["target_modules"] == ["k_proj"]
+    assert main(["merge", str(src / "multi"), str(src / "group" / "inner"), "-o", str(tmp_path / "m.cpeft")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds 2 adapters (default, other)" in err
+    assert not (tmp_path / "m.cpeft").exists()
+
+
 def test_one_failing_adapter_is_named_and_the_others_are_written(tmp_path, capsys):
     src = tmp_path / "many"
     src.mkdir()
