@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="merge adapters (compressed files or PEFT folders) into one compressed file")
     mg.add_argument("sources", nargs="+", metavar="ADAPTER", help="two or more: all LoRA or all (IA)3, one base")
     mg.add_argument("-o", "--output", required=True, help="the merged file (.cpeft.safetensors)")
-    mg.add_argument("--method", choices=("task-arithmetic", "ties", "dare"), default="task-arithmetic")
+    mg.add_argument("--method", choices=("task-arithmetic", "ties", "dare"), default="task-arithmetic",
+                    help="how the updates combine (default task-arithmetic: their weighted sum, exactly)")
     mg.add_argument("--weights", default=None, metavar="W1,W2,...",
                     help="one per adapter (default 1 each): task arithmetic and DARE scale each update by it, TIES "
                          "weighs each in its sign election and mean")
@@ -127,8 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"ComPEFT density of the merged file (default {C.DEFAULT_DENSITY}; 1 with --mode prune "
                          "keeps every value)")
     mg.add_argument("--mode", choices=C.MODES, default=C.MODE_TERNARY)
+    mg.add_argument("--any-base", action="store_true",
+                    help="merge adapters whose recorded base models have different names (the same model saved "
+                         "under two names); base fingerprints that differ are refused all the same")
+    mg.add_argument("--created-at", default=None, metavar="TIME",
+                    help="the time the file records as made, YYYY-MM-DDTHH:MM:SSZ (default now, or "
+                         "SOURCE_DATE_EPOCH)")
     mg.add_argument("--force", action="store_true", help="replace the output file when it exists")
-    mg.add_argument("--json", action="store_true")
+    mg.add_argument("--json", action="store_true", help="print the result as JSON")
 
     ad = sub.add_parser("apply-delta", help="rebuild a full fine-tune: a base model folder plus a file's deltas")
     ad.add_argument("file", help="a compeft file of deltas (compress --reference BASE)")
@@ -461,8 +468,12 @@ def cmd_merge(a: argparse.Namespace) -> int:
             weights = [float(x) for x in a.weights.split(",")]
         except ValueError:
             raise InvalidArgument(f"--weights must be numbers separated by commas, got {a.weights!r}") from None
-    sd, config, base = merge(a.sources, method=a.method, weights=weights, density=a.keep, rank=a.rank, seed=a.seed)
-    ca = compress(sd, peft_config=config, base=base, density=a.density, mode=a.mode,
+    if not (0 < a.keep <= 1):
+        raise InvalidArgument(f"--keep must be in (0, 1], got {a.keep:g}")
+    created_at = _created_at(a.created_at)
+    sd, config, base = merge(a.sources, method=a.method, weights=weights, density=a.keep, rank=a.rank, seed=a.seed,
+                             any_base=a.any_base)
+    ca = compress(sd, peft_config=config, base=base, density=a.density, mode=a.mode, created_at=created_at,
                   source=f"merge ({a.method}) of " + ", ".join(Path(s).name for s in a.sources))
     save(ca, a.output)
     r = inspect(a.output)

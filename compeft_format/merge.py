@@ -80,7 +80,7 @@ def read(path: PathLike) -> Source:
     return Source(p.name, {k: v.to(torch.float32) for k, v in tensors.items()}, dict(config or {}), base)
 
 
-def _check_sources(sources: Sequence[Source]) -> str:
+def _check_sources(sources: Sequence[Source], any_base: bool = False) -> str:
     """The PEFT type all sources share; refuses what cannot be merged."""
     if len(sources) < 2:
         raise InvalidArgument("merging needs two adapters or more")
@@ -104,7 +104,21 @@ def _check_sources(sources: Sequence[Source]) -> str:
     if len(fingerprints) > 1:
         raise ConfigMismatch("the adapters were made for different base weights (their base fingerprints differ); "
                              "adapters merge only on the base they share")
+    named = {s.name: base_name(s.base.id) for s in sources if base_name(s.base.id)}
+    if not any_base and len(set(named.values())) > 1 and \
+            not (len(fingerprints) == 1 and all(s.base.fingerprint is not None for s in sources)):
+        shown = ", ".join(f"{s.name} for {s.base.id}" for s in sources if s.name in named)
+        raise ConfigMismatch(f"the adapters were made for base models of different names ({shown}); adapters merge "
+                             "only on the base they share (--any-base, any_base=True, when the names are one model's)")
     return ptype
+
+
+def base_name(ref: str | None) -> str | None:
+    """The name a base model reference ends with, lower-cased: ``HuggingFaceTB/SmolLM2-135M`` and
+    ``/models/smollm2-135m/`` name one model."""
+    if not ref or not ref.strip("/"):
+        return None
+    return ref.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def combine(taus: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float,
@@ -149,7 +163,7 @@ def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def merge(paths: Sequence[PathLike], *, method: str = "task-arithmetic", weights: Sequence[float] | None = None,
           density: float = DEFAULT_DENSITY, rank: int | None = None,
-          seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any], BaseBinding]:
+          seed: int = 0, any_base: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], BaseBinding]:
     """Merge the adapters at ``paths`` (compressed files or PEFT folders, all LoRA or all (IA)3,
     made for the same base) into one.
 
@@ -160,6 +174,8 @@ def merge(paths: Sequence[PathLike], *, method: str = "task-arithmetic", weights
         density: the fraction TIES keeps of each task vector, and DARE keeps of each element.
         rank: the rank of a merged LoRA made by TIES or DARE (default the sum of the ranks).
         seed: DARE's random drops.
+        any_base: merge adapters whose recorded base models have different names (one model
+            saved under two names); different base fingerprints are refused all the same.
 
     Returns:
         (PEFT state dict, PEFT config, the base binding the adapters share).
@@ -167,7 +183,8 @@ def merge(paths: Sequence[PathLike], *, method: str = "task-arithmetic", weights
     Raises:
         InvalidArgument: bad method, weights, density or rank; fewer than two adapters.
         UnsupportedAdapter: other PEFT types, or parts that do not merge (DoRA, biases, ...).
-        ConfigMismatch: adapters for different base weights, or modules whose shapes differ.
+        ConfigMismatch: adapters for different base weights (fingerprints) or, unless
+            ``any_base``, base models of different names; modules whose shapes differ.
     """
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -176,7 +193,7 @@ def merge(paths: Sequence[PathLike], *, method: str = "task-arithmetic", weights
     if rank is not None and rank < 1:
         raise InvalidArgument(f"rank must be at least 1, got {rank!r}")
     sources = [read(p) for p in paths]
-    ptype = _check_sources(sources)
+    ptype = _check_sources(sources, any_base)
     w = [1.0] * len(sources) if weights is None else [float(x) for x in weights]
     if len(w) != len(sources) or not all(math.isfinite(x) for x in w):
         raise InvalidArgument(f"give one finite weight per adapter ({len(sources)}), got {list(weights or [])}")

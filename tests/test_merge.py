@@ -131,3 +131,34 @@ def test_what_does_not_merge_is_refused(tmp_path, capsys):
     assert main(["merge", str(other), str(tmp_path / "other2.cpeft.safetensors"), "-o",
                  str(tmp_path / "y.cpeft.safetensors")]) == 1
     assert "CONFIG_MISMATCH" in capsys.readouterr().err
+
+
+def test_adapters_for_base_models_of_other_names_are_refused_unless_told(tmp_path, capsys, monkeypatch):
+    """Without fingerprints the recorded base names decide: a Llama adapter and a GPT-2 adapter do
+    not merge; one model under a hub id and a local path of the same name does; --any-base
+    overrides names, never fingerprints; --keep out of range names the flag; --created-at pins
+    the file."""
+    import json
+
+    def with_base(name: str, base: str, seed: int):
+        folder = adapter(tmp_path, name, LoraConfig(r=4, target_modules=["q_proj"]), seed, compressed=False)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+        return folder
+
+    llama = with_base("llama", "HuggingFaceTB/SmolLM2-135M", 1)
+    same = with_base("same", "/models/smollm2-135m/", 2)
+    gpt2 = with_base("gpt2", "openai-community/gpt2", 3)
+    out = tmp_path / "m.cpeft.safetensors"
+    capsys.readouterr()
+    assert main(["merge", str(llama), str(gpt2), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CONFIG_MISMATCH" in err and "openai-community/gpt2" in err and "--any-base" in err
+    assert not out.exists()
+    assert main(["merge", str(llama), str(same), "-o", str(out), "--created-at", "2024-01-02T03:04:05Z"]) == 0
+    assert cf.verify(out).provenance.created_at == "2024-01-02T03:04:05Z"
+    assert main(["merge", str(llama), str(gpt2), "-o", str(tmp_path / "any.cpeft"), "--any-base"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(llama), str(same), "-o", str(tmp_path / "k.cpeft"), "--method", "ties",
+                 "--keep", "1.5"]) == 1
+    assert "--keep must be in (0, 1]" in capsys.readouterr().err
