@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("sign", help="verify files and write their signatures (FILE.sig)")
     sg.add_argument("files", nargs="+", metavar="FILE")
     sg.add_argument("--key", required=True, metavar="KEY", help="private key (from compeft keygen)")
+    sg.add_argument("--force", action="store_true", help="replace a signature there by another key")
     sg.add_argument("--json", action="store_true", help="one JSON object per file")
 
     i = sub.add_parser("inspect", help="show tensors, encodings, sizes and ratios; exit 1 if a file is not valid")
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("repo", metavar="NAMESPACE/NAME[@REVISION]")
     pl.add_argument("-o", "--output", default=None, help="folder for the verified files")
     pl.add_argument("--to-peft", action="store_true", help="write PEFT adapter folder(s) instead of the files")
+    pl.add_argument("--force", action="store_true",
+                    help="replace files in -o that an earlier pull did not write (an update of one replaces them)")
     pl.add_argument("--base-model", default=None, metavar="ID", help="refuse artifacts made for another base model id")
     pl.add_argument("--base", default=None, metavar="PATH",
                     help="refuse artifacts not bound to these base weights (a safetensors checkpoint)")
@@ -559,7 +562,7 @@ def cmd_sign(a: argparse.Namespace) -> int:
 
     key = signing.load_private_key(a.key)
     for path in a.files:
-        dest = signing.sign(path, key)
+        dest = signing.sign(path, key, overwrite=a.force)
         fingerprint = signing.key_fingerprint(key)
         print(json.dumps({"path": path, "signature": str(dest), "signed_by": fingerprint}) if a.json
               else f"{dest}: {path} signed by key {fingerprint}")
@@ -638,7 +641,8 @@ def cmd_pull(a: argparse.Namespace) -> int:
         raise InvalidArgument("--to-peft writes PEFT adapter folders into -o FOLDER; give one")
     _quiet_hub_logging()
     r = pull(a.repo, local_dir=a.output, to_peft=a.to_peft, base_model=a.base_model, base=a.base,
-             require_signature=a.require_signature, endpoint=a.endpoint, token=a.token, cache_dir=a.cache_dir)
+             require_signature=a.require_signature, endpoint=a.endpoint, token=a.token, cache_dir=a.cache_dir,
+             overwrite=a.force)
     if a.json:
         print(json.dumps({"repo": r.repo_id, "commit": r.commit, "files": [
             {"path": str(p), "artifact": art.path, "sha256": art.sha256, "signed_by": r.signers.get(art.path)}

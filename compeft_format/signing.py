@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import constants as C
 from .errors import (
+    CompeftError,
     FileNotFound,
     InputError,
     InvalidArgument,
@@ -334,14 +335,18 @@ def read_signature(path: PathLike, *, what: str | None = None) -> Signature:
 
 
 # --- signing and checking -------------------------------------------------------------------------
-def sign(artifact: PathLike, key: Ed25519PrivateKey | PathLike, *, output: PathLike | None = None) -> Path:
+def sign(artifact: PathLike, key: Ed25519PrivateKey | PathLike, *, output: PathLike | None = None,
+         overwrite: bool = False) -> Path:
     """Verify a compeft file fully, then write its signature by ``key`` (a private key or its PEM
-    file) to ``output`` (default ``<artifact>.sig``), replacing any signature there at once.
+    file) to ``output`` (default ``<artifact>.sig``), at once. A signature there by the same key
+    is replaced; any other file (another key's signature) only with ``overwrite``.
 
     Returns:
         The path of the signature file.
 
     Raises:
+        InvalidArgument: ``output`` holds something else than a signature by this key, and
+            ``overwrite`` is false.
         KeyInvalid, the file errors of ``verify``, FileNotFound, IOFailure.
     """
     private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
@@ -350,7 +355,16 @@ def sign(artifact: PathLike, key: Ed25519PrivateKey | PathLike, *, output: PathL
         unsigned = Signature(key_fingerprint=key_fingerprint(private), artifact_sha256=f.sha256(),
                              artifact_size=f.size, manifest_sha256=f.metadata[C.META_MANIFEST_SHA256])
     dest = Path(output) if output is not None else signature_path(artifact)
-    atomic_write_bytes(dest, replace(unsigned, signature=private.sign(unsigned.statement())).to_bytes())
+    data = replace(unsigned, signature=private.sign(unsigned.statement())).to_bytes()
+    if not overwrite and (dest.exists() or dest.is_symlink()):
+        try:
+            ours = not dest.is_symlink() and read_signature(dest).key_fingerprint == unsigned.key_fingerprint
+        except (OSError, CompeftError):
+            ours = False
+        if not ours:
+            raise InvalidArgument(f"{dest} exists and is not a signature by this key; pass --force (overwrite=True) "
+                                  "to replace it", path=str(dest))
+    atomic_write_bytes(dest, data)
     return dest
 
 

@@ -104,6 +104,43 @@ def test_push_pull_round_trip(hub, tmp_path):
     assert "bits/param" in card
 
 
+def test_pull_replaces_only_what_an_earlier_pull_wrote(hub, tmp_path):
+    """A second pull into the same folder updates the files of the first; a file of the same name
+    that no pull wrote (or a PEFT folder with files) is refused unless overwrite."""
+    endpoint, _ = hub
+    f = adapter_file(tmp_path, 0, "a.cpeft.safetensors")
+    cf.push(f, "me/update", endpoint=endpoint, token=TOKEN)
+    out = tmp_path / "pulled"
+    kw = dict(endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    cf.pull("me/update", local_dir=out, **kw)
+    (tmp_path / "v2").mkdir()
+    newer = adapter_file(tmp_path / "v2", 1, "a.cpeft.safetensors")
+    cf.push(newer, "me/update", endpoint=endpoint, token=TOKEN)
+    cf.pull("me/update", local_dir=out, **kw)  # an update of the earlier pull
+    assert (out / "a.cpeft.safetensors").read_bytes() == newer.read_bytes()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.cpeft.safetensors").write_bytes(b"my own file")
+    with pytest.raises(cf.InvalidArgument, match="earlier pull"):
+        cf.pull("me/update", local_dir=mine, **kw)
+    assert (mine / "a.cpeft.safetensors").read_bytes() == b"my own file"
+    assert sorted(p.name for p in mine.iterdir()) == ["a.cpeft.safetensors"]
+    p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "pull", "me/update", "-o", str(mine),
+                        "--endpoint", endpoint, "--token", TOKEN, "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--force" in p.stderr
+    cf.pull("me/update", local_dir=mine, overwrite=True, **kw)
+    assert (mine / "a.cpeft.safetensors").read_bytes() == newer.read_bytes()
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(cf.InvalidArgument, match="earlier pull"):
+        cf.pull("me/update", local_dir=folder, to_peft=True, **kw)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
 def test_pull_to_peft_and_base_binding(hub, tmp_path):
     endpoint, _ = hub
     f = adapter_file(tmp_path)

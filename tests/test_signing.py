@@ -284,7 +284,15 @@ def test_an_invalid_file_is_not_signed(tmp_path, keys):
 
 
 def test_signing_again_replaces_the_signature(tmp_path, keys, other_keys, signed):
-    signing.sign(signed, other_keys[0])
+    """The same key's signature is written again; another key's replaces it
+    only when told (overwrite, --force)."""
+    before = signing.signature_path(signed).read_bytes()
+    signing.sign(signed, keys[0])
+    assert signing.signature_path(signed).read_bytes() == before
+    with pytest.raises(cf.InvalidArgument, match="--force"):
+        signing.sign(signed, other_keys[0])
+    assert signing.signature_path(signed).read_bytes() == before
+    signing.sign(signed, other_keys[0], overwrite=True)
     assert sig_json(signed)["key_fingerprint"] == signing.key_fingerprint(signing.load_public_key(other_keys[1]))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 

@@ -43,7 +43,7 @@ from ..errors import (
     SignatureMalformed,
     SignatureMissing,
 )
-from ..fileio import atomic_write, atomic_write_bytes
+from ..fileio import atomic_write, atomic_write_bytes, file_sha256
 from ..manifest import Requirement
 from ..peft_io import write_peft_folder
 from ..reader import CompeftFile
@@ -326,7 +326,7 @@ def _local_errors(fn: Callable[..., _R]) -> Callable[..., _R]:
 def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None = None, to_peft: bool = False,
          base: ModelRef | binding.BaseWeights | binding.Weights | None = None, base_model: str | None = None,
          require_signature: signing.PublicKeys | None = None, endpoint: str | None = None, token: str | None = None,
-         cache_dir: PathLike | None = None) -> PullResult:
+         cache_dir: PathLike | None = None, overwrite: bool = False) -> PullResult:
     """Download a compeft repository's artifacts and verify every byte before returning them.
 
     The index is read first and every artifact is downloaded from the same commit; each file's
@@ -337,7 +337,9 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
     ``signing.trusted_keys``) every artifact must carry a detached signature by one of them, which
     is checked before the file is decoded. With ``local_dir`` the verified files (or, with
     ``to_peft``, PEFT folders) are written there, each atomically, with their checked signatures
-    beside them; nothing is written when a check fails.
+    beside them; nothing is written when a check fails. A file there is replaced only when it is
+    one an earlier pull wrote (its local index lists it), a PEFT folder only when empty, unless
+    ``overwrite``.
 
     Whatever the endpoint answers, nothing is created, changed or removed outside the cache
     (``cache_dir``, layout in ``hub.download``) and ``local_dir`` (``hub.download``).
@@ -345,7 +347,7 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
     Raises:
         HubRepoNotFound, HubRevisionNotFound, HubNoIndex, HubAuthError, HubUnreachable,
         ArtifactDigestMismatch, BaseMismatch, IOFailure (the cache or ``local_dir`` cannot be
-        written), SignatureMissing, SignatureMalformed, SignatureInvalid, KeyInvalid, and the file
+        written), InvalidArgument (``local_dir`` holds other files of the same names), SignatureMissing, SignatureMalformed, SignatureInvalid, KeyInvalid, and the file
         errors of ``verify``.
     """
     repo_id, rev = split_repo(repo)
@@ -391,7 +393,7 @@ def pull(repo: str, *, revision: str | None = None, local_dir: PathLike | None =
             binding.check(m.base_model, claim, require=True, subject=art.path)
         local.append(p)
     if local_dir is not None:
-        local = _write_out(Path(local_dir), index, local, adapters if to_peft else None, signatures, what)
+        local = _write_out(Path(local_dir), index, local, adapters if to_peft else None, signatures, what, overwrite)
     return PullResult(repo_id=repo_id, commit=commit, paths=local, index=index,
                       signers={path: sig.key_fingerprint for path, sig in signatures.items()})
 
@@ -474,10 +476,32 @@ def _cached_index(cache: dl.HubCache, url: str, repo_id: str, rev: str, token: s
     return commit, Index.parse(data, what)
 
 
+def _check_replaceable(out: Path, arts: list[IndexEntry], dests: list[Path], folders: bool) -> None:
+    """Refuse to replace what an earlier pull into ``out`` did not write: a file of another
+    content than the artifact, unless the local index of that pull lists it (an update), or a PEFT
+    folder that is not empty."""
+    earlier: dict[str, str] = {}
+    try:
+        earlier = {a.path: a.sha256 for a in Index.parse((out / C.HUB_INDEX_FILE).read_bytes(), "local index").artifacts}
+    except (OSError, CompeftError):
+        pass
+    for art, dest in zip(arts, dests, strict=True):
+        if not (dest.exists() or dest.is_symlink()):
+            continue
+        if folders:
+            if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+                continue
+        elif dest.is_file() and not dest.is_symlink() and file_sha256(dest) in (art.sha256, earlier.get(art.path)):
+            continue
+        raise InvalidArgument(f"{dest} exists and is not what an earlier pull of this repository wrote there; pass "
+                              "--force (overwrite=True) to replace it", path=str(dest))
+
+
 def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[dict[str, Any], Any]] | None,
-               signatures: dict[str, signing.Signature], what: str) -> list[Path]:
+               signatures: dict[str, signing.Signature], what: str, overwrite: bool = False) -> list[Path]:
     """Write verified files and their checked ``signatures`` (or, given ``adapters``, PEFT
-    folders) into ``out``."""
+    folders) into ``out``; what exists there is replaced only when an earlier pull wrote it, or
+    with ``overwrite``."""
     arts = index.artifacts
     if adapters is not None:  # one adapter: the folder itself; several: a folder per file
         dests = [out] if len(arts) == 1 else [out / peft_folder(a.path) for a in arts]
@@ -485,6 +509,8 @@ def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[
         dests = [out / a.path for a in arts]
     if len(set(dests)) != len(dests):
         raise HubNoIndex(f"{what}: two artifacts would be written to the same place in {out}")
+    if not overwrite:
+        _check_replaceable(out, arts, dests, adapters is not None)
     out.mkdir(parents=True, exist_ok=True)
     for k, (src, dest) in enumerate(zip(files, dests, strict=True)):
         if adapters is not None:
