@@ -513,6 +513,18 @@ def _expand(specs: list[str]) -> list[tuple[str, CompeftError | None]]:
     return out
 
 
+def _warn_name(command: str, path: str) -> None:
+    """A valid compeft file under a name peft loads by itself: peft would run the base model."""
+    from .writer import check_name
+
+    try:
+        check_name(path)
+    except InvalidArgument:
+        print(f"compeft {command}: warning: {path} is named as the weights peft or transformers load by themselves, "
+              "and they cannot read a compeft file (peft would run the base model): rename it to "
+              "NAME.cpeft.safetensors", file=sys.stderr)
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     from . import signing
     from .reader import CompeftFile
@@ -531,6 +543,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
                 signer = signing.verify_signed(path, keys).key_fingerprint
             result: dict[str, Any] = {"path": path, "valid": True, **({} if signer is None else {"signed_by": signer})}
             line = f"{path}: OK" + ("" if signer is None else f", signed by key {signer}")
+            _warn_name("validate", path)
         except CompeftError as e:
             bad += 1
             result = {"path": path, "valid": False, "code": e.code, "reason": str(e)}
@@ -596,6 +609,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             r = inspect(path)
             verify(path)
             r["valid"] = True
+            _warn_name("inspect", path)
         except CompeftError as e:
             bad += 1
             r = {"path": path, "valid": False, "code": e.code, "reason": str(e)}

@@ -35,7 +35,10 @@ def load_safetensors_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """A plain safetensors state dict, refusing files that are already compeft files."""
     _, meta, _ = read_safetensors_header(path)
     if meta.get(C.META_FORMAT) == C.FORMAT_NAME:
-        raise InputError(f"{path} is already a compeft file", path=str(path))
+        trap = Path(path).name.lower() in C.FOREIGN_WEIGHT_NAMES
+        raise InputError(f"{path} is already a compeft file" + (
+            ", under a name peft loads by itself (and cannot read): rename it to NAME.cpeft.safetensors and give "
+            "that file" if trap else ""), path=str(path))
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises untyped errors

@@ -203,7 +203,8 @@ def check_name(path: PathLike) -> None:
     would read a compeft file as unknown tensors (peft only warns of missing keys) and the model
     would behave as its base model."""
     name = os.path.basename(os.fspath(path))
-    if name in C.FOREIGN_WEIGHT_NAMES or re.fullmatch(C.FOREIGN_SHARD_PATTERN, name):
+    folded = name.lower()  # one name on case-insensitive file systems
+    if folded in C.FOREIGN_WEIGHT_NAMES or re.fullmatch(C.FOREIGN_SHARD_PATTERN, folded):
         raise InvalidArgument(f"{name} is the name of a weight file peft or transformers loads by itself, and they "
                               "cannot read a compeft file: name it NAME.cpeft.safetensors (`compeft decompress` "
                               "writes the PEFT folder)", path=os.fspath(path))

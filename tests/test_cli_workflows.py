@@ -332,7 +332,7 @@ def test_compress_shows_its_stages_on_a_terminal(lora_dir, tmp_path):
     assert b"compressing" not in out and b"smaller than fp16" in out
 
 
-@pytest.mark.parametrize("name", ["adapter_model.safetensors", "model.safetensors", "pytorch_lora_weights.safetensors",
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "Model.SafeTensors", "pytorch_lora_weights.safetensors",
                                   "adapter_model-00001-of-00002.safetensors"])
 def test_a_compeft_file_is_never_written_under_a_name_peft_loads(lora_dir, tmp_path, capsys, name):
     """peft would load such a file as unknown tensors, warn of missing keys and run the base model."""
@@ -372,3 +372,10 @@ def test_a_peft_folder_holding_a_compeft_file_is_named_for_what_it_is(lora_dir, 
         cf.load(bad)
     assert main(["inspect", str(lora_dir)]) == 1
     assert "PEFT adapter folder, which `compeft compress` compresses" in capsys.readouterr().err
+    trap = bad / "adapter_model.safetensors"
+    for command in ("inspect", "validate"):  # the file itself is valid, and its name is a trap
+        assert main([command, str(trap)]) == 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "warning" in err and "NAME.cpeft.safetensors" in err
+    assert main(["merge", str(bad), str(packed), "-o", str(tmp_path / "m.cpeft")]) == 1
+    assert "under a name peft loads by itself" in capsys.readouterr().err

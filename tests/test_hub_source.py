@@ -47,12 +47,18 @@ def lora_folder(tmp_path, seed: int = 1):
     return tmp_path / f"lora{seed}"
 
 
-def test_what_names_a_repository(tmp_path):
+def test_what_names_a_repository(tmp_path, monkeypatch):
     assert source.parse(tmp_path) is None  # a path that exists is local
     assert source.parse("me/x") == source.HubRef("me/x", "main")
     assert source.parse("me/x@dev") == source.HubRef("me/x", "dev")
     assert source.parse("hf://me/x@v1/sub/a.cpeft.safetensors") == source.HubRef("me/x", "v1", "sub/a.cpeft.safetensors")
     assert source.parse("./me/x") is None and source.parse("x.cpeft.safetensors") is None
+    # a mistyped local path is a missing file, not a repository
+    assert source.parse("typo/adapter.cpeft.safetensors") is None and source.parse("me/x.json@dev") is None
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert source.parse("here/typo") is None and source.parse("there/typo") == source.HubRef("there/typo", "main")
+    assert source.parse("hf://me/x.safetensors") == source.HubRef("me/x.safetensors", "main")
     for bad in ("hf://datasets/me/x", "hf://me/x/../y", "hf://me"):
         with pytest.raises(cf.InvalidArgument):
             source.parse(bad)

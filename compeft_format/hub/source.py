@@ -40,9 +40,21 @@ class HubRef:
         return f"hf://{self.repo_id}@{self.revision}" + (f"/{self.path}" if self.path else "")
 
 
+#: endings of local file names: ``dir/name.cpeft.safetensors`` that does not exist is a mistyped
+#: path, not a repository (``hf://`` names a repository whatever its name)
+LOCAL_SUFFIXES = (".safetensors", ".cpeft", ".json", ".bin", ".pt", ".pth", ".gguf", ".sig")
+
+
+def _local_looking(text: str) -> bool:
+    """A ``namespace/name`` that is meant as a local path: its name ends as a file's does, or its
+    namespace is a folder here."""
+    return text.partition("@")[0].lower().endswith(LOCAL_SUFFIXES) or os.path.isdir(text.split("/", 1)[0])
+
+
 def parse(spec: str | os.PathLike[str]) -> HubRef | None:
     """The Hub reference ``spec`` names, or None when it is a local path (any path that exists
-    here, and anything that is not ``namespace/name[@rev]`` or an ``hf://`` path).
+    here, a name that ends as a file's does or whose first part is a folder here, and anything
+    that is not ``namespace/name[@rev]`` or an ``hf://`` path).
 
     Raises:
         InvalidArgument: an ``hf://`` path that does not name a model repository.
@@ -57,7 +69,7 @@ def parse(spec: str | os.PathLike[str]) -> HubRef | None:
         if path is not None and any(p in ("", ".", "..") for p in path.split("/")):
             raise InvalidArgument(f"{text}: the path in the repository must be plain names")
         ref = HubRef(f"{parts[0]}/{name}", rev or "main", path)
-    elif os.path.lexists(text) or not REPO_SPEC.fullmatch(text):
+    elif os.path.lexists(text) or not REPO_SPEC.fullmatch(text) or _local_looking(text):
         return None
     else:
         repo, _, rev = text.partition("@")
