@@ -292,8 +292,12 @@ def decompress_to_peft(src: PathLike, out_dir: PathLike, *, dtype: str | torch.d
             raise InvalidArgument(f"{src} stores the deltas of a full fine-tune, which no PEFT folder holds: rebuild "
                                   f"the fine-tuned model with compeft apply-delta (apply_delta), or write the deltas "
                                   f"to one .safetensors file (decompress_to_file)", path=str(src))
-        sd = f.state_dict(dtype=dtype, verify=True)
+        sd = f.state_dict(dtype=dtype, verify=True)  # a damaged file is named as such first
         config = f.manifest.adapter.peft_config
+        if config is None:
+            raise InvalidArgument(f"{src} records no PEFT config, and a PEFT folder without adapter_config.json loads "
+                                  "nowhere: write its tensors to one file instead (-o NAME.safetensors, "
+                                  "decompress_to_file), as single-file LoRAs are kept", path=str(src))
     names: list[str] = []
     atomic_folder(out, lambda tmp: names.extend(p.name for p in write_peft_folder(tmp, sd, config)), replace=overwrite)
     return [out / n for n in names]

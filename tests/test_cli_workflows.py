@@ -270,6 +270,11 @@ def test_a_single_file_lora_keeps_its_metadata_through_compress_and_decompress(t
         assert f.metadata() == meta
         expected = cf.load(packed)
         assert set(f.keys()) == set(sd) and all(torch.equal(f.get_tensor(k), expected[k]) for k in f.keys())
+    capsys.readouterr()
+    # it has no PEFT config: a folder of it would load nowhere
+    assert main(["decompress", str(packed), "-o", str(tmp_path / "folder")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-o NAME.safetensors" in err and not (tmp_path / "folder").exists()
     # a PEFT folder records none, and its files stay version 1.3
     lora = tmp_path / "lora"
     lora.mkdir()
