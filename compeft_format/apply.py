@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -393,8 +393,8 @@ class MergedAdapter:
     merge, bit for bit. Adapters merged later into the same weights must be unmerged first (the
     weights they left would otherwise be lost)."""
 
-    model: nn.Module
-    originals: dict[str, torch.Tensor]
+    model: nn.Module = field(repr=False)
+    originals: dict[str, torch.Tensor] = field(repr=False)
     #: the file's ``compeft.manifest_sha256``
     source: str = ""
     path: str = ""

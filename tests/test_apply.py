@@ -104,6 +104,7 @@ def test_merge_and_unmerge(tmp_path, config):
     model = base_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     handle = cf.merge_adapter(model, path)
+    assert repr(handle) == f"MergedAdapter(source={handle.source!r}, path={str(path)!r})"  # not every weight
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-4, atol=1e-4)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     handle.unmerge()

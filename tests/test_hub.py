@@ -902,3 +902,21 @@ def test_hostile_card_front_matter_is_left_alone(front):
 
     text = f"---\n{front}\n---\nbody\n"
     assert merge_card(text, "me/x", {"tags": ["compeft"]}, "section") is None
+
+
+def test_a_local_base_path_is_not_the_cards_base_model(hub, tmp_path):
+    """A PEFT config's base_model_name_or_path may be a local folder: the card's front matter
+    names only Hub model ids (the Hub refuses others), the table still shows what was recorded."""
+    endpoint, _ = hub
+    g = torch.Generator().manual_seed(0)
+    sd = {f"base_model.model.layers.0.q_proj.lora_{ab}.weight":
+          torch.randn((8, 64) if ab == "A" else (64, 8), generator=g) for ab in "AB"}
+    f = tmp_path / "local.cpeft.safetensors"
+    cf.save(cf.compress(sd, peft_config={"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]},
+                        base=cf.BaseBinding(id="/home/me/models/base")), f)
+    cf.push(f, "me/local-base", endpoint=endpoint, token=TOKEN)
+    card = Path(HfApi(endpoint=endpoint, token=TOKEN).hf_hub_download("me/local-base", "README.md",
+                                                                      cache_dir=tmp_path / "c")).read_text()
+    front = card.split("---")[1]
+    assert "base_model" not in front and "library_name: compeft" in front
+    assert "/home/me/models/base" in card.split("---", 2)[2]

@@ -12,6 +12,7 @@ from typing import Any
 from .. import constants as C
 from .._version import __version__
 from ..binding import BaseBinding
+from .download import REPO_PART
 from .index import ARTIFACT_KINDS, IndexEntry
 
 
@@ -42,11 +43,19 @@ BEGIN = "<!-- compeft:begin (written by compeft push; edits between these lines 
 END = "<!-- compeft:end -->"
 
 
+def is_model_id(ref: str) -> bool:
+    """``name`` or ``namespace/name``, each part as the Hub allows."""
+    parts = ref.split("/")
+    return len(parts) in (1, 2) and all(REPO_PART.fullmatch(p) and ".." not in p for p in parts)
+
+
 def front_matter(entries: Sequence[IndexEntry], reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The card metadata the Hub reads for the artifacts: ``library_name``, ``base_model``
-    (the ids of the bases, when recorded) and ``tags``."""
+    (the ids of the bases, when recorded as Hub model ids) and ``tags``."""
     kinds = sorted({e.adapter_kind for e in entries if e.adapter_kind and e.adapter_kind != C.ADAPTER_KIND_OTHER})
-    bases = sorted({e.base_model.id for e in entries if e.base_model.id})
+    # only Hub model ids: a local path (from a PEFT config's base_model_name_or_path) names nothing
+    # there, and the Hub refuses card metadata whose base_model is not a model id
+    bases = sorted({e.base_model.id for e in entries if e.base_model.id and is_model_id(e.base_model.id)})
     tags = ["compeft", *kinds]
     if any(r["compression"].get("mode") == C.MODE_TERNARY for r in reports):
         tags.append("ternary")
