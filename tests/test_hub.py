@@ -920,3 +920,18 @@ def test_a_local_base_path_is_not_the_cards_base_model(hub, tmp_path):
     front = card.split("---")[1]
     assert "base_model" not in front and "library_name: compeft" in front
     assert "/home/me/models/base" in card.split("---", 2)[2]
+
+
+def test_an_lfs_server_answers_a_xet_token_request_with_what_to_set(lfs_hub, tmp_path):
+    """huggingface_hub with hf_xet installed asks for a Xet token before uploading; hf_xet shows
+    only the status, so the answer's message is for whoever reads the server's reply or logs."""
+    import urllib.error
+    import urllib.request
+
+    endpoint, _ = lfs_hub
+    cf.push(adapter_file(tmp_path), "me/lfs", endpoint=endpoint, token=TOKEN)
+    req = urllib.request.Request(f"{endpoint}/api/models/me/lfs/xet-write-token/main",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 404 and "HF_HUB_DISABLE_XET=1" in e.value.headers["X-Error-Message"]

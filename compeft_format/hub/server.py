@@ -777,6 +777,9 @@ class HubHandler(BaseHTTPRequestHandler):
         if verb in ("branch", "tag") and len(rest) > 1 and method in ("POST", "DELETE"):
             self._require_write(namespace)
             return self._ref(method, verb, rtype, repo_id, rest[1])
+        if verb.startswith("xet-"):
+            raise ApiError(404, "this server stores large files through the LFS batch API, not Xet: set "
+                                "HF_HUB_DISABLE_XET=1 in the client (compeft push falls back by itself)")
         raise ApiError(404, f"no route for {method} {self.path}")
 
     def _ref(self, method: str, kind: str, rtype: str, repo_id: str, name: str) -> None:
