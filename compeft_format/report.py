@@ -84,6 +84,7 @@ def report(f: CompeftFile) -> dict[str, Any]:
                     "recovery": None if rec is None else {**rec.to_json(), "modules": list(rec.target_modules)}},
         "requires": [r.to_json() for r in m.requires],
         "training": m.provenance.training,
+        "source_metadata": m.provenance.source_metadata,
         "base_model": m.base_model.to_json(),
         "compression": m.compression.to_dict(),
         "params": params,
@@ -152,6 +153,10 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
         keys = ("peft_type", "r", "lora_alpha", "target_modules", "task_type", "use_dora", "use_rslora", "bias")
         shown = ", ".join(f"{k}={_short(peft[k])}" for k in keys if k in peft and peft[k] not in (None, False))
         lines.insert(3, f"  PEFT config: {shown or '(empty)'} ({len(peft)} keys; --json shows all)")
+    kept = r.get("source_metadata")
+    if kept:
+        lines.append(f"  source metadata (written back by decompress -o FILE.safetensors): {len(kept)} keys, "
+                     f"{_short(sorted(kept), 60)}")
     rec = r["adapter"].get("recovery")
     if rec is not None:
         lines.insert(3, f"  recovery modules: {len(rec['modules'])}, r={rec['r']} alpha={rec['alpha']} "
@@ -190,7 +195,16 @@ def format_report(r: dict[str, Any], max_tensors: int = 40) -> str:
 
 
 def _short(value: Any, limit: int = 40) -> str:
-    """A value of an informative member on one line, cut at ``limit`` characters."""
+    """A value of an informative member on one line, cut at ``limit`` characters; a list keeps
+    whole items and counts the rest (``[q_proj, v_proj, +5 more]``)."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        shown: list[str] = []
+        for i, item in enumerate(value):
+            more = len(value) - i
+            if shown and len(", ".join([*shown, item])) + len(f", +{more - 1} more") * (more > 1) > limit:
+                return "[" + ", ".join([*shown, f"+{more} more"]) + "]"
+            shown.append(item if len(item) <= limit else item[: limit - 3] + "...")
+        return "[" + ", ".join(shown) + "]"
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -114,6 +114,14 @@ def test_force_never_deletes_the_input_or_files_the_command_did_not_write(lora_d
     cf.verify(packed)
 
 
+def test_long_lists_are_shown_by_whole_items():
+    from compeft_format.report import _short
+
+    assert _short(["q_proj", "v_proj"]) == "[q_proj, v_proj]"
+    assert _short([f"model.layers.{i}.self_attn.q_proj" for i in range(3)]) == "[model.layers.0.self_attn.q_proj, +2 more]"
+    assert _short([f"m{i}" for i in range(30)]) == "[m0, m1, m2, m3, m4, m5, m6, m7, +22 more]"
+
+
 def test_inspect_checks_every_file_and_says_what_it_means(lora_dir, tmp_path, capsys):
     good = tmp_path / "a.cpeft.safetensors"
     assert main(["compress", str(lora_dir), "-o", str(good)]) == 0
@@ -271,6 +279,11 @@ def test_a_single_file_lora_keeps_its_metadata_through_compress_and_decompress(t
         expected = cf.load(packed)
         assert set(f.keys()) == set(sd) and all(torch.equal(f.get_tensor(k), expected[k]) for k in f.keys())
     capsys.readouterr()
+    assert main(["inspect", str(packed)]) == 0
+    shown = capsys.readouterr().out
+    assert "source metadata (written back by decompress -o FILE.safetensors): 4 keys, [modelspec.title, " in shown
+    assert main(["inspect", str(packed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source_metadata"] == m.provenance.source_metadata
     # it has no PEFT config: a folder of it would load nowhere
     assert main(["decompress", str(packed), "-o", str(tmp_path / "folder")]) == 1
     err = capsys.readouterr().err
