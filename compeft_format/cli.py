@@ -357,6 +357,10 @@ def _compress_batch(a: argparse.Namespace, found: dict[str, Path]) -> int:
         print(f"{len(results) - len(failed)} of {len(results)} adapters compressed into {a.output}")
     for r in failed:
         print(f"compeft compress: {r.code}: {r.source}: {r.reason}", file=sys.stderr)
+    for r in results:
+        if r.ok and r.emptied:
+            print(f"compeft compress: warning: {r.name}: {len(r.emptied)} module(s) lost their whole update (they do "
+                  f"nothing now): {', '.join(r.emptied[:3])}{' ...' if len(r.emptied) > 3 else ''}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -251,6 +252,13 @@ def test_methods_fidelity_json_and_the_emptied_warning(tmp_path, capsys):
     assert cf.read(paper).compression.options is None
     assert main(["inspect", str(paper)]) == 0
     assert "warning: 3 LoRA module(s) keep no entry in a factor" in capsys.readouterr().out
+    many = tmp_path / "many"  # the batch mode warns as well, below its table
+    for name in ("one", "two"):
+        shutil.copytree(d, many / name)
+    assert main(["compress", str(many), "-o", str(tmp_path / "packed"), "--method", "paper", "--density", "0.2",
+                 "--jobs", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "warning: one: 3 module(s) lost their whole update" in err
 
     fit = tmp_path / "fit.cpeft.safetensors"
     assert main(["compress", str(d), "-o", str(fit), "--density", "0.2", "--json"]) == 0
