@@ -97,6 +97,10 @@ def test_a_peft_repository_is_compressed_from_the_hub(hub, tmp_path, capsys):
     got, want = cf.load(out), cf.load(local)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
     assert cf.verify(out).adapter.peft_config["r"] == 4
+    # load_adapter takes compressed artifacts: a PEFT repository is named for what it is
+    with pytest.raises(cf.HubNoIndex, match="not a compeft repository.*PeftModel.from_pretrained") as e:
+        cf.load_adapter(base_model(), "me/peft")
+    assert e.value.repo_id == "me/peft"
     # only a pickled adapter_model.bin: refused, never unpickled
     api.create_repo("me/pickled")
     api.create_commit("me/pickled", [CommitOperationAdd("adapter_config.json", str(folder / "adapter_config.json")),
