@@ -32,7 +32,8 @@ PathLike = str | os.PathLike[str]
 SUFFIX = ".cpeft.safetensors"
 
 
-def _is_adapter_folder(p: Path) -> bool:
+def is_adapter_folder(p: Path) -> bool:
+    """A folder holding a PEFT adapter's config or weights at its top."""
     return p.is_dir() and any((p / n).is_file() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
 
 
@@ -65,19 +66,31 @@ def find_adapters(folder: PathLike) -> dict[str, Path]:
         found[name] = p
 
     def walk(d: Path, prefix: str, depth: int) -> None:
-        for p in sorted(d.iterdir()):
+        try:
+            entries = sorted(d.iterdir())
+        except OSError:  # an unreadable folder below the one given holds nothing we can read
+            if depth == 1:
+                raise
+            return
+        for p in entries:
             if p.name.startswith("."):
                 continue
             name = prefix + p.name
-            if _is_adapter_folder(p) or _is_model_folder(p):
+            try:
+                adapter, model, folder = is_adapter_folder(p), _is_model_folder(p), p.is_dir() and not p.is_symlink()
+            except OSError:  # unreadable: a sub-folder's entry is skipped, the top folder's is an error
+                if depth == 1:
+                    raise
+                continue
+            if adapter or model:
                 add(name, p)
             elif p.is_file() and p.name.endswith(".safetensors") and not p.name.endswith(SUFFIX) \
                     and p.name not in ("adapter_model.safetensors", "model.safetensors"):
                 add(name[: -len(".safetensors")], p)
-            if p.is_dir() and not p.is_symlink() and depth < MAX_DEPTH and not _is_model_folder(p):
+            if folder and depth < MAX_DEPTH and not model:
                 walk(p, name + ".", depth + 1)
 
-    if _is_adapter_folder(root):
+    if is_adapter_folder(root):
         add("default", root)
     walk(root, "", 1)
     return found
@@ -91,7 +104,7 @@ def several_adapters(src: PathLike) -> dict[str, Path] | None:
     if not p.is_dir() or _is_model_folder(p):
         return None
     found = find_adapters(p)
-    if _is_adapter_folder(p) and len(found) == 1:
+    if is_adapter_folder(p) and len(found) == 1:
         return None
     return found
 

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--created-at", default=None, metavar="TIME",
                     help="the time the file records as made, YYYY-MM-DDTHH:MM:SSZ (default now, or "
                          "SOURCE_DATE_EPOCH)")
+    mg.add_argument("--quiet", action="store_true", help="no notes on stderr")
     mg.add_argument("--force", action="store_true", help="replace the output file when it exists")
     mg.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -477,6 +478,16 @@ def cmd_merge(a: argparse.Namespace) -> int:
             raise InvalidArgument(f"--weights must be numbers separated by commas, got {a.weights!r}") from None
     if not (0 < a.keep <= 1):
         raise InvalidArgument(f"--keep must be in (0, 1], got {a.keep:g}")
+    from .batch import several_adapters
+
+    notes = []
+    for src in a.sources:
+        others = several_adapters(src) if Path(src).is_dir() else None
+        if others is not None and "default" in others:
+            rest = [n for n in others if n != "default"]
+            notes.append(f"compeft merge: note: {src} holds {len(rest)} more adapter(s) in sub-folders "
+                         f"({', '.join(rest[:3])}{' ...' if len(rest) > 3 else ''}); its top adapter is merged, as "
+                         "peft loads it")
     created_at = _created_at(a.created_at)
     sd, config, base = merge(a.sources, method=a.method, weights=weights, density=a.keep, rank=a.rank, seed=a.seed,
                              any_base=a.any_base)
@@ -484,6 +495,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
                   source=f"merge ({a.method}) of " + ", ".join(Path(s).name for s in a.sources))
     save(ca, a.output)
     r = inspect(a.output)
+    for note in [] if a.quiet else notes:
+        print(note, file=sys.stderr)
     if a.json:
         print(json.dumps({"path": a.output, "method": a.method, "sources": a.sources, "params": r["params"],
                           "file_bytes": r["file_bytes"], "rank": config.get("r")}))

@@ -57,6 +57,8 @@ class Source:
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any]
     base: BaseBinding
+    #: where it was read from, as given
+    path: str = ""
 
 
 def read(path: PathLike) -> Source:
@@ -67,17 +69,17 @@ def read(path: PathLike) -> Source:
             with CompeftFile(p) as f:
                 m = f.manifest
                 tensors = f.state_dict(dtype=torch.float32, verify=True)
-                return Source(p.name, tensors, dict(m.adapter.peft_config or {}), m.base_model)
-    from .batch import several_adapters
+                return Source(p.name, tensors, dict(m.adapter.peft_config or {}), m.base_model, str(p))
+    from .batch import is_adapter_folder, several_adapters
 
     found = several_adapters(p)
-    if found is not None:
+    if found is not None and not is_adapter_folder(p):  # an adapter folder is its top adapter, as for peft
         names = ", ".join(list(found)[:6]) + (" ..." if len(found) > 6 else "")
         raise InvalidArgument(f"{p} holds {len(found)} adapters ({names}): give each adapter to merge by its own "
                               "folder", path=str(p))
     tensors, config = read_source(p)
     base = BaseBinding(id=(config or {}).get("base_model_name_or_path"))
-    return Source(p.name, {k: v.to(torch.float32) for k, v in tensors.items()}, dict(config or {}), base)
+    return Source(p.name, {k: v.to(torch.float32) for k, v in tensors.items()}, dict(config or {}), base, str(p))
 
 
 def _check_sources(sources: Sequence[Source], any_base: bool = False) -> str:
@@ -104,10 +106,10 @@ def _check_sources(sources: Sequence[Source], any_base: bool = False) -> str:
     if len(fingerprints) > 1:
         raise ConfigMismatch("the adapters were made for different base weights (their base fingerprints differ); "
                              "adapters merge only on the base they share")
-    named = {s.name: base_name(s.base.id) for s in sources if base_name(s.base.id)}
-    if not any_base and len(set(named.values())) > 1 and \
+    named = [s for s in sources if base_name(s.base.id)]
+    if not any_base and len({base_name(s.base.id) for s in named}) > 1 and \
             not (len(fingerprints) == 1 and all(s.base.fingerprint is not None for s in sources)):
-        shown = ", ".join(f"{s.name} for {s.base.id}" for s in sources if s.name in named)
+        shown = ", ".join(f"{s.path} for {s.base.id}" for s in named)
         raise ConfigMismatch(f"the adapters were made for base models of different names ({shown}); adapters merge "
                              "only on the base they share (--any-base, any_base=True, when the names are one model's)")
     return ptype

@@ -205,8 +205,7 @@ def test_a_folder_of_several_adapters_compresses_them_all(tmp_path, capsys, monk
 
 def test_multi_adapter_folders_among_others_keep_every_adapter(tmp_path, capsys, monkeypatch):
     """A multi-adapter folder inside a folder of adapters, and adapters grouped in a plain folder:
-    every adapter is compressed (none is dropped), named by its path; merge refuses such a folder
-    rather than merging its top adapter alone."""
+    every adapter is compressed (none is dropped), named by its path."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     src = tmp_path / "adapters"
     _peft_folder_with_two_adapters(src / "multi")
@@ -218,10 +217,15 @@ def test_multi_adapter_folders_among_others_keep_every_adapter(tmp_path, capsys,
         "group.inner.cpeft.safetensors", "group.inner.other.cpeft.safetensors",
         "multi.cpeft.safetensors", "multi.other.cpeft.safetensors"]
     assert cf.verify(out / "multi.other.cpeft.safetensors").adapter.peft_config["target_modules"] == ["k_proj"]
-    assert main(["merge", str(src / "multi"), str(src / "group" / "inner"), "-o", str(tmp_path / "m.cpeft")]) == 1
+    # merge takes an adapter folder's top adapter, as peft loads it (a Trainer's output folder holds
+    # its checkpoints beside it), and says so; a folder that only holds adapters is refused
+    assert main(["merge", str(src / "multi"), str(src / "group" / "inner"), "-o", str(tmp_path / "m.cpeft")]) == 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds 2 adapters (default, other)" in err
-    assert not (tmp_path / "m.cpeft").exists()
+    assert err.count("\n") == 2 and "holds 1 more adapter(s) in sub-folders (other); its top adapter is merged" in err
+    assert main(["merge", str(src / "group"), str(src / "multi"), "-o", str(tmp_path / "g.cpeft")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds 2 adapters (inner, inner.other)" in err
+    assert not (tmp_path / "g.cpeft").exists()
 
 
 def test_one_failing_adapter_is_named_and_the_others_are_written(tmp_path, capsys):

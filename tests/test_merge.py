@@ -158,6 +158,13 @@ def test_adapters_for_base_models_of_other_names_are_refused_unless_told(tmp_pat
     assert main(["merge", str(llama), str(same), "-o", str(out), "--created-at", "2024-01-02T03:04:05Z"]) == 0
     assert cf.verify(out).provenance.created_at == "2024-01-02T03:04:05Z"
     assert main(["merge", str(llama), str(gpt2), "-o", str(tmp_path / "any.cpeft"), "--any-base"]) == 0
+    # folders of one name in two places are two adapters
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run2").mkdir()
+    a, b = llama.rename(tmp_path / "run1" / "final"), gpt2.rename(tmp_path / "run2" / "final")
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "runs.cpeft")]) == 1
+    assert "CONFIG_MISMATCH" in capsys.readouterr().err and not (tmp_path / "runs.cpeft").exists()
+    llama = a
     capsys.readouterr()
     assert main(["merge", str(llama), str(same), "-o", str(tmp_path / "k.cpeft"), "--method", "ties",
                  "--keep", "1.5"]) == 1
