@@ -139,6 +139,30 @@ def test_pull_replaces_only_what_an_earlier_pull_wrote(hub, tmp_path):
     with pytest.raises(cf.InvalidArgument, match="earlier pull"):
         cf.pull("me/update", local_dir=folder, to_peft=True, **kw)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    notes = tmp_path / "notes"  # a file of the index's name that is no index
+    notes.mkdir()
+    (notes / C.HUB_INDEX_FILE).write_text("my notes")
+    with pytest.raises(cf.InvalidArgument, match="earlier pull"):
+        cf.pull("me/update", local_dir=notes, **kw)
+    assert sorted(p.name for p in notes.iterdir()) == [C.HUB_INDEX_FILE]
+
+
+def test_pull_never_writes_a_file_under_a_name_peft_loads(hub, tmp_path):
+    """An index (not made by compeft push, which refuses such names) listing adapter_model.safetensors:
+    pull does not write a compeft file under a name peft would load as the base model."""
+    endpoint, _ = hub
+    f = adapter_file(tmp_path)
+    cf.push(f, "me/trap", endpoint=endpoint, token=TOKEN)
+    api = HfApi(endpoint=endpoint, token=TOKEN)
+    index = json.loads(Path(api.hf_hub_download("me/trap", C.HUB_INDEX_FILE, cache_dir=tmp_path / "c")).read_text())
+    index["artifacts"][0]["path"] = "adapter_model.safetensors"
+    api.create_commit("me/trap", [CommitOperationAdd("adapter_model.safetensors", str(f)),
+                                  CommitOperationAdd(C.HUB_INDEX_FILE, json.dumps(index).encode())],
+                      commit_message="renamed")
+    out = tmp_path / "out"
+    with pytest.raises(cf.HubNoIndex, match="loads by itself"):
+        cf.pull("me/trap", local_dir=out, endpoint=endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    assert not out.exists()
 
 
 def test_pull_to_peft_and_base_binding(hub, tmp_path):

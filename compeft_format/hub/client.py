@@ -38,6 +38,7 @@ from ..errors import (
     HubRepoNotFound,
     HubRevisionNotFound,
     HubUnreachable,
+    InputError,
     InvalidArgument,
     IOFailure,
     SignatureMalformed,
@@ -48,6 +49,7 @@ from ..manifest import Requirement
 from ..peft_io import write_peft_folder
 from ..reader import CompeftFile
 from ..report import report
+from ..writer import check_name
 from . import download as dl
 from .card import front_matter, merge_card, section
 from .index import Index, IndexEntry
@@ -476,25 +478,41 @@ def _cached_index(cache: dl.HubCache, url: str, repo_id: str, rev: str, token: s
     return commit, Index.parse(data, what)
 
 
-def _check_replaceable(out: Path, arts: list[IndexEntry], dests: list[Path], folders: bool) -> None:
-    """Refuse to replace what an earlier pull into ``out`` did not write: a file of another
-    content than the artifact, unless the local index of that pull lists it (an update), or a PEFT
-    folder that is not empty."""
-    earlier: dict[str, str] = {}
-    try:
-        earlier = {a.path: a.sha256 for a in Index.parse((out / C.HUB_INDEX_FILE).read_bytes(), "local index").artifacts}
-    except (OSError, CompeftError):
-        pass
+def _check_replaceable(out: Path, arts: list[IndexEntry], dests: list[Path], folders: bool,
+                       signatures: dict[str, signing.Signature]) -> None:
+    """Refuse to replace what an earlier pull into ``out`` did not write: a file of another content
+    than the artifact, unless the local index of that pull lists it (an update); a signature file
+    that index does not list; an index file that is not one; a PEFT folder that is not empty."""
+    index_file = out / C.HUB_INDEX_FILE
+    earlier: list[IndexEntry] = []
+    if index_file.exists() or index_file.is_symlink():
+        try:
+            if index_file.is_symlink():
+                raise InputError(f"{index_file} is a symbolic link")
+            earlier = Index.parse(index_file.read_bytes(), "local index").artifacts
+        except (OSError, CompeftError):
+            _refuse(index_file)
+    sha = {a.path: a.sha256 for a in earlier}
+    earlier_sigs = {a.signature for a in earlier if a.signature}
     for art, dest in zip(arts, dests, strict=True):
-        if not (dest.exists() or dest.is_symlink()):
-            continue
-        if folders:
-            if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
-                continue
-        elif dest.is_file() and not dest.is_symlink() and file_sha256(dest) in (art.sha256, earlier.get(art.path)):
-            continue
-        raise InvalidArgument(f"{dest} exists and is not what an earlier pull of this repository wrote there; pass "
-                              "--force (overwrite=True) to replace it", path=str(dest))
+        if dest.exists() or dest.is_symlink():
+            if folders:
+                if not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
+                    _refuse(dest)
+            elif not (dest.is_file() and not dest.is_symlink()
+                      and file_sha256(dest) in (art.sha256, sha.get(art.path))):
+                _refuse(dest)
+        if art.signature is not None and art.path in signatures:
+            sig = out / art.signature
+            if (sig.exists() or sig.is_symlink()) and not (
+                    not sig.is_symlink() and sig.is_file()
+                    and (art.signature in earlier_sigs or sig.read_bytes() == signatures[art.path].to_bytes())):
+                _refuse(sig)
+
+
+def _refuse(dest: Path) -> None:
+    raise InvalidArgument(f"{dest} exists and is not what an earlier pull wrote there; pass --force "
+                          "(overwrite=True) to replace it", path=str(dest))
 
 
 def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[dict[str, Any], Any]] | None,
@@ -509,8 +527,15 @@ def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[
         dests = [out / a.path for a in arts]
     if len(set(dests)) != len(dests):
         raise HubNoIndex(f"{what}: two artifacts would be written to the same place in {out}")
+    if adapters is None:  # files under names peft loads by themselves would load as the base model
+        for dest in dests:
+            try:
+                check_name(dest)
+            except InvalidArgument:
+                raise HubNoIndex(f"{what}: the index names an artifact {dest.name}, a name peft or transformers "
+                                 "loads by itself (compeft push refuses it); it is not written") from None
     if not overwrite:
-        _check_replaceable(out, arts, dests, adapters is not None)
+        _check_replaceable(out, arts, dests, adapters is not None, signatures)
     out.mkdir(parents=True, exist_ok=True)
     for k, (src, dest) in enumerate(zip(files, dests, strict=True)):
         if adapters is not None:
