@@ -152,7 +152,7 @@ def compress_one(job: Job) -> Result:
         from .report import inspect
         from .writer import check_name, save
 
-        check_output(job.output, overwrite=job.overwrite, folder=False)
+        check_output(job.output, overwrite=job.overwrite, folder=False, inputs=[job.source])
         check_name(job.output)
         base_weights = None if job.reference is None else read_checkpoint(job.reference)
         sd, config = read_source(job.source)

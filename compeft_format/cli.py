@@ -391,7 +391,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .report import inspect
     from .writer import check_name, save
 
-    check_output(a.output, overwrite=a.force, folder=False)
+    check_output(a.output, overwrite=a.force, folder=False, inputs=[a.src, *([a.reference] if a.reference else [])])
     check_name(a.output)
     created_at = _created_at(a.created_at)
     if a.max_bytes is not None and a.calibrate is None:
@@ -468,7 +468,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from .report import inspect
     from .writer import check_name, save
 
-    check_output(a.output, overwrite=a.force, folder=False)
+    check_output(a.output, overwrite=a.force, folder=False, inputs=a.sources)
     check_name(a.output)
     weights = None
     if a.weights is not None:

@@ -198,8 +198,8 @@ def check_output(path: PathLike, *, overwrite: bool, folder: bool, inputs: Seque
     """``path`` as an output the caller may write: absent (or, for a folder, an empty folder), or
     anything but the other kind when ``overwrite``, in a folder that exists.
 
-    A folder is replaced whole, so with ``overwrite`` it must also hold none of the command's
-    ``inputs`` and be one the command would have written (``replaceable``, e.g. a PEFT folder for
+    A file must not be one of the command's ``inputs``. A folder is replaced whole, so with
+    ``overwrite`` it must also hold none of the command's ``inputs`` and be one the command would have written (``replaceable``, e.g. a PEFT folder for
     ``decompress``; by default one without subfolders): ``--force`` never deletes a user's other
     files.
 
@@ -215,6 +215,9 @@ def check_output(path: PathLike, *, overwrite: bool, folder: bool, inputs: Seque
         raise FileNotFound(f"the folder of the output does not exist: {parent}", path=str(parent))
     if not (p.exists() or p.is_symlink()):
         return p
+    if not folder and any(Path(i).resolve() == p.resolve() for i in inputs):
+        raise InvalidArgument(f"{p} is also an input of this command: writing it would replace what is being read; "
+                              "write elsewhere", path=str(p))
     if p.is_dir() != folder or p.is_symlink():
         kind = "a symbolic link" if p.is_symlink() else "a folder" if p.is_dir() else "not a folder"
         raise InvalidArgument(f"{p} is {kind}; give the {'folder' if folder else 'file'} to write", path=str(p))
@@ -254,7 +257,7 @@ def decompress_to_file(src: PathLike, out: PathLike, *, dtype: str | torch.dtype
     kept, with the source file's metadata (``provenance.source_metadata``: kohya's ``ss_*``,
     ``modelspec.*``) when the file records it. An existing file is replaced only with
     ``overwrite``."""
-    dest = check_output(out, overwrite=overwrite, folder=False)
+    dest = check_output(out, overwrite=overwrite, folder=False, inputs=[src])
     with CompeftFile(src) as f:
         sd = {k: v.contiguous() for k, v in f.state_dict(dtype=dtype, verify=True).items()}
         metadata = {"format": "pt", **(f.manifest.provenance.source_metadata or {})}

@@ -199,7 +199,8 @@ def _short(value: Any, limit: int = 40) -> str:
     whole items and counts the rest (``[q_proj, v_proj, +5 more]``)."""
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         shown: list[str] = []
-        for i, item in enumerate(value):
+        for i, text in enumerate(value):
+            item = text if text.isprintable() else json.dumps(text)[1:-1]  # no terminal control characters
             more = len(value) - i
             if shown and len(", ".join([*shown, item])) + len(f", +{more - 1} more") * (more > 1) > limit:
                 return "[" + ", ".join([*shown, f"+{more} more"]) + "]"

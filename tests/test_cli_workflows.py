@@ -86,6 +86,22 @@ def test_decompress_never_leaves_stale_files(lora_dir, tmp_path, capsys):
     assert main(["decompress", str(packed), "-o", str(empty)]) == 0  # an empty folder is fine
 
 
+def test_force_never_writes_over_an_input(lora_dir, tmp_path, capsys):
+    single = tmp_path / "lora.safetensors"
+    single.write_bytes((lora_dir / "adapter_model.safetensors").read_bytes())
+    packed = tmp_path / "a.cpeft.safetensors"
+    assert main(["compress", str(lora_dir), "-o", str(packed), "--quiet"]) == 0
+    before = single.read_bytes(), packed.read_bytes()
+    capsys.readouterr()
+    for args in (["compress", str(single), "-o", str(single), "--reference", "zero"],
+                 ["merge", str(packed), str(lora_dir), "-o", str(packed)],
+                 ["decompress", str(packed), "-o", str(packed)]):
+        assert main([*args, "--force"]) == 1, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "also an input of this command" in err, args
+    assert (single.read_bytes(), packed.read_bytes()) == before
+
+
 def test_force_never_deletes_the_input_or_files_the_command_did_not_write(lora_dir, tmp_path, capsys):
     """--force replaces a folder whole: only one of the command's own earlier outputs, never a
     folder holding its input or someone's other files."""
@@ -120,6 +136,7 @@ def test_long_lists_are_shown_by_whole_items():
     assert _short(["q_proj", "v_proj"]) == "[q_proj, v_proj]"
     assert _short([f"model.layers.{i}.self_attn.q_proj" for i in range(3)]) == "[model.layers.0.self_attn.q_proj, +2 more]"
     assert _short([f"m{i}" for i in range(30)]) == "[m0, m1, m2, m3, m4, m5, m6, m7, +22 more]"
+    assert _short(["\x1b[31mred"]) == "[\\u001b[31mred]"
 
 
 def test_inspect_checks_every_file_and_says_what_it_means(lora_dir, tmp_path, capsys):
