@@ -722,16 +722,18 @@ COMMANDS["cpet"] = cmd_cpet
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the command as typed, sub-command included ("hub serve")
+    name = " ".join(str(v) for v in (args.command, getattr(args, "hub_command", None)) if v)
     try:
         return COMMANDS[args.command](args)
     except CompeftError as e:
-        print(f"compeft {args.command}: {e.code}: {e}", file=sys.stderr)
+        print(f"compeft {name}: {e.code}: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"compeft {args.command}: {IOFailure.code}: {e.strerror or e}", file=sys.stderr)
+        print(f"compeft {name}: {IOFailure.code}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"compeft {args.command}: interrupted", file=sys.stderr)
+        print(f"compeft {name}: interrupted", file=sys.stderr)
         return 130
 
 

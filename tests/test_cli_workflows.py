@@ -180,6 +180,7 @@ def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path):
     assert p.returncode == 1 and "INVALID_ARGUMENT" in p.stderr and "-o" in p.stderr
     p = run("hub", "serve", "--port", "99999", "--root", str(tmp_path))
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "--port" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.startswith("compeft hub serve: INVALID_ARGUMENT: ")
 
 
 def _peft_folder_with_two_adapters(path):

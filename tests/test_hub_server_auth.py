@@ -372,7 +372,7 @@ def test_serve_reports_a_malformed_token_file_on_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "compeft_format.cli", "hub", "serve", "--root", str(tmp_path / "hub"),
                         "--port", "0", "--tokens", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr.startswith(f"compeft hub: {C.E_INVALID_ARGUMENT}: {path}: token #1: namespace 'bad/name'")
+    assert p.stderr.startswith(f"compeft hub serve: {C.E_INVALID_ARGUMENT}: {path}: token #1: namespace 'bad/name'")
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr and SECRET not in p.stderr
 
 
