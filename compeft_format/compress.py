@@ -261,6 +261,8 @@ def task_std(values: np.ndarray) -> float:
 def _check_dtype(name: str, t: Any) -> None:
     if not isinstance(t, torch.Tensor):
         raise UnsupportedDtype(f"tensor {name!r} is a {type(t).__name__}, not a torch tensor", tensor=name)
+    if t.device.type == "meta":
+        raise InvalidArgument(f"tensor {name!r} is on the meta device and holds no values: load the weights first")
     if t.dtype not in DTYPE_NAMES:
         raise UnsupportedDtype(f"tensor {name!r} has dtype {t.dtype}; only float32, float16 and bfloat16 can be "
                                "compressed", tensor=name)
@@ -287,10 +289,19 @@ def _task_vector(name: str, t: torch.Tensor, out: np.ndarray, base_weights: Mapp
     (x - 0 is x, -0 included: the zero reference leaves it as it is)."""
     _to_f32(name, t, out)
     if base_weights is not None:
-        np.subtract(out, _base_for(name, t, base_weights), out=out)
+        with np.errstate(over="ignore"):
+            np.subtract(out, _base_for(name, t, base_weights), out=out)
+        _check_difference(name, out)
     elif offset:
         np.subtract(out, np.float32(offset), out=out)
     return out
+
+
+def _check_difference(name: str, delta: np.ndarray) -> None:
+    """A delta from base weights that overflows float32 (values near its limit) is refused."""
+    for i in range(0, delta.size, CHUNK):
+        if not np.isfinite(delta[i:i + CHUNK]).all():
+            raise NonFiniteInput(f"tensor {name!r} minus its base weights overflows float32", tensor=name)
 
 
 def _base_for(name: str, t: torch.Tensor, base: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -469,7 +480,10 @@ def compress(
         if _keep_dense(name, t.numel(), patterns, cfg.min_sparse_numel):
             src = t.detach().to("cpu")
             if base_weights is not None:
-                src = torch.from_numpy(_as_f32(name, t) - _base_for(name, t, base_weights))
+                with np.errstate(over="ignore"):
+                    delta = _as_f32(name, t) - _base_for(name, t, base_weights)
+                _check_difference(name, delta)
+                src = torch.from_numpy(delta)
             elif not bool(torch.isfinite(src).all()):
                 raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
             dense[name] = CompressedTensor.dense(name, shape, tdtype, _finite_cast(name, src.reshape(-1), tdtype).clone())

@@ -450,3 +450,12 @@ def test_the_compress_benchmark_measures_the_cli(tmp_path):
     assert res["rc"] == 0 and res["params"] == 589_824 and res["input_bytes"] > 2 * res["params"]
     assert 0 < res["file_bytes"] < res["input_bytes"] / 10
     assert 0 < res["peak_growth_bytes"] < 2e9 and res["seconds"] > 0
+
+
+def test_meta_tensors_and_overflowing_deltas_are_typed_errors():
+    with pytest.raises(cf.InvalidArgument, match="meta device"):
+        cf.compress({"w": torch.empty(4, 4, device="meta")}, **NO_DENSE)
+    big = torch.full((8,), 3e38)
+    for dense in ((), ("*",)):
+        with pytest.raises(cf.NonFiniteInput, match="minus its base weights overflows"):
+            cf.compress({"w": big}, reference={"w": -big}, dense_patterns=dense, min_sparse_numel=0)
