@@ -39,7 +39,6 @@ from . import constants as C
 from .dtypes import to_torch
 from .errors import (
     ConfigMismatch,
-    HubNoIndex,
     InvalidArgument,
     ModelMismatch,
     RequirementMissing,
@@ -256,12 +255,7 @@ def _local_file(path: PathLike) -> Path:
     ref = source.parse(path)
     if ref is None:
         return Path(path)
-    try:
-        found = source.artifacts(ref)
-    except HubNoIndex as e:
-        raise HubNoIndex(f"{e}. {ref.repo_id} is not a compeft repository: a PEFT adapter there loads with "
-                         f"peft.PeftModel.from_pretrained, or compress it first (compeft compress {ref.repo_id} -o "
-                         "NAME.cpeft.safetensors)", repo_id=e.repo_id, revision=e.revision, status=e.status) from None
+    found = source.artifacts(ref)
     if len(found) != 1:
         raise InvalidArgument(f"{ref} holds {len(found)} artifacts ({', '.join(p.name for p in found)}): name one, "
                               f"hf://{ref.repo_id}@{ref.revision}/FILE")

@@ -4,10 +4,11 @@ stderr and a non-zero exit; no tracebacks for bad input."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -365,24 +366,53 @@ def _compress_batch(a: argparse.Namespace, found: dict[str, Path]) -> int:
     return 1 if failed else 0
 
 
-def _hub_paths(spec: str) -> list[Path]:
+def _hub_paths(spec: str, *, compeft_only: bool = False) -> list[Path]:
     """Local paths for a command's input: ``spec`` itself, or what the Hub repository it names
-    holds, downloaded and checked (``hub.source``; endpoint and token from HF_ENDPOINT, HF_TOKEN)."""
+    holds, downloaded and checked (``hub.source``; endpoint and token from HF_ENDPOINT, HF_TOKEN):
+    a compeft repository's artifacts, or (unless ``compeft_only``) a PEFT adapter."""
     from .hub import source
 
-    if source.parse(spec) is None:
+    ref = source.parse(spec)
+    if ref is None:
         return [Path(spec)]
     _quiet_hub_logging()
-    return source.local(spec)
+    return source.artifacts(ref) if compeft_only else source.local(spec)
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from .batch import several_adapters
-
     sources = _hub_paths(a.src)
     if len(sources) != 1:
         raise InvalidArgument(f"{a.src} holds {len(sources)} compressed artifacts; they are compressed already")
-    a.src = str(sources[0])
+    with _named_as(sources[0], a.src):
+        a.src = str(sources[0])
+        return _compress(a)
+
+
+@contextlib.contextmanager
+def _named_as(local: Path, spec: str) -> Iterator[None]:
+    """Errors about a Hub repository's files name them ``hf://namespace/name@commit/...`` rather
+    than by the cache folder they were downloaded into."""
+    parts = local.parts
+    if spec == str(local) or "snapshots" not in parts[:-1]:
+        yield
+        return
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    snapshot, commit = str(Path(*parts[: i + 2])), parts[i + 1] if i + 1 < len(parts) else ""
+    from .hub import source
+
+    ref = source.parse(spec)
+    shown = f"hf://{ref.repo_id}@{commit}" if ref is not None else spec
+    try:
+        yield
+    except CompeftError as e:
+        details = {k: v.replace(snapshot, shown) if isinstance(v, str) else v
+                   for k, v in vars(e).items() if not k.startswith("_")}
+        raise type(e)(e.message.replace(snapshot, shown), **details) from None
+
+
+def _compress(a: argparse.Namespace) -> int:
+    from .batch import several_adapters
+
     found = several_adapters(a.src)
     if found is not None:
         return _compress_batch(a, found)
@@ -524,7 +554,7 @@ def _expand(specs: list[str]) -> list[tuple[str, CompeftError | None]]:
     out: list[tuple[str, CompeftError | None]] = []
     for spec in specs:
         try:
-            out += [(str(p), None) for p in _hub_paths(spec)]
+            out += [(str(p), None) for p in _hub_paths(spec, compeft_only=True)]
         except CompeftError as e:
             out.append((spec, e))
     return out

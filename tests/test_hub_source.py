@@ -101,6 +101,21 @@ def test_a_peft_repository_is_compressed_from_the_hub(hub, tmp_path, capsys):
     with pytest.raises(cf.HubNoIndex, match="not a compeft repository.*PeftModel.from_pretrained") as e:
         cf.load_adapter(base_model(), "me/peft")
     assert e.value.repo_id == "me/peft"
+    # inspect and validate take compeft repositories; a PEFT one is named for what it is
+    capsys.readouterr()
+    for command in ("inspect", "validate"):
+        assert main([command, "me/peft"]) == 1
+        out = capsys.readouterr()
+        assert "HUB_NO_INDEX" in out.out + out.err and "is not a compeft repository" in out.out + out.err
+    # errors in a repository's files name it, not the cache folder it was downloaded into
+    api.create_repo("me/badjson")
+    api.create_commit("me/badjson", [CommitOperationAdd("adapter_config.json", b"{not json"),
+                                     CommitOperationAdd("adapter_model.safetensors", str(folder / "adapter_model.safetensors"))],
+                      commit_message="x")
+    assert main(["compress", "me/badjson", "-o", str(tmp_path / "b.cpeft.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("compeft compress: INVALID_INPUT: hf://me/badjson@") and "adapter_config.json" in err
+    assert "snapshots" not in err
     # only a pickled adapter_model.bin: refused, never unpickled
     api.create_repo("me/pickled")
     api.create_commit("me/pickled", [CommitOperationAdd("adapter_config.json", str(folder / "adapter_config.json")),

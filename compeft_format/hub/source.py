@@ -89,7 +89,12 @@ def artifacts(ref: HubRef, *, endpoint: str | None = None, token: str | None = N
     """
     from .client import pull
 
-    res = pull(f"{ref.repo_id}@{ref.revision}", endpoint=endpoint, token=token, cache_dir=cache_dir)
+    try:
+        res = pull(f"{ref.repo_id}@{ref.revision}", endpoint=endpoint, token=token, cache_dir=cache_dir)
+    except HubNoIndex as e:
+        raise HubNoIndex(f"{e}. {ref.repo_id} is not a compeft repository: a PEFT adapter there loads with "
+                         f"peft.PeftModel.from_pretrained, or compress it first (compeft compress {ref.repo_id} -o "
+                         "NAME.cpeft.safetensors)", repo_id=e.repo_id, revision=e.revision, status=e.status) from None
     if ref.path is None:
         return list(res.paths)
     chosen = [p for p, a in zip(res.paths, res.index.artifacts, strict=True) if a.path == ref.path]
