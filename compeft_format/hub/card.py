@@ -12,7 +12,7 @@ from typing import Any
 from .. import constants as C
 from .._version import __version__
 from ..binding import BaseBinding
-from .download import REPO_PART
+from .download import is_model_id
 from .index import ARTIFACT_KINDS, IndexEntry
 
 
@@ -41,12 +41,6 @@ def base_lines(base: BaseBinding) -> list[str]:
 #: the lines that delimit the part of a model card compeft writes; the rest is the owner's
 BEGIN = "<!-- compeft:begin (written by compeft push; edits between these lines are replaced) -->"
 END = "<!-- compeft:end -->"
-
-
-def is_model_id(ref: str) -> bool:
-    """``name`` or ``namespace/name``, each part as the Hub allows."""
-    parts = ref.split("/")
-    return len(parts) in (1, 2) and all(REPO_PART.fullmatch(p) and ".." not in p for p in parts)
 
 
 def front_matter(entries: Sequence[IndexEntry], reports: Sequence[dict[str, Any]]) -> dict[str, Any]:

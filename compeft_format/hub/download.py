@@ -54,10 +54,17 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
+def is_model_id(ref: str, *, namespace: bool = False) -> bool:
+    """``namespace/name`` (or, unless ``namespace`` is required, a bare ``name``), each part as the
+    Hub allows (no ``..``, no path characters)."""
+    parts = ref.split("/")
+    return len(parts) in ((2,) if namespace else (1, 2)) and all(REPO_PART.fullmatch(p) and ".." not in p
+                                                                   for p in parts)
+
+
 def check_repo_id(repo_id: str) -> None:
     """``namespace/name``, each part as the Hub allows (no ``..``, no path characters)."""
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(REPO_PART.fullmatch(p) and ".." not in p for p in parts):
+    if not is_model_id(repo_id, namespace=True):
         raise InvalidArgument(f"repository must be namespace/name (letters, digits, '.', '_', '-'), got {repo_id!r}")
 
 
@@ -249,4 +256,4 @@ def endpoint_url(endpoint: str | None) -> str:
 
 
 __all__ = ["HubCache", "Fetched", "fetch", "install", "cached_file", "put_bytes", "resolve_url", "checked_commit",
-           "check_repo_id", "endpoint_url", "offline", "default_cache", "discard", "MAX_INDEX_BYTES"]
+           "check_repo_id", "is_model_id", "endpoint_url", "offline", "default_cache", "discard", "MAX_INDEX_BYTES"]
