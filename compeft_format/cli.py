@@ -562,11 +562,9 @@ def _expand(specs: list[str]) -> list[tuple[str, CompeftError | None]]:
 
 def _warn_name(command: str, path: str) -> None:
     """A valid compeft file under a name peft loads by itself: peft would run the base model."""
-    from .writer import check_name
+    from .writer import foreign_name
 
-    try:
-        check_name(path)
-    except InvalidArgument:
+    if foreign_name(path):
         print(f"compeft {command}: warning: {path} is named as the weights peft or transformers load by themselves, "
               "and they cannot read a compeft file (peft would run the base model): rename it to "
               "NAME.cpeft.safetensors", file=sys.stderr)

@@ -23,6 +23,7 @@ from .errors import FileNotFound, InputError, InvalidArgument, IOFailure
 from .fileio import atomic_folder, atomic_write
 from .peft_layout import PARAMETER, check_config_patterns, parse_key
 from .reader import CompeftFile
+from .writer import foreign_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,10 +36,9 @@ def load_safetensors_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """A plain safetensors state dict, refusing files that are already compeft files."""
     _, meta, _ = read_safetensors_header(path)
     if meta.get(C.META_FORMAT) == C.FORMAT_NAME:
-        trap = Path(path).name.lower() in C.FOREIGN_WEIGHT_NAMES
         raise InputError(f"{path} is already a compeft file" + (
             ", under a name peft loads by itself (and cannot read): rename it to NAME.cpeft.safetensors and give "
-            "that file" if trap else ""), path=str(path))
+            "that file" if foreign_name(path) else ""), path=str(path))
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises untyped errors

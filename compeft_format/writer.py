@@ -198,13 +198,20 @@ def build(adapter: CompressedAdapter, options: WriterOptions | None = None,
     return manifest, streams, metadata(manifest, opts.manifest_encoding)
 
 
+def foreign_name(path: PathLike) -> bool:
+    """Whether ``path`` is named as a weight file peft, transformers or diffusers load from a
+    folder by themselves (``C.FOREIGN_WEIGHT_NAMES``, their shards), in any case (one name on
+    case-insensitive file systems)."""
+    folded = os.path.basename(os.fspath(path)).lower()
+    return folded in C.FOREIGN_WEIGHT_NAMES or re.fullmatch(C.FOREIGN_SHARD_PATTERN, folded) is not None
+
+
 def check_name(path: PathLike) -> None:
     """Refuse a name peft, transformers or diffusers load from a folder as their own weights: they
     would read a compeft file as unknown tensors (peft only warns of missing keys) and the model
     would behave as its base model."""
     name = os.path.basename(os.fspath(path))
-    folded = name.lower()  # one name on case-insensitive file systems
-    if folded in C.FOREIGN_WEIGHT_NAMES or re.fullmatch(C.FOREIGN_SHARD_PATTERN, folded):
+    if foreign_name(name):
         raise InvalidArgument(f"{name} is the name of a weight file peft or transformers loads by itself, and they "
                               "cannot read a compeft file: name it NAME.cpeft.safetensors (`compeft decompress` "
                               "writes the PEFT folder)", path=os.fspath(path))

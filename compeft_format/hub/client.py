@@ -49,7 +49,7 @@ from ..manifest import Requirement
 from ..peft_io import write_peft_folder
 from ..reader import CompeftFile
 from ..report import report
-from ..writer import check_name
+from ..writer import foreign_name
 from . import download as dl
 from .card import front_matter, merge_card, section
 from .index import Index, IndexEntry
@@ -529,11 +529,9 @@ def _write_out(out: Path, index: Index, files: list[Path], adapters: list[tuple[
         raise HubNoIndex(f"{what}: two artifacts would be written to the same place in {out}")
     if adapters is None:  # files under names peft loads by themselves would load as the base model
         for dest in dests:
-            try:
-                check_name(dest)
-            except InvalidArgument:
+            if foreign_name(dest):
                 raise HubNoIndex(f"{what}: the index names an artifact {dest.name}, a name peft or transformers "
-                                 "loads by itself (compeft push refuses it); it is not written") from None
+                                 "loads by itself (compeft push refuses it); it is not written")
     if not overwrite:
         _check_replaceable(out, arts, dests, adapters is not None, signatures)
     out.mkdir(parents=True, exist_ok=True)
