@@ -215,9 +215,13 @@ def check_output(path: PathLike, *, overwrite: bool, folder: bool, inputs: Seque
         raise FileNotFound(f"the folder of the output does not exist: {parent}", path=str(parent))
     if not (p.exists() or p.is_symlink()):
         return p
-    if not folder and any(Path(i).resolve() == p.resolve() for i in inputs):
-        raise InvalidArgument(f"{p} is also an input of this command: writing it would replace what is being read; "
-                              "write elsewhere", path=str(p))
+    here = p.resolve()
+    for i in inputs:  # a file written over an input, or a folder replaced with one inside it
+        q = Path(i).resolve()
+        if q == here or (folder and here in q.parents):
+            raise InvalidArgument(f"{p} holds {i}, which this command reads: --force would delete it with the "
+                                  "folder; write elsewhere" if folder else f"{p} is also an input of this command: "
+                                  "writing it would replace what is being read; write elsewhere", path=str(p))
     if p.is_dir() != folder or p.is_symlink():
         kind = "a symbolic link" if p.is_symlink() else "a folder" if p.is_dir() else "not a folder"
         raise InvalidArgument(f"{p} is {kind}; give the {'folder' if folder else 'file'} to write", path=str(p))
@@ -226,21 +230,15 @@ def check_output(path: PathLike, *, overwrite: bool, folder: bool, inputs: Seque
     if not overwrite:
         raise InvalidArgument(f"{p} exists{' and is not empty' if folder else ''}; pass --force (overwrite=True) "
                               f"to replace it", path=str(p))
-    if folder:
-        here = p.resolve()
-        for i in inputs:
-            q = Path(i).resolve()
-            if q == here or here in q.parents:
-                raise InvalidArgument(f"{p} holds {i}, which this command reads: --force would delete it with the "
-                                      "folder; write elsewhere", path=str(p))
-        if not (replaceable or no_subfolder)(p):
-            shown = ", ".join(sorted(e.name for e in p.iterdir())[:3])
-            raise InvalidArgument(f"{p} holds files this command did not write ({shown}, ...): --force replaces only "
-                                  "a folder of its own earlier output; give a new or empty folder", path=str(p))
+    if folder and not (replaceable or no_subfolder)(p):
+        shown = ", ".join(sorted(e.name for e in p.iterdir())[:3])
+        raise InvalidArgument(f"{p} holds files this command did not write ({shown}, ...): --force replaces only "
+                              "a folder of its own earlier output; give a new or empty folder", path=str(p))
     return p
 
 
 def no_subfolder(folder: Path) -> bool:
+    """The default ``replaceable`` test of ``check_output``: the folder holds files only."""
     return not any(e.is_dir() for e in folder.iterdir())
 
 
