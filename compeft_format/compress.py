@@ -268,13 +268,17 @@ def _check_dtype(name: str, t: Any) -> None:
                                "compressed", tensor=name)
 
 
-def _to_f32(name: str, t: Any, out: np.ndarray) -> np.ndarray:
-    """``t`` flat in float32, written into ``out``; NaN and Inf refused."""
-    _check_dtype(name, t)
+def _check_finite(name: str, a: np.ndarray, what: str) -> None:
+    """Refuse NaN and Inf in ``a``, a chunk at a time (no mask of the whole array)."""
+    for i in range(0, a.size, CHUNK):
+        if not np.isfinite(a[i:i + CHUNK]).all():
+            raise NonFiniteInput(f"tensor {name!r} {what}", tensor=name)
+
+
+def _to_f32(name: str, t: torch.Tensor, out: np.ndarray) -> np.ndarray:
+    """``t`` (checked by ``_check_dtype``) flat in float32, written into ``out``; NaN and Inf refused."""
     torch.from_numpy(out).copy_(t.detach().reshape(-1))
-    for i in range(0, out.size, CHUNK):
-        if not np.isfinite(out[i:i + CHUNK]).all():
-            raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
+    _check_finite(name, out, "contains NaN or Inf")
     return out
 
 
@@ -291,17 +295,10 @@ def _task_vector(name: str, t: torch.Tensor, out: np.ndarray, base_weights: Mapp
     if base_weights is not None:
         with np.errstate(over="ignore"):
             np.subtract(out, _base_for(name, t, base_weights), out=out)
-        _check_difference(name, out)
+        _check_finite(name, out, "minus its base weights overflows float32")
     elif offset:
         np.subtract(out, np.float32(offset), out=out)
     return out
-
-
-def _check_difference(name: str, delta: np.ndarray) -> None:
-    """A delta from base weights that overflows float32 (values near its limit) is refused."""
-    for i in range(0, delta.size, CHUNK):
-        if not np.isfinite(delta[i:i + CHUNK]).all():
-            raise NonFiniteInput(f"tensor {name!r} minus its base weights overflows float32", tensor=name)
 
 
 def _base_for(name: str, t: torch.Tensor, base: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -480,10 +477,7 @@ def compress(
         if _keep_dense(name, t.numel(), patterns, cfg.min_sparse_numel):
             src = t.detach().to("cpu")
             if base_weights is not None:
-                with np.errstate(over="ignore"):
-                    delta = _as_f32(name, t) - _base_for(name, t, base_weights)
-                _check_difference(name, delta)
-                src = torch.from_numpy(delta)
+                src = torch.from_numpy(_task_vector(name, t, np.empty(t.numel(), np.float32), base_weights, 0.0))
             elif not bool(torch.isfinite(src).all()):
                 raise NonFiniteInput(f"tensor {name!r} contains NaN or Inf", tensor=name)
             dense[name] = CompressedTensor.dense(name, shape, tdtype, _finite_cast(name, src.reshape(-1), tdtype).clone())
