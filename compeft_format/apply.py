@@ -519,6 +519,11 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
                                                                       C.REPRESENTATION_DELTA else kr.parameter)
         by_target.setdefault(target, {})[kr.role.name] = tensors[key]
     new: dict[str, torch.Tensor] = {}
+
+    def current(name: str) -> torch.Tensor:
+        """The weight as merged so far, in float32."""
+        return new[name] if name in new else params[name].to(torch.float32)
+
     with torch.no_grad():
         # weights the file stores whole come first: a LoRA on lm_head or the embeddings goes on top
         # of the layer's own weight that peft saved beside it (save_embedding_layers)
@@ -532,7 +537,7 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
             name = f"{mod}.weight"
             assert config is not None
             # in the (out, in) orientation, which a Conv1D weight (fan_in_fan_out) stores transposed
-            w = new[name] if name in new else params[name].to(torch.float32)
+            w = current(name)
             w = w.T if transposed[mod] else w
             a, b = by_target[mod]["lora_A"], by_target[mod]["lora_B"]
             merged = w + scale * lora_scaling(config, mod, a.shape[0]) * (b @ a)
@@ -542,7 +547,7 @@ def merge_adapter(model: nn.Module, path: PathLike, *, scale: float = 1.0, check
             new[name] = merged.T if transposed[mod] else merged
         for mod in lay.ia3:
             name = f"{mod}.weight"
-            new[name] = (new[name] if name in new else params[name].to(torch.float32)) * by_target[mod]["ia3"]
+            new[name] = current(name) * by_target[mod]["ia3"]
         originals = {name: params[name].detach().clone() for name in new}
         for name, value in new.items():
             params[name].copy_(value.to(params[name].dtype))
