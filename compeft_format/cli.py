@@ -477,6 +477,15 @@ def _compress(a: argparse.Namespace) -> int:
     return 0
 
 
+def _wrote(a: argparse.Namespace, written: Sequence[Path]) -> int:
+    """What a command that writes a folder or a file prints: the files written."""
+    if a.json:
+        print(json.dumps({"path": a.output, "files": [str(p) for p in written]}))
+    else:
+        print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
+    return 0
+
+
 def cmd_decompress(a: argparse.Namespace) -> int:
     from .peft_io import decompress_to_file, decompress_to_peft
 
@@ -484,11 +493,7 @@ def cmd_decompress(a: argparse.Namespace) -> int:
         written = [decompress_to_file(a.src, a.output, dtype=a.dtype, overwrite=a.force)]
     else:
         written = decompress_to_peft(a.src, a.output, dtype=a.dtype, overwrite=a.force)
-    if a.json:
-        print(json.dumps({"path": a.output, "files": [str(p) for p in written]}))
-    else:
-        print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
-    return 0
+    return _wrote(a, written)
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
@@ -541,11 +546,7 @@ def cmd_apply_delta(a: argparse.Namespace) -> int:
 
     written = apply_delta(a.file, a.base, a.output, overwrite=a.force, max_shard_size=a.max_shard_size,
                           check_base=not a.no_check_base)
-    if a.json:
-        print(json.dumps({"path": a.output, "files": [str(p) for p in written]}))
-    else:
-        print(f"{a.output}: wrote {', '.join(p.name for p in written)}")
-    return 0
+    return _wrote(a, written)
 
 
 def _expand(specs: list[str]) -> list[tuple[str, CompeftError | None]]:
